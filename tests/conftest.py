@@ -1,0 +1,53 @@
+"""Shared fixtures: the real data in ../shared/data (never copied into the repository)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert DATA.is_dir(), f"real data expected at {DATA} (see the README)"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def beijing_tile(data_dir) -> np.ndarray:
+    """A real 1024x1024 RGB Beijing tile (uint8, H x W x 3)."""
+    return np.asarray(Image.open(data_dir / "beijing-uv/image/train/49566_107866.png").convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def beijing_mask(data_dir) -> np.ndarray:
+    return np.asarray(Image.open(data_dir / "beijing-uv/mask/train/49566_107866.png"))
+
+
+@pytest.fixture(scope="session")
+def mobile_sam_ckpt(tmp_path_factory) -> Path:
+    """A mobile_sam checkpoint with random weights, saved in the official (flat) layout."""
+    import torch
+
+    from uvsam.checkpoint import save_official
+    from uvsam.modeling import build_generalist
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam.pt"
+    save_official(build_generalist("mobile_sam"), path)
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``uvsam ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from uvsam.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err

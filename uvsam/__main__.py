@@ -1,0 +1,5 @@
+import sys
+
+from uvsam.cli import main
+
+sys.exit(main())

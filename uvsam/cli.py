@@ -1,0 +1,172 @@
+"""The ``uvsam`` command line.
+
+Every user error becomes one line on stderr naming the file and the problem, and exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from uvsam.errors import InputError, UvsamError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Urban-village mapping with UV-SAM.")
+weights_app = typer.Typer(no_args_is_help=True, help="List, download, import and verify generalist weights.")
+app.add_typer(weights_app, name="weights")
+
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
+    _STATE["debug"] = debug
+
+
+def _parse_floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{what} {text!r} is not a comma-separated list of numbers") from None
+    if len(vals) not in n:
+        raise InputError(f"{what} {text!r} needs {' or '.join(map(str, n))} numbers")
+    return vals
+
+
+@app.command()
+def segment(
+    image: Annotated[Path, typer.Argument(help="Raster to segment (GeoTIFF or any GDAL format).")],
+    encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")],
+    checkpoint: Annotated[Path, typer.Option(help="Its weights, in the official layout.")],
+    out: Annotated[Path, typer.Option(help="Mask GeoTIFF to write (CRS and transform of IMAGE).")],
+    box: Annotated[list[str], typer.Option(help="X0,Y0,X1,Y1 in pixels; repeatable.")] = [],  # noqa: B006
+    point: Annotated[list[str], typer.Option(help="X,Y[,LABEL] in pixels, LABEL 1 (default) or 0.")] = [],  # noqa: B006
+    multimask: Annotated[bool, typer.Option(help="Pick the best of three masks per prompt.")] = False,
+):
+    """Prompted segmentation of one image with a generalist."""
+    from uvsam.segment import segment_image
+
+    boxes = [_parse_floats(b, (4,), "--box") for b in box]
+    points = []
+    for p in point:
+        v = _parse_floats(p, (2, 3), "--point")
+        label = int(v[2]) if len(v) == 3 else 1
+        if label not in (0, 1):
+            raise InputError(f"--point {p!r}: label must be 1 (foreground) or 0 (background)")
+        points.append((v[0], v[1], label))
+    result = segment_image(image, encoder, checkpoint, out, boxes, points, multimask)
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def encoders(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    measure: Annotated[bool, typer.Option(help="Measure GFLOPs and CPU latency (slow for ViT-H).")] = True,
+    only: Annotated[list[str], typer.Option(help="Restrict to these encoders; repeatable.")] = [],  # noqa: B006
+    repeats: Annotated[int, typer.Option(help="Timed runs per encoder (median reported).")] = 3,
+):
+    """Registered generalist variants: parameters, GFLOPs at native input, CPU latency."""
+    from uvsam.encoders_table import encoder_rows, format_table
+
+    rows = encoder_rows(only or None, measure=measure, repeats=repeats)
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+
+
+@weights_app.command("list")
+def weights_list(
+    check: Annotated[bool, typer.Option(help="Hash cached files against their digests.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+):
+    """Each variant's file, official URL, SHA-256, size, licence and cache status."""
+    from uvsam.weights import list_weights
+
+    rows = [r.as_dict() for r in list_weights(check)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        size = f"{r['size'] / 1e6:.0f} MB" if r["size"] else "?"
+        typer.echo(f"{r['name']:<22} {r['status']:<10} {size:>8}  {r['licence']:<22} {r['sha256'] or 'unpinned'}")
+        typer.echo(f"{'':<22} {r['url']}")
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    name: str,
+    url: Annotated[str | None, typer.Option(help="Mirror to download from instead of the official URL.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Digest to pin where the authors publish none.")] = None,
+):
+    """Download weights into the cache (resumable); used only once their SHA-256 matches."""
+    from uvsam.weights import fetch
+
+    def progress(done, total):
+        if sys.stderr.isatty():
+            pct = f"{100 * done / total:5.1f}%" if total else f"{done / 1e6:.1f} MB"
+            sys.stderr.write(f"\r{name}: {pct}")
+
+    path = fetch(name, url=url, sha256=sha256, progress=progress)
+    typer.echo(str(path))
+
+
+@weights_app.command("import")
+def weights_import(
+    name: str,
+    file: Path,
+    sha256: Annotated[str | None, typer.Option(help="Digest the file must have.")] = None,
+):
+    """Copy a checkpoint downloaded elsewhere into the cache after checking digest and keys."""
+    from uvsam.weights import import_file
+
+    typer.echo(str(import_file(name, file, sha256)))
+
+
+@weights_app.command("verify")
+def weights_verify():
+    """Re-hash every cached file; exit 2 if any does not match its digest."""
+    from uvsam.weights import list_weights
+
+    bad = []
+    for r in list_weights(check=True):
+        if r.status in ("verified", "MISMATCH"):
+            typer.echo(f"{r.name}: {r.status}")
+        if r.status == "MISMATCH":
+            bad.append(r.name)
+    if bad:
+        raise UvsamError(f"cached weights do not match their SHA-256: {', '.join(bad)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    if not debug:
+        # Library warnings (rasterio's NotGeoreferencedWarning, torch deprecations) are noise
+        # for a batch user; uvsam reports what matters itself. --debug shows them.
+        warnings.simplefilter("ignore")
+    try:
+        app(args=args, prog_name="uvsam", standalone_mode=False)
+    except UvsamError as e:
+        if debug:
+            raise
+        sys.stderr.write(f"uvsam: error: {e}\n")
+        return e.exit_code
+    except click.exceptions.Abort:
+        sys.stderr.write("uvsam: interrupted\n")
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("uvsam: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

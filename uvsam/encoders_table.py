@@ -1,0 +1,81 @@
+"""The encoder table of ``uvsam encoders`` and docs/benchmarks.md: size, GFLOPs, CPU latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from uvsam.modeling import ENCODERS, build_generalist, get_spec
+from uvsam.quantize import embedding_cosine, quantize_encoder_int8
+
+
+def _sample_image(size: int, seed: int = 0) -> torch.Tensor:
+    """A deterministic textured RGB image (1, 3, size, size) on the 0..255 scale."""
+    g = np.random.default_rng(seed)
+    base = g.random((3, size // 16, size // 16)).astype(np.float32)
+    img = torch.nn.functional.interpolate(torch.from_numpy(base)[None], size=(size, size), mode="bicubic")
+    img = img + 0.1 * torch.from_numpy(g.random((1, 3, size, size)).astype(np.float32))
+    return (img.clamp(0, 1) * 255).round()
+
+
+def _latency(fn, x, repeats: int) -> float:
+    with torch.inference_mode():
+        fn(x)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: int = 3,
+                 image: torch.Tensor | None = None, int8: bool = True) -> list[dict]:
+    """One dict per encoder: params (M), GFLOPs at native input, median CPU latency (s) of
+    batch 1, and for int8: latency and embedding cosine similarity against fp32."""
+    rows = []
+    for name in names or list(ENCODERS):
+        spec = get_spec(name)
+        torch.manual_seed(0)
+        model = build_generalist(spec)
+        enc = model.image_encoder
+        row = {
+            "name": spec.name,
+            "family": spec.family,
+            "input": spec.input_size,
+            "encoder_params_m": round(sum(p.numel() for p in enc.parameters()) / 1e6, 2),
+            "total_params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "published_params_m": spec.published_params_m,
+            "licence": spec.licence + (" (non-commercial)" if spec.non_commercial else ""),
+        }
+        if measure:
+            img = image if image is not None else _sample_image(1024)
+            x = model.preprocess(img)
+            counter = FlopCounterMode(display=False)
+            with torch.inference_mode(), counter:
+                ref = enc(x)
+            row["gflops"] = round(counter.get_total_flops() / 1e9, 1)
+            row["cpu_latency_s"] = round(_latency(enc, x, repeats), 3)
+            row["threads"] = torch.get_num_threads()
+            if int8:
+                q = quantize_encoder_int8(enc)
+                row["int8_cpu_latency_s"] = round(_latency(q, x, repeats), 3)
+                with torch.inference_mode():
+                    row["int8_cosine"] = round(embedding_cosine(q(x), ref), 4)
+        rows.append(row)
+        del model
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["name", "input", "encoder_params_m", "total_params_m", "gflops", "cpu_latency_s",
+            "int8_cpu_latency_s", "int8_cosine", "licence"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
