@@ -120,3 +120,35 @@ def test_list_shows_every_variant(capsys):
     assert code == 0 and set(rows) == set(weights.ENCODERS)
     assert rows["sam_vit_h"]["sha256"].startswith("a7bf3b02")
     assert rows["sam_vit_h"]["url"].startswith("https://dl.fbaipublicfiles.com/")
+
+
+def test_fetch_extracts_a_zipped_checkpoint(server, cache, tmp_path, capsys):
+    """EfficientSAM-S is published zipped: the member is extracted and its own digest verified."""
+    import io
+    import zipfile
+
+    import torch
+
+    from uvsam.checkpoint import save_official
+    from uvsam.modeling import build_generalist
+
+    ckpt = tmp_path / "efficient_sam_vits.pt"
+    save_official(build_generalist("efficientsam_s"), ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({"model": state}, ckpt)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.write(ckpt, "weights/efficient_sam_vits.pt")
+    _RangeHandler.payload = buf.getvalue()
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    url = server.replace("mobile_sam.pt", "efficient_sam_vits.pt.zip")
+    code, _, err = run_cli(["weights", "fetch", "efficientsam_s", "--url", url, "--sha256", digest], capsys)
+    assert code == 0, err
+    assert weights.resolve("efficientsam_s").read_bytes() == ckpt.read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == ["efficient_sam_vits.pt", "pins.json"]
+
+    _RangeHandler.payload = b"not a zip archive"
+    (cache / "efficient_sam_vits.pt").unlink()
+    code, _, err = run_cli(["weights", "fetch", "efficientsam_s", "--url", url, "--sha256", digest], capsys)
+    assert code == 2 and "unreadable" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in cache.iterdir()) == ["pins.json"]

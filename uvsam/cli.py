@@ -15,6 +15,7 @@ from typing import Annotated
 import click
 import typer
 
+from tiles.errors import TilesError
 from uvsam.errors import InputError, UvsamError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Urban-village mapping with UV-SAM.")
@@ -62,6 +63,49 @@ def segment(
         points.append((v[0], v[1], label))
     result = segment_image(image, encoder, checkpoint, out, boxes, points, multimask)
     typer.echo(json.dumps(result))
+
+
+@app.command("import-xyz")
+def import_xyz_cmd(
+    images: Annotated[Path, typer.Argument(help="Folder of {y}_{x}.png XYZ images.")],
+    zoom: Annotated[int, typer.Option(help="XYZ zoom level of the file names.")],
+    out: Annotated[Path, typer.Option(help="Output folder: images/, masks/, images.vrt, masks.vrt.")],
+    masks: Annotated[Path | None, typer.Option(help="Folder of same-named masks.")] = None,
+):
+    """Georeference an XYZ tile folder (EPSG:3857 GeoTIFFs) and mosaic it into VRTs."""
+    from tiles.xyz import import_xyz
+
+    res = import_xyz(images, zoom, out, masks_dir=masks)
+    typer.echo(json.dumps({"images": len(res.images), "masks": len(res.masks), "images_vrt": str(res.images_vrt),
+                           "masks_vrt": str(res.masks_vrt) if res.masks_vrt else None}))
+
+
+@app.command("plan-tiles")
+def plan_tiles_cmd(
+    image: Annotated[Path, typer.Argument(help="Raster to tile (any GDAL format).")],
+    tile_size: Annotated[float, typer.Option(help="Tile side, in --unit.")] = 1024,
+    overlap: Annotated[float, typer.Option(help="Overlap of neighbouring tiles, in --unit.")] = 128,
+    unit: Annotated[str, typer.Option(help="px, or m (metres on the ground).")] = "px",
+    gsd: Annotated[float | None, typer.Option(help="Resample to this ground resolution (m).")] = None,
+    crs: Annotated[str | None, typer.Option(help="Reproject to this CRS (e.g. EPSG:32650).")] = None,
+    band: Annotated[list[int], typer.Option(help="Band to read (1-based); repeatable.")] = [],  # noqa: B006
+    normalisation: Annotated[str, typer.Option(help="auto, percentile or identity.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Write the manifest JSON here (else stdout).")] = None,
+):
+    """Plan the tiling of a scene: grid, scene-level normalisation, non-empty tiles (a manifest)."""
+    from tiles import ReadOptions, TilingConfig, plan
+    from uvsam.files import atomic_path
+
+    if unit not in ("px", "m"):
+        raise InputError(f"--unit {unit!r}: use px or m")
+    config = TilingConfig(tile_size, overlap, unit, normalisation,
+                          read=ReadOptions(tuple(band) or None, gsd, crs))
+    text = json.dumps(plan(image, config).manifest(), indent=2)
+    if out is None:
+        typer.echo(text)
+    else:
+        with atomic_path(out) as tmp:
+            tmp.write_text(text + "\n")
 
 
 @app.command()
@@ -156,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"uvsam: error: {e}\n")
         return e.exit_code
+    except TilesError as e:
+        if debug:
+            raise
+        sys.stderr.write(f"uvsam: error: {e}\n")
+        return 2
     except click.exceptions.Abort:
         sys.stderr.write("uvsam: interrupted\n")
         return 130

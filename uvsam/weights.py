@@ -12,6 +12,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def fetch(name: str, url: str | None = None, sha256: str | None = None, timeout:
             f"cannot download {src} ({reason}); run again to resume, or download the file elsewhere and run "
             f"`uvsam weights import {name} FILE`"
         ) from None
+    if spec.weights.archive_member:
+        part = _extract_member(part, spec.weights.archive_member, src)
     got = sha256_file(part)
     if got != digest:
         part.unlink()
@@ -170,6 +173,27 @@ def fetch(name: str, url: str | None = None, sha256: str | None = None, timeout:
     if spec.weights.sha256 is None:
         _pin(name, digest)
     return dest
+
+
+def _extract_member(archive: Path, member: str, src: str) -> Path:
+    """Extract ``member`` of the downloaded zip ``archive`` next to it; the archive is removed."""
+    out = archive.with_name(Path(member).name + ".unzipped")
+    try:
+        with zipfile.ZipFile(archive) as z, z.open(_find_member(z, member)) as fin, open(out, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        out.unlink(missing_ok=True)
+        archive.unlink()
+        raise WeightsError(f"downloaded archive is unreadable or lacks {member} ({e}); deleted it", src) from None
+    archive.unlink()
+    return out
+
+
+def _find_member(z: zipfile.ZipFile, member: str) -> str:
+    names = [n for n in z.namelist() if n == member or n.endswith("/" + member)]
+    if not names:
+        raise KeyError(member)
+    return names[0]
 
 
 def import_file(name: str, file: str | Path, sha256: str | None = None) -> Path:

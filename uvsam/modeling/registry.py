@@ -8,6 +8,7 @@ file has, where to download it, its SHA-256, and its licence.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,7 +28,8 @@ class WeightsFile:
     ``sha256`` is None where the authors publish no digest and none has been pinned yet; such a
     file is only used after the user pins its digest on import (``uvsam weights import``).
     ``wrapper`` is the dict key that holds the state dict in the published file, or None for a
-    flat state dict.
+    flat state dict. Where ``archive_member`` is set, ``url`` is a zip archive and the checkpoint
+    is that member of it; ``sha256`` is always the checkpoint file's own digest.
     """
 
     filename: str
@@ -35,6 +37,7 @@ class WeightsFile:
     sha256: str | None
     size: int | None
     wrapper: str | None = None
+    archive_member: str | None = None  # the authors ship some files zipped: the member to extract
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class EncoderSpec:
     ``input_size`` x ``input_size`` (``resize="stretch"``), normalised with ``pixel_mean`` /
     ``pixel_std`` (0..255 scale). Prompts live in a ``prompt_frame`` x ``prompt_frame`` frame
     whatever the encoder's input size (EfficientViT-SAM-L encodes at 512, prompts stay at 1024).
+    ``resize_in_uint8``: the reference code resizes 8-bit images (SAM's ``ResizeLongestSide``
+    through PIL), so uvsam rounds the resized image; EfficientSAM resizes floats.
+    ``decoder``: "sam" is Meta's prompt encoder and mask decoder; "efficient_sam" is
+    EfficientSAM's variant (points and boxes only, no mask prompt, at most six points).
     """
 
     name: str
@@ -63,37 +70,25 @@ class EncoderSpec:
     embed_shape: tuple[int, int, int] = (256, 64, 64)
     pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
     pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
-    decoder: Literal["sam"] = "sam"
+    resize_in_uint8: bool = True
+    decoder: Literal["sam", "efficient_sam"] = "sam"
     norm_eps: float | None = None
     published_params_m: float | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _sam_vit(size: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from uvsam.modeling.sam_vit import SamViTEncoder
+def _lazy(module: str, cls: str, *args) -> Callable[[], nn.Module]:
+    """A builder that imports ``uvsam.modeling.<module>`` only when the variant is built."""
 
-        return SamViTEncoder(size)
+    def build() -> nn.Module:
+        return getattr(importlib.import_module(f"uvsam.modeling.{module}"), cls)(*args)
 
     return build
 
 
-def _tiny_vit() -> nn.Module:
-    from uvsam.modeling.tiny_vit import TinyViTEncoder
-
-    return TinyViTEncoder()
-
-
-def _efficientvit(variant: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from uvsam.modeling.efficientvit import EfficientViTSamEncoder
-
-        return EfficientViTSamEncoder(variant)
-
-    return build
-
-
+_NO_DIGEST = "no digest published by the authors: pin it with `uvsam weights import --sha256`"
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+_EFFSAM_URL = "https://github.com/yformer/EfficientSAM/raw/main/weights/"
 _EVIT_URL = "https://huggingface.co/mit-han-lab/efficientvit-sam/resolve/main/"
 _EVIT_PUBLISHED_M = {"l0": 34.8, "l1": 47.7, "l2": 61.3, "xl0": 117.0, "xl1": 203.3}
 
@@ -103,7 +98,7 @@ _SPECS: list[EncoderSpec] = [
             name=f"sam_vit_{s}",
             family="sam_vit",
             description=f"Segment Anything ViT-{s.upper()} (Meta)",
-            build_encoder=_sam_vit(s),
+            build_encoder=_lazy("sam_vit", "SamViTEncoder", s),
             input_size=1024,
             resize="longest_side",
             licence="Apache-2.0",
@@ -121,7 +116,7 @@ _SPECS: list[EncoderSpec] = [
         name="mobile_sam",
         family="tiny_vit",
         description="MobileSAM: TinyViT-5M distilled from SAM ViT-H",
-        build_encoder=_tiny_vit,
+        build_encoder=_lazy("tiny_vit", "TinyViTEncoder"),
         input_size=1024,
         resize="longest_side",
         licence="Apache-2.0",
@@ -130,14 +125,14 @@ _SPECS: list[EncoderSpec] = [
             "mobile_sam.pt", "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
             None, None,
         ),
-        weights_note="no digest published by the authors: pin it with `uvsam weights import --sha256`",
+        weights_note=_NO_DIGEST,
         published_params_m=5.78,
     ),
     EncoderSpec(
         name="tinysam",
         family="tiny_vit",
         description="TinySAM: TinyViT-5M with full-stage knowledge distillation",
-        build_encoder=_tiny_vit,
+        build_encoder=_lazy("tiny_vit", "TinyViTEncoder"),
         input_size=1024,
         resize="longest_side",
         licence="Apache-2.0",
@@ -157,19 +152,92 @@ _SPECS: list[EncoderSpec] = [
             name=f"efficientvit_sam_{v}",
             family="efficientvit_sam",
             description=f"EfficientViT-SAM-{v.upper()} (MIT HAN Lab)",
-            build_encoder=_efficientvit(v),
+            build_encoder=_lazy("efficientvit", "EfficientViTSamEncoder", v),
             input_size=512 if v.startswith("l") else 1024,
             resize="longest_side",
             licence="Apache-2.0",
             paper="Zhang et al., EfficientViT-SAM, CVPR 2024 workshops (arXiv 2402.05008)",
             weights=WeightsFile(f"efficientvit_sam_{v}.pt", _EVIT_URL + f"efficientvit_sam_{v}.pt", None, None,
                                 wrapper="state_dict"),
-            weights_note="no digest published by the authors: pin it with `uvsam weights import --sha256`",
+            weights_note=_NO_DIGEST,
             norm_eps=1e-6,
             published_params_m=_EVIT_PUBLISHED_M[v],
         )
         for v in ("l0", "l1", "l2", "xl0", "xl1")
     ],
+    *[
+        EncoderSpec(
+            name=f"efficientsam_{v}",
+            family="efficient_sam",
+            description=f"EfficientSAM-{v.upper()}: ViT-{v.upper()} pretrained with SAMI masked image modelling",
+            build_encoder=_lazy("efficient_sam", "EfficientSamEncoder", dim, heads),
+            input_size=1024,
+            resize="stretch",
+            resize_in_uint8=False,
+            decoder="efficient_sam",
+            licence="Apache-2.0",
+            paper="Xiong et al., EfficientSAM, CVPR 2024 (arXiv 2312.00863)",
+            weights=weights,
+            weights_note=_NO_DIGEST,
+            published_params_m=m,
+        )
+        for v, dim, heads, m, weights in [
+            ("ti", 192, 3, 10.22, WeightsFile(
+                "efficient_sam_vitt.pt", _EFFSAM_URL + "efficient_sam_vitt.pt", None, None, wrapper="model")),
+            ("s", 384, 6, 26.41, WeightsFile(
+                "efficient_sam_vits.pt", _EFFSAM_URL + "efficient_sam_vits.pt.zip", None, None, wrapper="model",
+                archive_member="efficient_sam_vits.pt")),
+        ]
+    ],
+    EncoderSpec(
+        name="edgesam",
+        family="repvit",
+        description="EdgeSAM: RepViT-M1 with a 1/16 + 1/32 feature fusion, prompt-in-the-loop distilled",
+        build_encoder=_lazy("repvit", "RepViTEncoder", "edgesam"),
+        input_size=1024,
+        resize="longest_side",
+        licence="S-Lab License 1.0",
+        non_commercial=True,
+        paper="Zhou et al., EdgeSAM, arXiv 2312.06660",
+        weights=WeightsFile(
+            "edge_sam.pth", "https://huggingface.co/spaces/chongzhou/EdgeSAM/resolve/main/weights/edge_sam.pth",
+            None, None,
+        ),
+        weights_note=_NO_DIGEST + "; the S-Lab licence forbids commercial use",
+        published_params_m=9.6,
+    ),
+    EncoderSpec(
+        name="repvit_sam",
+        family="repvit",
+        description="RepViT-SAM: RepViT-M2.3 (last downsample at stride 1) distilled from SAM ViT-H",
+        build_encoder=_lazy("repvit", "RepViTEncoder", "repvit_sam"),
+        input_size=1024,
+        resize="longest_side",
+        licence="Apache-2.0",
+        paper="Wang et al., RepViT-SAM, arXiv 2312.05760",
+        weights=WeightsFile(
+            "repvit_sam.pt", "https://github.com/THU-MIG/RepViT/releases/download/v1.0/repvit_sam.pt", None, None,
+        ),
+        weights_note=_NO_DIGEST,
+        # The paper publishes no count; tests/test_registry.py counts the official cfg table.
+        published_params_m=None,
+    ),
+    EncoderSpec(
+        name="sam_lightening",
+        family="sam_lightening",
+        description="SAM-Lightening: ViT with dilated (flash) attention, linear in the number of tokens",
+        build_encoder=_lazy("sam_lightening", "SamLighteningEncoder"),
+        input_size=1024,
+        resize="longest_side",
+        licence="unspecified (no code or weights released)",
+        paper="Song et al., SAM-Lightening, arXiv 2403.09195",
+        weights=None,
+        weights_note=(
+            "the authors never released weights (nor a layer configuration): uvsam's variant is ViT-S sized; "
+            "distil or train it and pass the file with --checkpoint"
+        ),
+        published_params_m=None,
+    ),
 ]
 
 ENCODERS: dict[str, EncoderSpec] = {s.name: s for s in _SPECS}

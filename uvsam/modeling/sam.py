@@ -62,7 +62,8 @@ class Generalist(nn.Module):
         nh, nw = self.input_shape(h, w)
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-            x = x.round().clamp(0, 255)  # the reference code resizes 8-bit images
+            if self.spec.resize_in_uint8:
+                x = x.round().clamp(0, 255)  # the reference code resizes 8-bit images
         x = (x - self.pixel_mean) / self.pixel_std
         s = self.spec.input_size
         return F.pad(x, (0, s - nw, 0, s - nh))
@@ -108,18 +109,24 @@ class Generalist(nn.Module):
 
     def postprocess_masks(self, low_res: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(N, C, 256, 256) logits -> (N, C, height, width) logits on the original image grid."""
+        if self.spec.resize == "stretch":  # the low-res grid covers the whole image
+            return F.interpolate(low_res, (height, width), mode="bilinear", align_corners=False)
         f = self.spec.prompt_frame
         x = F.interpolate(low_res, (f, f), mode="bilinear", align_corners=False)
-        if self.spec.resize == "longest_side":
-            sx, _ = self.prompt_scale(height, width)
-            x = x[..., : int(height * sx + 0.5), : int(width * sx + 0.5)]
+        sx, _ = self.prompt_scale(height, width)
+        x = x[..., : int(height * sx + 0.5), : int(width * sx + 0.5)]
         return F.interpolate(x, (height, width), mode="bilinear", align_corners=False)
 
     # -- official key layout -----------------------------------------------------------------
     def official_key(self, key: str) -> str:
-        if key.startswith("image_encoder."):
-            return "image_encoder." + self.image_encoder.official_key(key.removeprefix("image_encoder."))
-        return key
+        """The published checkpoint's name for ``key`` of this model's state dict.
+
+        Each part (``image_encoder``, ``prompt_encoder``, ``mask_decoder``) that names its keys
+        differently from the official file has an ``official_key`` method; Meta's modules have none.
+        """
+        part, _, rest = key.partition(".")
+        mapper = getattr(getattr(self, part, None), "official_key", None)
+        return f"{part}.{mapper(rest)}" if mapper is not None and rest else key
 
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's state dict under the keys of the family's published checkpoint."""
@@ -160,6 +167,12 @@ def _mismatch_message(missing: list[str], unexpected: list[str], bad_shape: list
 def build_generalist(name_or_spec: str | EncoderSpec) -> Generalist:
     """Build a generalist with random weights; load published ones with ``uvsam.checkpoint``."""
     spec = get_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
+    if spec.decoder == "efficient_sam":
+        from uvsam.modeling.efficient_sam import EfficientSamMaskDecoder, EfficientSamPromptEncoder
+
+        prompt_encoder = EfficientSamPromptEncoder(256, (64, 64), (spec.prompt_frame, spec.prompt_frame))
+        model = Generalist(spec, spec.build_encoder(), prompt_encoder, EfficientSamMaskDecoder())
+        return model.eval()
     prompt_encoder = PromptEncoder(
         embed_dim=256,
         image_embedding_size=(64, 64),

@@ -1,0 +1,229 @@
+"""Reading: a raster as the model should see it, window by window, with its validity mask.
+
+:class:`RasterSource` opens anything GDAL reads (GeoTIFF, COG, VRT, 1..N bands, 8/16-bit,
+float) through rasterio. Nodata values, internal masks and alpha bands all become one validity
+mask read alongside every window. With ``gsd`` the scene is resampled on the fly (a WarpedVRT)
+so that one pixel spans ``gsd`` metres *on the ground* along both axes, whatever the CRS
+(metres, Web Mercator's inflated metres, or degrees); with ``crs`` it is also reprojected.
+Windows may reach past the scene: the outside is filled and marked invalid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from pyproj import CRS, Geod, Transformer
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.env import set_gdal_config
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import calculate_default_transform
+from rasterio.windows import Window
+
+from tiles.errors import TilesError
+
+_GEOD = Geod(ellps="WGS84")
+GDAL_CACHE_MB = 256  # GDAL's block cache defaults to 5% of RAM; tiling needs about one block row
+_CACHE_BOUND = False
+GSD_TOLERANCE = 0.01  # within 1% of the target ground resolution the scene is read as it is
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a scene. ``bands`` are 1-based (None: all colour bands, alpha excluded);
+    ``gsd`` the target ground sample distance in metres; ``crs`` a CRS to reproject to."""
+
+    bands: tuple[int, ...] | None = None
+    gsd: float | None = None
+    crs: str | None = None
+    resampling: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {"bands": list(self.bands) if self.bands else None, "gsd": self.gsd, "crs": self.crs,
+                "resampling": self.resampling}
+
+
+def bound_gdal_cache() -> None:
+    """Cap GDAL's block cache for this process at ``GDAL_CACHE_MB`` (once; a no-op if the user
+    set ``GDAL_CACHEMAX`` themselves), so that memory stays flat however large the scene.
+
+    Set once rather than per call: changing the cap flushes GDAL's cache, and tiles re-read the
+    blocks they share with their neighbours.
+    """
+    global _CACHE_BOUND
+    if not _CACHE_BOUND and "GDAL_CACHEMAX" not in os.environ:
+        set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 2**20)  # in bytes: a small number would be bytes too
+    _CACHE_BOUND = True
+
+
+def ground_resolution(crs, transform: Affine, width: int, height: int) -> tuple[float, float]:
+    """Metres on the ground spanned by one pixel (along x, along y) at the scene's centre."""
+    if crs is None:
+        raise TilesError("raster has no CRS, so its ground resolution is unknown")
+    cx, cy = width / 2, height / 2
+    pts = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
+    to_ll = Transformer.from_crs(CRS.from_user_input(crs), CRS.from_epsg(4326), always_xy=True)
+    (lon0, lat0), (lon1, lat1), (lon2, lat2) = (to_ll.transform(x, y) for x, y in pts)
+    gx = _GEOD.inv(lon0, lat0, lon1, lat1)[2]
+    gy = _GEOD.inv(lon0, lat0, lon2, lat2)[2]
+    return gx, gy
+
+
+class RasterSource:
+    """A scene opened for tiling (a context manager).
+
+    Attributes after opening: ``crs``, ``transform``, ``width``, ``height`` (of the grid the model
+    sees, after any resampling), ``bands``, ``dtype``, ``nodata``, ``ground_res`` (metres, x/y).
+    """
+
+    def __init__(self, path: str | Path, options: ReadOptions | None = None):
+        self.path = Path(path)
+        self.options = options or ReadOptions()
+        self._src = None
+        self._vrt = None
+        self.open()
+
+    # -- opening ---------------------------------------------------------------------------
+    def open(self) -> None:
+        if not self.path.exists():
+            raise TilesError("file does not exist", self.path)
+        bound_gdal_cache()
+        try:
+            self._src = rasterio.open(self.path)
+        except rasterio.errors.RasterioIOError as e:
+            raise TilesError(f"not a raster GDAL can read ({_first_line(e)})", self.path) from None
+        src = self._src
+        colour = [i for i, ci in enumerate(src.colorinterp, start=1) if ci != ColorInterp.alpha]
+        bands = self.options.bands or tuple(colour or range(1, src.count + 1))
+        bad = [b for b in bands if not 1 <= b <= src.count]
+        if bad:
+            raise TilesError(f"band(s) {bad} requested but the raster has {src.count}", self.path)
+        self.bands = tuple(bands)
+        self.dtype = np.dtype(src.dtypes[self.bands[0] - 1])
+        if any(np.dtype(src.dtypes[b - 1]) != self.dtype for b in self.bands):
+            raise TilesError(f"bands {self.bands} have different data types {src.dtypes}", self.path)
+        self.nodata = src.nodata
+        self._dataset = self._warp(src) if (self.options.gsd or self.options.crs) else src
+        ds = self._dataset
+        self.crs, self.transform, self.width, self.height = ds.crs, ds.transform, ds.width, ds.height
+        # Where the only mask is a nodata value, validity is computed from the data itself:
+        # GDAL would otherwise decode every block a second time to build the mask.
+        flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
+        self._mask_from_nodata = ds.nodata is not None and all(f == [MaskFlags.nodata] for f in flags)
+        self.ground_res = ground_resolution(self.crs, self.transform, self.width, self.height) if self.crs else None
+
+    def _warp(self, src):
+        if src.crs is None:
+            raise TilesError("raster has no CRS: it cannot be resampled to a ground resolution or reprojected",
+                             self.path)
+        dst_crs = CRS.from_user_input(self.options.crs) if self.options.crs else src.crs
+        if dst_crs != src.crs:
+            transform, width, height = calculate_default_transform(src.crs, dst_crs, src.width, src.height,
+                                                                   *src.bounds)
+        else:
+            transform, width, height = src.transform, src.width, src.height
+        if self.options.gsd:
+            gx, gy = ground_resolution(dst_crs, transform, width, height)
+            fx, fy = self.options.gsd / gx, self.options.gsd / gy
+            if abs(fx - 1) > GSD_TOLERANCE or abs(fy - 1) > GSD_TOLERANCE:
+                transform = transform @ Affine.scale(fx, fy)
+                width, height = max(1, math.ceil(width / fx)), max(1, math.ceil(height / fy))
+        if dst_crs == src.crs and (transform, width, height) == (src.transform, src.width, src.height):
+            return src
+        has_mask = src.nodata is not None or any(flags != [MaskFlags.all_valid] for flags in src.mask_flag_enums)
+        self._vrt = WarpedVRT(
+            src, crs=dst_crs, transform=transform, width=width, height=height,
+            resampling=Resampling[self.options.resampling], add_alpha=not has_mask,
+        )
+        return self._vrt
+
+    def close(self) -> None:
+        for ds in (self._vrt, self._src):
+            if ds is not None:
+                ds.close()
+        self._vrt = self._src = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):  # picklable for DataLoader workers and Dask: reopen on the other side
+        return {"path": self.path, "options": self.options}
+
+    def __setstate__(self, state):
+        self.path, self.options = state["path"], state["options"]
+        self._src = self._vrt = None
+        self.open()
+
+    # -- reading ---------------------------------------------------------------------------
+    def read(self, window: Window, per_band: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(bands, h, w) data in the source dtype and (h, w) bool validity for ``window``.
+
+        A pixel is valid where every band is; ``per_band=True`` returns the (bands, h, w) masks
+        instead (a nodata value may hit one band of a pixel and not the others). Parts of the
+        window outside the scene are filled with the nodata value (or 0) and invalid.
+        """
+        h, w = int(window.height), int(window.width)
+        data = np.full((len(self.bands), h, w), self.nodata if self.nodata is not None else 0, self.dtype)
+        valid = np.zeros((len(self.bands), h, w) if per_band else (h, w), bool)
+        r0, c0 = int(window.row_off), int(window.col_off)
+        rr0, cc0 = max(r0, 0), max(c0, 0)
+        rr1, cc1 = min(r0 + h, self.height), min(c0 + w, self.width)
+        if rr1 <= rr0 or cc1 <= cc0:
+            return data, valid
+        inner = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
+        try:
+            block = self._dataset.read(self.bands, window=inner)
+            masks = self._nodata_masks(block) if self._mask_from_nodata else \
+                self._dataset.read_masks(self.bands, window=inner)
+        except rasterio.errors.RasterioIOError as e:
+            raise TilesError(f"cannot read window {inner} ({_first_line(e)})", self.path) from None
+        ys, xs = slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0)
+        data[:, ys, xs] = block
+        if per_band:
+            valid[:, ys, xs] = masks > 0
+        else:
+            valid[ys, xs] = (masks > 0).all(axis=0)
+        return data, valid
+
+    def _nodata_masks(self, block: np.ndarray) -> np.ndarray:
+        nd = self._dataset.nodata
+        if np.isnan(nd):
+            return ~np.isnan(block)
+        if np.issubdtype(block.dtype, np.integer):
+            info = np.iinfo(block.dtype)
+            if nd != int(nd) or not info.min <= nd <= info.max:  # a value the band cannot hold
+                return np.ones(block.shape, bool)
+        return block != np.asarray(nd).astype(block.dtype)
+
+    def read_overview(self, max_pixels: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+        """The whole scene decimated to at most ``max_pixels`` (GDAL uses overviews where present)."""
+        f = max(1.0, math.sqrt(self.width * self.height / max_pixels))
+        h, w = max(1, round(self.height / f)), max(1, round(self.width / f))
+        ds = self._dataset
+        data = ds.read(self.bands, out_shape=(len(self.bands), h, w), resampling=Resampling.nearest)
+        masks = self._nodata_masks(data) if self._mask_from_nodata else \
+            ds.read_masks(self.bands, out_shape=(len(self.bands), h, w), resampling=Resampling.nearest)
+        return data, (masks > 0).all(axis=0)
+
+    def describe(self) -> dict:
+        """What the model sees, for manifests."""
+        return {
+            "path": str(self.path), "options": self.options.to_dict(),
+            "crs": self.crs.to_string() if self.crs else None,
+            "transform": list(self.transform)[:6], "width": self.width, "height": self.height,
+            "bands": list(self.bands), "dtype": self.dtype.name, "nodata": self.nodata,
+            "ground_res_m": list(self.ground_res) if self.ground_res else None,
+        }
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
