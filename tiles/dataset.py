@@ -3,6 +3,7 @@ whichever process asks (DataLoader workers reopen the raster themselves)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -31,8 +32,6 @@ class TileDataset(Dataset):
         return len(self.scene.tiles)
 
     def _source(self) -> RasterSource:
-        import os
-
         if self._src is None or self._pid != os.getpid():
             self._src = RasterSource(self.path, self.scene.read)
             self._pid = os.getpid()
@@ -44,7 +43,7 @@ class TileDataset(Dataset):
         item = {"image": torch.from_numpy(self.scene.stretch.apply(data, valid)),
                 "valid": torch.from_numpy(valid), "index": tile.index}
         if self.keep_raw:
-            item["raw"] = torch.from_numpy(data.astype(data.dtype.newbyteorder("=")))
+            item["raw"] = torch.from_numpy(data)
         return item
 
     def __getstate__(self):

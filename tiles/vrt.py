@@ -8,12 +8,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 import rasterio
+from affine import Affine
 from rasterio.dtypes import _gdal_typename
 
 from tiles.errors import TilesError
+
+
+class _Meta(NamedTuple):
+    path: Path
+    crs: object
+    transform: Affine
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    colorinterp: tuple
+
+
+def _meta(path: Path) -> _Meta:
+    with rasterio.open(path) as ds:
+        return _Meta(Path(path), ds.crs, ds.transform, ds.width, ds.height, ds.count, ds.dtypes[0], ds.nodata,
+                     ds.colorinterp)
 
 
 def write_vrt(paths: list[Path], dest: str | Path) -> Path:
@@ -25,33 +45,32 @@ def write_vrt(paths: list[Path], dest: str | Path) -> Path:
     dest = Path(dest)
     if not paths:
         raise TilesError("no rasters to mosaic", dest)
-    metas = []
-    for p in paths:
-        with rasterio.open(p) as ds:
-            metas.append((p, ds.crs, ds.transform, ds.width, ds.height, ds.count, ds.dtypes[0], ds.nodata,
-                          ds.colorinterp))
-    _, crs, t0, *_ , count, dtype, nodata, colorinterp = metas[0]
-    res_x, res_y = t0.a, t0.e
-    for p, c, t, _w, _h, n, d, _nd, _ci in metas:
-        if c != crs:
-            raise TilesError(f"CRS {c} differs from {crs} of {metas[0][0].name}", p)
-        if (n, d) != (count, dtype):
-            raise TilesError(f"{n} bands of {d} differ from {count} of {dtype} in {metas[0][0].name}", p)
+    metas = [_meta(p) for p in paths]
+    first = metas[0]
+    res_x, res_y = first.transform.a, first.transform.e
+    for m in metas:
+        t = m.transform
+        if m.crs != first.crs:
+            raise TilesError(f"CRS {m.crs} differs from {first.crs} of {first.path.name}", m.path)
+        if (m.count, m.dtype) != (first.count, first.dtype):
+            raise TilesError(f"{m.count} bands of {m.dtype} differ from {first.count} of {first.dtype} in "
+                             f"{first.path.name}", m.path)
         if abs(t.a - res_x) > 1e-9 * abs(res_x) or abs(t.e - res_y) > 1e-9 * abs(res_y) or t.b or t.d:
-            raise TilesError(f"pixel grid {tuple(t)[:6]} differs from {tuple(t0)[:6]}", p)
-    left = min(t.c for _, _, t, *_ in metas)
-    top = max(t.f for _, _, t, *_ in metas)
-    right = max(t.c + w * res_x for _, _, t, w, *_ in metas)
-    bottom = min(t.f + h * res_y for _, _, t, _w, h, *_ in metas)
+            raise TilesError(f"pixel grid {tuple(t)[:6]} differs from {tuple(first.transform)[:6]}", m.path)
+    left = min(m.transform.c for m in metas)
+    top = max(m.transform.f for m in metas)
+    right = max(m.transform.c + m.width * res_x for m in metas)
+    bottom = min(m.transform.f + m.height * res_y for m in metas)
     width, height = round((right - left) / res_x), round((bottom - top) / res_y)
 
-    def offset(p, t):
-        fx, fy = (t.c - left) / res_x, (t.f - top) / res_y
+    def offset(m: _Meta) -> tuple[int, int]:
+        fx, fy = (m.transform.c - left) / res_x, (m.transform.f - top) / res_y
         if abs(fx - round(fx)) > 1e-6 or abs(fy - round(fy)) > 1e-6:
-            raise TilesError("not aligned with the other rasters' pixel grid", p)
+            raise TilesError("not aligned with the other rasters' pixel grid", m.path)
         return round(fx), round(fy)
 
-    placed = [(p, offset(p, t), w, h) for p, _, t, w, h, *_ in metas]
+    placed = [(m.path, offset(m), m.width, m.height) for m in metas]
+    crs, count, dtype, nodata, colorinterp = first.crs, first.count, first.dtype, first.nodata, first.colorinterp
     gdal_type = _gdal_typename(dtype)
     lines = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
              f"  <SRS>{escape(crs.to_wkt())}</SRS>",

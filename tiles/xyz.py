@@ -68,13 +68,12 @@ def _load(path: Path, mask: bool) -> np.ndarray:
 
 
 def _write_geotiff(arr: np.ndarray, transform: Affine, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.part")
+    """Write into the staging folder (the folder, not each file, is what moves into place)."""
     profile = dict(driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
                    dtype=arr.dtype.name, crs="EPSG:3857", transform=transform, tiled=True,
                    blockxsize=256, blockysize=256, compress="deflate")
-    with rasterio.open(tmp, "w", **profile) as dst:
+    with rasterio.open(dest, "w", **profile) as dst:
         dst.write(arr)
-    tmp.replace(dest)
 
 
 def import_xyz(images_dir: str | Path, zoom: int, out_dir: str | Path, masks_dir: str | Path | None = None,
@@ -93,64 +92,57 @@ def import_xyz(images_dir: str | Path, zoom: int, out_dir: str | Path, masks_dir
     images = sorted(images_dir.rglob(pattern))
     if not images:
         raise TilesError(f"no {pattern} images in the folder", images_dir)
-    stems: dict[str, Path] = {}
+    tiles: dict[str, tuple[Path, Affine]] = {}
     for p in images:
-        parse_name(p, zoom)
-        if p.stem in stems:
-            raise TilesError(f"two images for tile {p.stem} ({stems[p.stem]})", p)
-        stems[p.stem] = p
+        x, y = parse_name(p, zoom)
+        if p.stem in tiles:
+            raise TilesError(f"two images for tile {p.stem} ({tiles[p.stem][0]})", p)
+        tiles[p.stem] = (p, xyz_transform(x, y, zoom))
     mask_of: dict[str, Path] = {}
     if masks_dir is not None:
         masks_dir = Path(masks_dir)
         if not masks_dir.is_dir():
             raise TilesError("not a folder", masks_dir)
         for p in sorted(masks_dir.rglob(pattern)):
-            if p.stem not in stems:
+            if p.stem not in tiles:
                 raise TilesError("mask has no image of the same name", p)
             mask_of[p.stem] = p
 
     # Everything is written into a staging folder next to OUT and moved in only when complete.
     stage = out_dir.parent / f".{out_dir.name}.part-{os.getpid()}"
     try:
-        result = _write_set(stems, mask_of, zoom, stage)
+        _write_set(tiles, mask_of, stage)
         out_dir.mkdir(parents=True, exist_ok=True)
-        moved = []
         for sub in ("images", "masks"):
             if (stage / sub).is_dir():
                 (out_dir / sub).mkdir(exist_ok=True)
-                for f in sorted((stage / sub).iterdir()):
+                for f in (stage / sub).iterdir():
                     os.replace(f, out_dir / sub / f.name)
-                    moved.append(out_dir / sub / f.name)
         for vrt in ("images.vrt", "masks.vrt"):  # the mosaics last, once their sources are in place
             if (stage / vrt).exists():
                 os.replace(stage / vrt, out_dir / vrt)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return ImportedSet(
-        [out_dir / "images" / p.name for p in result.images], [out_dir / "masks" / p.name for p in result.masks],
-        out_dir / "images.vrt", out_dir / "masks.vrt" if result.masks_vrt else None,
+        [out_dir / "images" / f"{stem}.tif" for stem in tiles], [out_dir / "masks" / f"{stem}.tif" for stem in mask_of],
+        out_dir / "images.vrt", out_dir / "masks.vrt" if mask_of else None,
     )
 
 
-def _write_set(stems: dict[str, Path], mask_of: dict[str, Path], zoom: int, out_dir: Path) -> ImportedSet:
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    out_images, out_masks = [], []
-    for stem, path in stems.items():
-        x, y = parse_name(path, zoom)
-        transform = xyz_transform(x, y, zoom)
+def _write_set(tiles: dict[str, tuple[Path, Affine]], mask_of: dict[str, Path], out_dir: Path) -> None:
+    """GeoTIFFs of every image (and mask) plus their VRT mosaics, under ``out_dir``."""
+    (out_dir / "images").mkdir(parents=True)
+    if mask_of:
+        (out_dir / "masks").mkdir()
+    for stem, (path, transform) in tiles.items():
         img = _load(path, mask=False)
-        dest = out_dir / "images" / f"{stem}.tif"
-        _write_geotiff(img, transform, dest)
-        out_images.append(dest)
+        _write_geotiff(img, transform, out_dir / "images" / f"{stem}.tif")
         if stem in mask_of:
             mask = _load(mask_of[stem], mask=True)
             if mask.shape[1:] != img.shape[1:]:
                 raise TilesError(f"mask is {mask.shape[2]}x{mask.shape[1]} but its image is "
                                  f"{img.shape[2]}x{img.shape[1]}", mask_of[stem])
-            (out_dir / "masks").mkdir(exist_ok=True)
-            mdest = out_dir / "masks" / f"{stem}.tif"
-            _write_geotiff(mask, transform, mdest)
-            out_masks.append(mdest)
-    images_vrt = write_vrt(out_images, out_dir / "images.vrt")
-    masks_vrt = write_vrt(out_masks, out_dir / "masks.vrt") if out_masks else None
-    return ImportedSet(out_images, out_masks, images_vrt, masks_vrt)
+            _write_geotiff(mask, transform, out_dir / "masks" / f"{stem}.tif")
+    write_vrt([out_dir / "images" / f"{stem}.tif" for stem in tiles], out_dir / "images.vrt")
+    if mask_of:
+        write_vrt([out_dir / "masks" / f"{stem}.tif" for stem in mask_of], out_dir / "masks.vrt")

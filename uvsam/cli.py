@@ -195,16 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
     try:
         app(args=args, prog_name="uvsam", standalone_mode=False)
-    except UvsamError as e:
+    except (UvsamError, TilesError) as e:
         if debug:
             raise
         sys.stderr.write(f"uvsam: error: {e}\n")
-        return e.exit_code
-    except TilesError as e:
-        if debug:
-            raise
-        sys.stderr.write(f"uvsam: error: {e}\n")
-        return 2
+        return getattr(e, "exit_code", 2)
     except click.exceptions.Abort:
         sys.stderr.write("uvsam: interrupted\n")
         return 130

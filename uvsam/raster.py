@@ -13,6 +13,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import RasterioIOError
 
+from tiles.radiometry import compute_stretch
 from uvsam.errors import InputError
 
 MAX_PIXELS = 16384 * 16384  # one-shot reads; larger scenes go through the tiling engine
@@ -53,12 +54,6 @@ def read_rgb(path: str | Path, bands: tuple[int, ...] | None = None) -> RGBImage
     if not valid.any():
         raise InputError("raster has no valid pixels (all nodata)", path)
     if data.dtype != np.uint8:
-        out = np.zeros_like(arr)
-        for i in range(arr.shape[0]):
-            v = arr[i][valid]
-            lo, hi = np.percentile(v, [2, 98])
-            hi = hi if hi > lo else lo + 1
-            out[i] = np.clip((arr[i] - lo) / (hi - lo), 0, 1) * 255
-        arr = out
+        arr = compute_stretch(arr, valid, "percentile").apply(arr) * 255
     arr[:, ~valid] = 0
     return RGBImage(np.moveaxis(arr, 0, -1), valid, profile)
