@@ -65,6 +65,95 @@ def segment(
     typer.echo(json.dumps(result))
 
 
+@app.command()
+def train(
+    images: Annotated[str, typer.Option(help="Training rasters: a file, a folder or a glob.")],
+    labels: Annotated[str, typer.Option(help="Masks named like the images (folder/glob) or a vector file.")],
+    out: Annotated[Path, typer.Option(help="Model file to write (.ckpt); rewritten after every epoch.")],
+    encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")] = "mobile_sam",
+    checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
+    val_images: Annotated[str | None, typer.Option(help="Validation rasters.")] = None,
+    val_labels: Annotated[str | None, typer.Option(help="Validation labels.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Without --val-images: share of scenes held out.")] = 0.0,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    steps: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 40,
+    sam_epochs: Annotated[int, typer.Option(help="Last epochs that train the full UV-SAM path.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Views per step.")] = 8,
+    crop: Annotated[int, typer.Option(help="View side in pixels at the training GSD.")] = 128,
+    gsd: Annotated[str, typer.Option(help="Training ground resolution in m/px, or 'native'.")] = "3.7",
+    specialist: Annotated[str, typer.Option(help="SegFormer encoder: mit_b0 .. mit_b5.")] = "mit_b0",
+    mit_weights: Annotated[Path | None, typer.Option(help="Pretrained MiT weights (mmseg or HF layout).")] = None,
+    fusion: Annotated[str, typer.Option(help="mlp or add.")] = "mlp",
+    specialist_input: Annotated[str, typer.Option(help="lcn (grey local contrast), lcn_rgb or rgb.")] = "lcn",
+    lcn_sigma: Annotated[float, typer.Option(help="Local contrast scale, metres on the ground.")] = 15.0,
+    tune_decoder: Annotated[bool, typer.Option(help="Also train the generalist's mask decoder.")] = False,
+    ladder: Annotated[bool, typer.Option(help="Add SAM-LST's ladder side network.")] = False,
+    min_village_area: Annotated[float | None, typer.Option(
+        help="m^2; smaller villages keep the specialist's mask (default: official 100 px at 0.916 m).")] = None,
+    views_per_scene: Annotated[int, typer.Option(help="Fixed views per scene for the UV-SAM path.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 5e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-2,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 20,
+    sam_weight: Annotated[float, typer.Option(help="Weight of the UV-SAM path loss.")] = 1.0,
+    ema: Annotated[float, typer.Option(help="Decay of the weight average kept (0: last weights).")] = 0.98,
+    harmonise: Annotated[bool, typer.Option(help="Match every scene to the training radiometry.")] = True,
+    band: Annotated[list[int], typer.Option(help="Band to read (1-based); repeatable.")] = [],  # noqa: B006
+    labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the training saved in --out.")] = False,
+):
+    """Train the specialist and fusion head of UV-SAM (the generalist stays frozen)."""
+    from uvsam.train import TrainConfig
+    from uvsam.train import train as run_training
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if gsd == "native":
+        gsd_m = None
+    else:
+        gsd_m = _parse_floats(gsd, (1,), "--gsd")[0]
+    cfg = TrainConfig(
+        images=images, labels=labels, out=str(out), val_images=val_images, val_labels=val_labels,
+        val_fraction=val_fraction,
+        encoder=_known_encoder(encoder), checkpoint=str(checkpoint) if checkpoint else None, specialist=specialist,
+        mit_weights=str(mit_weights) if mit_weights else None, fusion=fusion,
+        specialist_input=specialist_input, lcn_sigma_m=lcn_sigma, tune_decoder=tune_decoder,
+        ladder=ladder, min_area_m2=min_village_area, gsd_m=gsd_m, crop=crop,
+        batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
+        sam_epochs=sam_epochs, views_per_scene=views_per_scene, lr=lr, weight_decay=weight_decay,
+        warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise, bands=tuple(band) or None,
+        labels_crs=labels_crs, seed=seed,
+    )
+    last = run_training(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(last))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
+    images: Annotated[str, typer.Option(help="Rasters: a file, a folder or a glob.")],
+    labels: Annotated[str, typer.Option(help="Masks named like the images, or a vector file.")],
+    checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
+    window: Annotated[int, typer.Option(help="Inference window (px at the model's GSD).")] = 512,
+    labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = None,
+    specialist_only: Annotated[bool, typer.Option(help="Skip the UV-SAM path.")] = False,
+):
+    """Pixel IoU/F1/precision/recall and object F1 of the specialist and the UV-SAM path (JSON)."""
+    from uvsam.evaluate import evaluate as run_evaluation
+
+    typer.echo(json.dumps(run_evaluation(model, images, labels, checkpoint, window, labels_crs, specialist_only),
+                          indent=2))
+
+
+def _known_encoder(name: str) -> str:
+    from uvsam.modeling.registry import get_spec
+
+    return get_spec(name).name
+
+
 @app.command("import-xyz")
 def import_xyz_cmd(
     images: Annotated[Path, typer.Argument(help="Folder of {y}_{x}.png XYZ images.")],

@@ -7,6 +7,8 @@ and :meth:`Generalist.load_official_state_dict`, has the keys of each family's p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
@@ -81,6 +83,7 @@ class Generalist(nn.Module):
         mask_logits: torch.Tensor | None = None,
         multimask_output: bool = False,
         sparse_extra: torch.Tensor | None = None,
+        fuse_sparse: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode N prompts against one image embedding in one batched call.
 
@@ -88,11 +91,15 @@ class Generalist(nn.Module):
           embeddings: (1, 256, 64, 64) or (N, 256, 64, 64).
           boxes: (N, 4) XYXY. points: ((N, P, 2) XY, (N, P) labels 1/0/-1).
           mask_logits: (N, 1, 256, 256) dense mask prompts.
-          sparse_extra: (N, T, 256) extra sparse tokens appended (UV-SAM's semantic prompts).
+          sparse_extra: (N, T, 256) extra sparse tokens appended.
+          fuse_sparse: maps the (N, T, 256) encoded sparse prompts before decoding (UV-SAM's
+            fusion of box tokens with the semantic prompts).
         Returns:
           low-res mask logits (N, C, 256, 256) and predicted IoU (N, C), C = 3 or 1.
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_logits)
+        if fuse_sparse is not None:
+            sparse = fuse_sparse(sparse)
         if sparse_extra is not None:
             sparse = torch.cat([sparse, sparse_extra.to(sparse.dtype)], dim=1)
         pe = self.prompt_encoder.get_dense_pe()

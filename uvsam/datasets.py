@@ -1,0 +1,193 @@
+"""Labelled scenes for training and evaluation: rasters paired with village labels.
+
+Images are any GDAL raster (a file, a folder or a glob), read through :mod:`tiles` at the
+model's ground resolution with the scene-level normalisation. Labels are either masks (any
+raster; values > 0 are village, the mask's nodata is "unlabelled") or vector files
+(GeoPackage, GeoJSON, Shapefile, FlatGeobuf, GeoParquet) in any CRS, reprojected to the
+image and rasterised on the fly. A folder of labels is paired with the images by file stem
+(``uvsam import-xyz`` writes ``images/`` and ``masks/`` that pair this way); a single vector
+file labels every image.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from tiles.radiometry import Stretch, compute_stretch
+from tiles.reader import RasterSource, ReadOptions
+from uvsam.errors import InputError
+from uvsam.losses import IGNORE
+
+RASTER_EXT = (".tif", ".tiff", ".vrt", ".png", ".jpg", ".jpeg", ".jp2", ".img")
+VECTOR_EXT = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet")
+MAX_SCENE_PIXELS = 12_000 * 12_000  # one training scene in memory (at the training GSD)
+
+
+def find_files(spec: str | Path, exts: tuple[str, ...], what: str) -> list[Path]:
+    """Files named by ``spec``: a file, a folder (its files with ``exts``, sorted) or a glob."""
+    text = str(spec)
+    p = Path(text)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in exts and not f.name.startswith("."))
+        if not files:
+            raise InputError(f"folder holds no {what} ({', '.join(exts)})", p)
+        return files
+    if any(c in text for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).suffix.lower() in exts)
+        if not files:
+            raise InputError(f"pattern matches no {what}", text)
+        return files
+    raise InputError("does not exist", p)
+
+
+@dataclass(frozen=True)
+class LabelledScene:
+    image: Path
+    labels: Path
+
+
+def pair_scenes(images: str | Path, labels: str | Path) -> list[LabelledScene]:
+    """Pair each image with its labels (same stem in a folder or glob, or one shared vector file)."""
+    image_files = find_files(images, RASTER_EXT, "rasters")
+    label_path = Path(str(labels))
+    if label_path.is_file():
+        if label_path.suffix.lower() in VECTOR_EXT or len(image_files) == 1:
+            return [LabelledScene(im, label_path) for im in image_files]
+        raise InputError("one label raster for several images; give a folder of masks named like the images",
+                         label_path)
+    label_files = find_files(labels, RASTER_EXT + VECTOR_EXT, "label files")
+    by_stem: dict[str, Path] = {}
+    for f in label_files:
+        by_stem.setdefault(f.stem, f)
+    out = []
+    for im in image_files:
+        if im.stem not in by_stem:
+            raise InputError(f"no labels named {im.stem}.* in {labels}", im)
+        out.append(LabelledScene(im, by_stem[im.stem]))
+    return out
+
+
+@dataclass
+class SceneArrays:
+    """One scene in memory at the training GSD.
+
+    image: (3, H, W) float32 on the 0..255 scale (0 where invalid); labels: (H, W) uint8 with
+    0 background, 1 village, 255 unlabelled (nodata in image or mask); gsd_m: ground metres per
+    pixel (mean of the two axes); stretch: the scene normalisation applied.
+    """
+
+    path: Path
+    image: np.ndarray
+    labels: np.ndarray
+    gsd_m: float
+    stretch: Stretch
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.labels.shape
+
+
+def read_image(path: Path, gsd_m: float | None, bands: tuple[int, ...] | None = None,
+               normalisation: str = "auto") -> tuple[np.ndarray, np.ndarray, RasterSource]:
+    """(3, H, W) float32 0..255 image and (H, W) validity at ``gsd_m`` (None: native); the source is closed."""
+    src = RasterSource(path, ReadOptions(bands, gsd_m))  # tiles' errors name the file themselves
+    with src:
+        if src.crs is None:
+            raise InputError("raster has no CRS: uvsam needs georeferenced imagery to know its ground "
+                             "resolution (georeference XYZ tiles with `uvsam import-xyz`)", path)
+        if src.width * src.height > MAX_SCENE_PIXELS:
+            raise InputError(f"scene is {src.width} x {src.height} px at the training resolution; cut it into "
+                             f"scenes of at most {MAX_SCENE_PIXELS // 10**6} Mpx", path)
+        data, valid = src.read(Window(0, 0, src.width, src.height))
+    if not valid.any():
+        raise InputError("raster has no valid pixels (all nodata)", path)
+    stretch = compute_stretch(data, valid, normalisation)
+    img = stretch.apply(data, valid) * 255.0
+    if img.shape[0] == 1:
+        img = np.repeat(img, 3, axis=0)
+    elif img.shape[0] > 3:
+        img = img[:3]
+    elif img.shape[0] == 2:
+        raise InputError("2-band raster: give --band three times to choose the RGB bands", path)
+    src.stretch = stretch
+    return img, valid, src
+
+
+def rasterise_labels(label_path: Path, src: RasterSource, labels_crs: str | None = None) -> np.ndarray:
+    """(H, W) uint8 labels (0, 1, IGNORE) on ``src``'s grid from a mask raster or a vector file."""
+    if label_path.suffix.lower() in VECTOR_EXT:
+        return _rasterise_vector(label_path, src, labels_crs)
+    try:
+        with rasterio.open(label_path) as lab:
+            same_grid = (lab.crs == src.crs and lab.transform == src.transform
+                         and (lab.width, lab.height) == (src.width, src.height))
+            if same_grid or (lab.crs is None and (lab.width, lab.height) == (src.width, src.height)):
+                data = lab.read(1, masked=True)
+            elif lab.crs is None:
+                raise InputError(f"mask has no CRS and is {lab.width} x {lab.height} px, the image "
+                                 f"{src.width} x {src.height}", label_path)
+            else:
+                with WarpedVRT(lab, crs=src.crs, transform=src.transform, width=src.width, height=src.height,
+                               resampling=Resampling.nearest) as vrt:
+                    data = vrt.read(1, masked=True)
+    except rasterio.errors.RasterioIOError as e:
+        raise InputError(f"not a readable raster ({str(e).splitlines()[0][:160]})", label_path) from None
+    out = (np.ma.getdata(data) > 0).astype(np.uint8)
+    out[np.ma.getmaskarray(data)] = IGNORE
+    return out
+
+
+def _rasterise_vector(path: Path, src: RasterSource, labels_crs: str | None) -> np.ndarray:
+    import geopandas as gpd
+    from rasterio.features import rasterize
+
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as e:  # noqa: BLE001 - pyogrio raises several types for unreadable files
+        raise InputError(f"not a readable vector file ({str(e).splitlines()[0][:160]})", path) from None
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    if labels_crs:
+        gdf = gdf.set_crs(labels_crs, allow_override=True)
+    elif gdf.crs is None or (gdf.crs.to_epsg() == 4326 and len(gdf)):
+        b = gdf.total_bounds if len(gdf) else np.zeros(4)
+        if len(gdf) and not (-180 <= b[0] <= b[2] <= 180 and -90 <= b[1] <= b[3] <= 90):
+            raise InputError("coordinates are not longitude/latitude but the file names no other CRS; "
+                             "give --labels-crs", path)
+        if gdf.crs is None:
+            gdf = gdf.set_crs("EPSG:4326")
+    gdf = gdf.to_crs(src.crs)
+    geoms = [g if g.is_valid else g.buffer(0) for g in gdf.geometry.make_valid()]
+    geoms = [g for g in geoms if not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon", "GeometryCollection")]
+    if not geoms:
+        return np.zeros((src.height, src.width), np.uint8)
+    return rasterize(((g, 1) for g in geoms), out_shape=(src.height, src.width), transform=src.transform,
+                     fill=0, dtype="uint8")
+
+
+def load_scene(scene: LabelledScene, gsd_m: float | None, bands: tuple[int, ...] | None = None,
+               normalisation: str = "auto", labels_crs: str | None = None) -> SceneArrays:
+    """Read one labelled scene into memory at ``gsd_m`` (None: its native resolution)."""
+    img, valid, src = read_image(scene.image, gsd_m, bands, normalisation)
+    labels = rasterise_labels(scene.labels, src, labels_crs)
+    labels[~valid] = IGNORE
+    if not (labels != IGNORE).any():
+        raise InputError("no labelled pixel overlaps the image", scene.labels)
+    return SceneArrays(scene.image, img, labels, float(np.mean(src.ground_res)), src.stretch)
+
+
+def native_gsd(path: Path) -> float:
+    """Mean ground resolution (m/px) of a georeferenced raster."""
+    with RasterSource(path) as src:
+        if src.ground_res is None:
+            raise InputError("raster has no CRS: its ground resolution is unknown", path)
+        return float(np.mean(src.ground_res))

@@ -1,0 +1,69 @@
+"""UV-SAM over a scene held in memory: overlapping windows, blended without seams.
+
+Used by validation during training and by ``uvsam evaluate``. (City-scale prediction from
+disk, with object-aware refinement, is ``uvsam predict``.) Windows come from the tiles
+engine's :class:`~tiles.grid.TileGrid` and are blended with its linear ramps
+(:func:`~tiles.stitch.blend_weights`): the specialist's village probability and the UV-SAM
+path's final mask are both averaged over overlaps, then thresholded at 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tiles.grid import TileGrid
+from tiles.stitch import blend_weights
+from uvsam.modeling.uvsam import UVSAM
+
+
+@dataclass
+class ScenePrediction:
+    """specialist_prob: (H, W) float32 village probability; specialist / uvsam: (H, W) bool masks
+    (uvsam is None when only the specialist ran)."""
+
+    specialist_prob: np.ndarray
+    specialist: np.ndarray
+    uvsam: np.ndarray | None
+
+
+@torch.inference_mode()
+def predict_scene(model: UVSAM, image: np.ndarray, valid: np.ndarray, window: int = 512, overlap: int = 64,
+                  batch_size: int = 2, full: bool = True) -> ScenePrediction:
+    """Predict a (3, H, W) 0..255 image at the model's GSD; ``full=False`` runs the specialist only."""
+    model.eval()
+    h, w = image.shape[1:]
+    size = min(window, max(h, w))
+    grid = TileGrid(h, w, size, min(overlap, size // 2))
+    weights = blend_weights(size, grid.overlap)
+    acc = np.zeros((2 if full else 1, h, w), np.float32)
+    norm = np.zeros((h, w), np.float32)
+    tiles = list(grid)
+    for i in range(0, len(tiles), batch_size):
+        chunk = tiles[i : i + batch_size]
+        batch = np.zeros((len(chunk), 3, size, size), np.float32)
+        for j, t in enumerate(chunk):
+            r0, c0, r1, c1 = t.bounds_px
+            part = image[:, r0:min(r1, h), c0:min(c1, w)]
+            batch[j, :, : part.shape[1], : part.shape[2]] = part
+        x = torch.from_numpy(batch)
+        if full:
+            out = model(x)
+            layers = [F.softmax(out.specialist_logits, 1)[:, 1], UVSAM.combine(out).float()]
+        else:
+            logits, _ = model.run_specialist(x)
+            layers = [F.softmax(logits, 1)[:, 1]]
+        stacked = torch.stack(layers, 1).numpy()
+        for j, t in enumerate(chunk):
+            r0, c0, r1, c1 = t.bounds_px
+            rh, cw = min(r1, h) - r0, min(c1, w) - c0
+            wt = weights[:rh, :cw]
+            acc[:, r0 : r0 + rh, c0 : c0 + cw] += stacked[j, :, :rh, :cw] * wt
+            norm[r0 : r0 + rh, c0 : c0 + cw] += wt
+    acc /= np.maximum(norm, 1e-12)
+    acc[:, ~valid] = 0
+    prob = acc[0]
+    return ScenePrediction(prob, prob > 0.5, acc[1] > 0.5 if full else None)

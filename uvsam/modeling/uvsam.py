@@ -1,0 +1,221 @@
+"""UV-SAM: a SegFormer specialist prompts a frozen SAM-style generalist (AAAI 2024).
+
+Data flow for one batch of (B, 3, H, W) images on the 0..255 scale:
+
+1. the specialist gives village logits (B, 2, H, W) and its fused feature (B, 256, h, w);
+2. the generalist's frozen encoder gives (B, 256, 64, 64) embeddings (cacheable: they depend
+   only on the image), optionally corrected by SAM-LST's ladder side network;
+3. prompts (:mod:`uvsam.prompts`): one box per predicted village, the pooled log-odds as the
+   dense mask prompt, and the two semantic prompts;
+4. the box tokens are fused with the semantic prompts (:class:`PromptFusion`) and every large
+   village of an image is decoded in one batched mask-decoder call;
+5. :meth:`UVSAM.combine`: large villages take the generalist's mask, small ones keep the
+   specialist's.
+
+Only the specialist, the fusion head (and, as options, the ladder network and the mask
+decoder) train; the generalist's image encoder and prompt encoder stay frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uvsam.modeling.fusion import LadderSideNetwork, PromptFusion
+from uvsam.modeling.sam import Generalist, build_generalist
+from uvsam.modeling.specialist import Specialist, specialist_input
+from uvsam.prompts import (
+    MASK_PROMPT_SIZE,
+    OFFICIAL_GSD_M,
+    min_area_m2,
+    semantic_prompts,
+    village_boxes,
+    village_log_odds,
+)
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # the specialist's input normalisation, 0..255 scale
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class UVSAMConfig:
+    """What defines a UV-SAM model; stored in every checkpoint.
+
+    ``gsd_m``: the ground resolution (m/px) the model was trained at; inference resamples to it.
+    ``min_area_m2``: villages whose box is smaller keep the specialist's mask (default: the
+    official 100 x 100 px at the official data's 0.916 m, 8,390 m^2).
+    """
+
+    encoder: str = "mobile_sam"
+    specialist: str = "mit_b0"
+    fusion: str = "mlp"
+    tune_decoder: bool = False
+    ladder: bool = False
+    mask_prompt: bool = True
+    gsd_m: float = 1.0
+    min_area_m2: float | None = None
+    max_villages: int = 32  # decoded per image per call; the largest first
+    specialist_input: str = "rgb"  # rgb, lcn or lcn_rgb (see uvsam.modeling.specialist.specialist_input)
+    lcn_sigma_m: float = 15.0  # scale of the local contrast normalisation, metres on the ground
+    pixel_mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    pixel_std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    @property
+    def min_area(self) -> float:
+        return min_area_m2(OFFICIAL_GSD_M) if self.min_area_m2 is None else self.min_area_m2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UVSAMConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("pixel_mean", "pixel_std"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+@dataclass
+class ImageVillages:
+    """The villages of one image: ``boxes`` (N, 4) XYXY px, ``large`` (N,) bool, ``labels``
+    (H, W) component ids; for the M large ones, ``mask_logits`` (M, 1, H, W) and ``iou_pred`` (M,)."""
+
+    boxes: np.ndarray
+    large: np.ndarray
+    labels: np.ndarray
+    mask_logits: torch.Tensor
+    iou_pred: torch.Tensor
+
+    @property
+    def decoded_boxes(self) -> np.ndarray:
+        return self.boxes[self.large]
+
+
+@dataclass
+class UVSAMOutput:
+    specialist_logits: torch.Tensor  # (B, 2, H, W)
+    villages: list[ImageVillages]
+
+
+class UVSAM(nn.Module):
+    """The whole model; see the module docstring."""
+
+    def __init__(self, config: UVSAMConfig, specialist: Specialist, generalist: Generalist):
+        super().__init__()
+        self.config = config
+        self.specialist = specialist
+        self.generalist = generalist
+        self.fusion = PromptFusion(config.fusion)
+        self.ladder = LadderSideNetwork() if config.ladder else None
+        self.generalist.requires_grad_(False)
+        if config.tune_decoder:
+            self.generalist.mask_decoder.requires_grad_(True)
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.generalist.image_encoder.eval()  # frozen: its norm statistics never move
+        self.generalist.prompt_encoder.eval()
+        if not self.config.tune_decoder:
+            self.generalist.mask_decoder.eval()
+        return self
+
+    # -- the parts ---------------------------------------------------------------------------
+    def run_specialist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) 0..255 -> logits (B, 2, H, W), fused feature (B, 256, h, w)."""
+        x = specialist_input(images, self.config.specialist_input, self.pixel_mean, self.pixel_std,
+                             self.config.lcn_sigma_m / self.config.gsd_m)
+        return self.specialist(x)
+
+    @torch.no_grad()
+    def frozen_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The generalist encoder's (B, 256, 64, 64) embeddings: depend on the image only."""
+        return self.generalist.encode(images)
+
+    def embeddings(self, images: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.frozen_embeddings(images) if frozen is None else frozen
+        if self.ladder is not None:
+            emb = emb + self.ladder(self.generalist.preprocess(images))
+        return emb
+
+    def dense_prompt(self, logits: torch.Tensor) -> torch.Tensor:
+        """Village log-odds (B, 2, H, W) -> SAM's (B, 1, 256, 256) mask prompt in the prompt frame.
+
+        The prompt grid covers the encoder's padded square input: the image part is pooled from
+        the log-odds, the padding reads as confident background.
+        """
+        h, w = logits.shape[-2:]
+        nh, nw = self.generalist.input_shape(h, w)
+        s = self.generalist.spec.input_size
+        gh, gw = max(1, round(MASK_PROMPT_SIZE * nh / s)), max(1, round(MASK_PROMPT_SIZE * nw / s))
+        x = F.adaptive_avg_pool2d(village_log_odds(logits), (gh, gw))
+        return F.pad(x, (0, MASK_PROMPT_SIZE - gw, 0, MASK_PROMPT_SIZE - gh), value=-20.0)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, frozen_embeddings: torch.Tensor | None = None,
+                specialist_images: torch.Tensor | None = None, gsd_m: float | None = None) -> UVSAMOutput:
+        """(B, 3, H, W) 0..255 images at ``gsd_m`` (default: the training GSD) -> :class:`UVSAMOutput`.
+
+        ``frozen_embeddings``: precomputed encoder embeddings of ``images`` (the cache).
+        ``specialist_images``: what the specialist sees instead of ``images`` (photometric
+        augmentation that must not invalidate cached embeddings).
+        """
+        logits, feature = self.run_specialist(images if specialist_images is None else specialist_images)
+        emb = self.embeddings(images, frozen_embeddings)
+        semantic = semantic_prompts(emb, feature)
+        use_mask_prompt = self.config.mask_prompt and self.generalist.spec.decoder == "sam"
+        dense = self.dense_prompt(logits) if use_mask_prompt else None
+        h, w = images.shape[-2:]
+        sx, sy = self.generalist.prompt_scale(h, w)
+        scale = torch.tensor([sx, sy, sx, sy], device=images.device)
+        pred = logits.argmax(1).cpu().numpy().astype(bool)
+        gsd = self.config.gsd_m if gsd_m is None else gsd_m
+        villages = []
+        for b in range(images.shape[0]):
+            vb = village_boxes(pred[b], gsd, self.config.min_area)
+            large = vb.large.copy()
+            if large.sum() > self.config.max_villages:  # keep the largest
+                areas = (vb.boxes[:, 2] - vb.boxes[:, 0]) * (vb.boxes[:, 3] - vb.boxes[:, 1])
+                keep = np.argsort(-np.where(large, areas, -1))[: self.config.max_villages]
+                large = np.zeros_like(large)
+                large[keep] = True
+            boxes = torch.from_numpy(vb.boxes[large]).to(images.device)
+            if len(boxes) == 0:
+                empty = logits.new_zeros((0, 1, h, w))
+                villages.append(ImageVillages(vb.boxes, large, vb.labels, empty, logits.new_zeros(0)))
+                continue
+            low, iou = self.generalist.decode(
+                emb[b : b + 1], boxes=boxes * scale,
+                mask_logits=None if dense is None else dense[b : b + 1].expand(len(boxes), -1, -1, -1),
+                fuse_sparse=lambda s, sem=semantic[b : b + 1]: self.fusion(s, sem),
+            )
+            masks = self.generalist.postprocess_masks(low, h, w)
+            villages.append(ImageVillages(vb.boxes, large, vb.labels, masks, iou[:, 0]))
+        return UVSAMOutput(logits, villages)
+
+    @staticmethod
+    def combine(out: UVSAMOutput) -> torch.Tensor:
+        """(B, H, W) bool village masks: generalist masks for large villages, the specialist's for the rest."""
+        spec = out.specialist_logits.argmax(1).bool()
+        final = []
+        for b, v in enumerate(out.villages):
+            m = spec[b].clone()
+            large_ids = np.flatnonzero(v.large) + 1
+            if len(large_ids):
+                m &= ~torch.from_numpy(np.isin(v.labels, large_ids)).to(m.device)
+                m |= (v.mask_logits[:, 0] > 0).any(0)
+            final.append(m)
+        return torch.stack(final)
+
+
+def build_uvsam(config: UVSAMConfig, generalist: Generalist | None = None) -> UVSAM:
+    """A UV-SAM model with a fresh specialist; ``generalist`` (weights loaded) or a random one."""
+    if generalist is None:
+        generalist = build_generalist(config.encoder)
+    return UVSAM(config, Specialist(config.specialist), generalist)

@@ -1,0 +1,440 @@
+"""Training UV-SAM: specialist and fusion head learn, the generalist stays frozen.
+
+Schedule: the first epochs train the specialist alone on freshly drawn random views (scale,
+crop, flip, rotation, colour), which is cheap; the last ``sam_epochs`` train the whole UV-SAM
+path (specialist, fusion head and the optional parts) on a fixed, seeded pool of views whose
+generalist embeddings are computed once and cached, while colour augmentation still varies
+what the specialist sees. AdamW with linear warm-up and cosine decay; a checkpoint after every
+epoch (``--resume`` continues from it); per-epoch seeds, so a resumed run equals an
+uninterrupted one; metrics to CSV (and TensorBoard when installed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uvsam import __version__
+from uvsam.augment import View, photometric, random_view, render
+from uvsam.datasets import LabelledScene, SceneArrays, load_scene, native_gsd, pair_scenes
+from uvsam.errors import InputError
+from uvsam.files import atomic_path, sha256_file
+from uvsam.harmonise import Radiometry, histogram_match, measure
+from uvsam.inference import predict_scene
+from uvsam.losses import IGNORE, LossWeights, uvsam_loss
+from uvsam.metrics import SegmentationCounts
+from uvsam.modelfile import read_model_file, save_model
+from uvsam.modeling.sam import build_generalist
+from uvsam.modeling.specialist import INPUTS, Specialist, load_mit_weights
+from uvsam.modeling.uvsam import UVSAM, UVSAMConfig
+
+# Villages are block-scale objects: at 3.7 m (4x the 0.92 m of the UV-SAM Beijing data) the
+# specialist sees the texture of whole blocks, generalises across seasons far better and trains
+# 16x cheaper than at full resolution (docs/results.md).
+DEFAULT_GSD_M = 3.7
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; written into the model file and checked on --resume."""
+
+    images: str
+    labels: str
+    out: str
+    val_images: str | None = None
+    val_labels: str | None = None
+    val_fraction: float = 0.0  # without --val-images: hold out this share of the training scenes
+    encoder: str = "mobile_sam"
+    checkpoint: str | None = None  # the generalist's official weights; None: random (tests, demos)
+    specialist: str = "mit_b0"
+    mit_weights: str | None = None
+    fusion: str = "mlp"
+    specialist_input: str = "lcn"
+    lcn_sigma_m: float = 15.0
+    tune_decoder: bool = False
+    ladder: bool = False
+    min_area_m2: float | None = None  # None: the official 100 x 100 px of the official data (8,390 m^2)
+    gsd_m: float | None = DEFAULT_GSD_M  # None: the first training scene's native resolution
+    crop: int = 128
+    batch_size: int = 8
+    epochs: int = 10
+    steps_per_epoch: int = 40
+    sam_epochs: int = 2
+    views_per_scene: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 20
+    sam_weight: float = 1.0
+    ema: float = 0.98  # decay of the weight average the model file keeps (0: keep the last weights)
+    harmonise: bool = True
+    normalisation: str = "auto"
+    bands: tuple[int, ...] | None = None
+    labels_crs: str | None = None
+    seed: int = 0
+    val_window: int = 512
+
+    def __post_init__(self):
+        checks = [(self.crop >= 32, f"--crop {self.crop}: at least 32 px"),
+                  (self.batch_size >= 1, "--batch-size must be at least 1"),
+                  (self.epochs >= 1 and self.steps_per_epoch >= 1, "--epochs and --steps must be at least 1"),
+                  (0 <= self.sam_epochs <= self.epochs, f"--sam-epochs must be between 0 and --epochs ({self.epochs})"),
+                  (self.lr > 0 and self.weight_decay >= 0, "--lr must be positive, --weight-decay not negative"),
+                  (self.views_per_scene >= 1, "--views-per-scene must be at least 1"),
+                  (0 <= self.ema < 1, "--ema must be in [0, 1)"),
+                  (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+                  (self.gsd_m is None or self.gsd_m > 0, "--gsd must be positive"),
+                  (self.fusion in ("mlp", "add"), f"--fusion {self.fusion!r}: use mlp or add"),
+                  (self.specialist_input in INPUTS, f"--specialist-input {self.specialist_input!r}: use "
+                   f"{', '.join(INPUTS)}")]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bands"] = list(self.bands) if self.bands else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        if known.get("bands"):
+            known["bands"] = tuple(known["bands"])
+        return cls(**known)
+
+
+# Settings that may change on --resume without changing what is being trained.
+RESUMABLE = {"out", "val_images", "val_labels", "val_window", "checkpoint"}
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class PreparedData:
+    train: list[SceneArrays]
+    val: list[SceneArrays]
+    gsd_m: float
+    radiometry: Radiometry
+    stretch: list[dict]
+
+
+def harmonise_scene(scene: SceneArrays, reference: Radiometry) -> None:
+    valid = scene.labels != IGNORE
+    source = measure([scene.image], [valid])
+    scene.image = histogram_match(scene.image, source, reference, valid)
+
+
+def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
+    pairs = pair_scenes(cfg.images, cfg.labels)
+    gsd = cfg.gsd_m or native_gsd(pairs[0].image)
+
+    def load(ps: list[LabelledScene]) -> list[SceneArrays]:
+        return [load_scene(p, gsd, cfg.bands, cfg.normalisation, cfg.labels_crs) for p in ps]
+
+    val_pairs: list[LabelledScene] = []
+    if cfg.val_images:
+        if not cfg.val_labels:
+            raise InputError("--val-images needs --val-labels")
+        val_pairs = pair_scenes(cfg.val_images, cfg.val_labels)
+    elif cfg.val_fraction > 0:
+        if len(pairs) < 2:
+            raise InputError("--val-fraction needs at least two training scenes", cfg.images)
+        n_val = min(len(pairs) - 1, max(1, round(cfg.val_fraction * len(pairs))))
+        held = set(np.random.default_rng([cfg.seed, 11]).choice(len(pairs), n_val, replace=False).tolist())
+        val_pairs = [p for i, p in enumerate(pairs) if i in held]
+        pairs = [p for i, p in enumerate(pairs) if i not in held]
+        log("validation scenes held out: " + ", ".join(p.image.name for p in val_pairs))
+    train = load(pairs)
+    val = load(val_pairs)
+    radiometry = measure([s.image for s in train], [s.labels != IGNORE for s in train])
+    if cfg.harmonise:
+        for s in train + val:
+            harmonise_scene(s, radiometry)
+    labelled = sum(int((s.labels != IGNORE).sum()) for s in train)
+    village = sum(int((s.labels == 1).sum()) for s in train)
+    log(f"training on {len(train)} scenes ({labelled / 1e6:.2f} Mpx labelled, {100 * village / max(labelled, 1):.1f}% "
+        f"village) at {gsd:.3f} m/px; {len(val)} validation scenes")
+    if village == 0:
+        raise InputError("the training labels hold no village pixel", cfg.labels)
+    return PreparedData(train, val, gsd, radiometry, [s.stretch.to_dict() for s in train])
+
+
+def build_model(cfg: TrainConfig, gsd_m: float, log=print) -> tuple[UVSAM, dict]:
+    if cfg.checkpoint:
+        from uvsam.checkpoint import load_generalist
+
+        generalist = load_generalist(cfg.encoder, cfg.checkpoint)
+        digest = sha256_file(cfg.checkpoint)
+        generalist.weights_sha256 = digest
+        source = {"encoder": cfg.encoder, "sha256": digest, "source": "file", "file": Path(cfg.checkpoint).name}
+    else:
+        log(f"warning: no --checkpoint: the {cfg.encoder} generalist has random weights; the UV-SAM path is "
+            "only meaningful with its official weights")
+        torch.manual_seed(cfg.seed)
+        generalist = build_generalist(cfg.encoder)
+        source = {"encoder": cfg.encoder, "sha256": None, "source": "random", "file": None}
+    config = UVSAMConfig(encoder=cfg.encoder, specialist=cfg.specialist, fusion=cfg.fusion,
+                         specialist_input=cfg.specialist_input, lcn_sigma_m=cfg.lcn_sigma_m,
+                         tune_decoder=cfg.tune_decoder, ladder=cfg.ladder, gsd_m=gsd_m,
+                         min_area_m2=cfg.min_area_m2)
+    torch.manual_seed(cfg.seed)
+    specialist = Specialist(cfg.specialist)
+    if cfg.mit_weights:
+        load_mit_weights(specialist, cfg.mit_weights)
+    return UVSAM(config, specialist, generalist), source
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights (norm statistics stay the live ones).
+
+    Across a season or sensor shift the last weights of a small model swing from step to
+    step; their running average is a flatter, steadier solution. Validation and the model
+    file use the average; resuming restores both.
+    """
+
+    def __init__(self, model: UVSAM, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: UVSAM) -> None:
+        params = dict(model.named_parameters())
+        for n in self.names:
+            self.shadow[n].lerp_(params[n].detach(), 1 - self.decay)
+
+    def swap(self, model: UVSAM) -> None:
+        """Exchange the model's weights with the average (call twice to restore)."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in self.names:
+                tmp = params[n].detach().clone()
+                params[n].copy_(self.shadow[n])
+                self.shadow[n] = tmp
+
+
+class EmbeddingStore:
+    """In-memory cache of the frozen generalist's embeddings of the fixed views."""
+
+    def __init__(self):
+        self.store: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def get(self, model: UVSAM, views: list[View], images: torch.Tensor) -> torch.Tensor:
+        todo = [i for i, v in enumerate(views) if v.key() not in self.store]
+        self.misses += len(todo)
+        self.hits += len(views) - len(todo)
+        if todo:
+            fresh = model.frozen_embeddings(images[todo])
+            for i, e in zip(todo, fresh, strict=True):
+                self.store[views[i].key()] = e.to(torch.bfloat16)  # half the memory, ample precision
+        return torch.stack([self.store[v.key()].float() for v in views])
+
+
+def validate(model: UVSAM, scenes: list[SceneArrays], full: bool, window: int) -> dict[str, dict]:
+    counts = {"specialist": SegmentationCounts()}
+    if full:
+        counts["uvsam"] = SegmentationCounts()
+    for s in scenes:
+        pred = predict_scene(model, s.image, s.labels != IGNORE, window=window, full=full)
+        counts["specialist"].update(pred.specialist, s.labels)
+        if full:
+            counts["uvsam"].update(pred.uvsam, s.labels)
+    return {k: c.summary() for k, c in counts.items()}
+
+
+class _Progress:
+    """One line on a terminal (loss, speed, ETA); a line per epoch otherwise."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.done, self.t0, self.start = total, done, time.monotonic(), done
+        self.tty = sys.stderr.isatty()
+
+    def step(self, epoch: int, loss: float) -> None:
+        self.done += 1
+        if not self.tty:
+            return
+        rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
+        eta = (self.total - self.done) / max(rate, 1e-9)
+        sys.stderr.write(f"\repoch {epoch + 1} step {self.done}/{self.total} loss {loss:.4f} "
+                         f"{rate:.2f} it/s ETA {int(eta // 60)}m{int(eta % 60):02d}s ")
+        sys.stderr.flush()
+
+    def end_epoch(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _flatten(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if isinstance(v, float | int)}
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | None = None) -> dict:
+    """Run (or resume) a training; returns the last epoch's row of metrics.
+
+    ``stop_after``: return after that many epochs (as an interrupted run would).
+    """
+    out = Path(cfg.out)
+    if not out.parent.is_dir():
+        raise InputError("output folder does not exist", out.parent)
+    payload = None
+    if resume:
+        if not out.exists():
+            raise InputError("--resume: there is no model file to resume", out)
+        payload = read_model_file(out)
+        if "training" not in payload:
+            raise InputError("--resume: the model file holds no training state", out)
+        before = TrainConfig.from_dict(payload["training"]["config"])
+        changed = [f.name for f in fields(cfg) if f.name not in RESUMABLE
+                   and getattr(before, f.name) != getattr(cfg, f.name)]
+        if changed:
+            raise InputError(f"--resume with different settings ({', '.join(changed)}); start a new run instead", out)
+    elif out.exists():
+        raise InputError("exists; give --resume to continue its training, or another --out", out)
+
+    data = prepare_data(cfg, log)
+    model, generalist_meta = build_model(cfg, data.gsd_m, log)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * cfg.steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total))
+    history: list[dict] = []
+    step_rows: list[dict] = []
+    start = 0
+    if payload is not None:
+        model.load_state_dict(payload["state"], strict=False)
+        if "raw" in payload["training"]:  # the file's weights are the average; training goes on from these
+            model.load_state_dict(payload["training"]["raw"], strict=False)
+        opt.load_state_dict(payload["training"]["optimizer"])
+        sched.load_state_dict(payload["training"]["scheduler"])
+        history = list(payload["training"]["history"])
+        step_rows = list(payload["training"].get("steps", []))
+        start = int(payload["training"]["epoch"]) + 1
+        log(f"resuming at epoch {start + 1}/{cfg.epochs}")
+    metrics_csv = out.with_suffix(".metrics.csv")
+    steps_csv = out.with_suffix(".steps.csv")
+    tb = _tensorboard(out)
+
+    n_pool = cfg.views_per_scene * len(data.train)
+    pool_rng = np.random.default_rng([cfg.seed, 7])
+    pool = [random_view(pool_rng, data.train, cfg.crop) for _ in range(n_pool)]
+    store = EmbeddingStore()
+    average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+    if average is not None and payload is not None and "average" in payload["training"]:
+        average.shadow = dict(payload["training"]["average"])
+    weights = LossWeights(sam=cfg.sam_weight)
+    progress = _Progress(total, start * cfg.steps_per_epoch)
+    meta = {"generalist": generalist_meta, "gsd_m": data.gsd_m, "radiometry": data.radiometry.to_dict(),
+            "harmonise": cfg.harmonise, "normalisation": cfg.normalisation, "stretch": data.stretch,
+            "bands": list(cfg.bands) if cfg.bands else None, "uvsam_version": __version__,
+            "torch_version": str(torch.__version__), "train_config": cfg.to_dict()}
+
+    for epoch in range(start, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
+        rng = np.random.default_rng([cfg.seed, epoch])
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path
+        sam_on = cfg.sam_weight > 0 and epoch >= cfg.epochs - cfg.sam_epochs
+        model.train()
+        t0 = time.monotonic()
+        sums: dict[str, float] = {}
+        for step in range(cfg.steps_per_epoch):
+            if sam_on:
+                views = [pool[i] for i in rng.integers(len(pool), size=cfg.batch_size)]
+            else:
+                views = [random_view(rng, data.train, cfg.crop) for _ in range(cfg.batch_size)]
+            rendered = [render(v, data.train, cfg.crop) for v in views]
+            images = torch.stack([r[0] for r in rendered])
+            labels = torch.stack([r[1] for r in rendered])
+            spec_images = photometric(images, gen)
+            if sam_on:
+                emb = store.get(model, views, images)
+                parts = uvsam_loss(model(images, frozen_embeddings=emb, specialist_images=spec_images), labels, weights)
+            else:
+                logits, _ = model.run_specialist(spec_images)
+                ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE)
+                parts = {"total": ce, "ce": ce}
+            if not torch.isfinite(parts["total"]):
+                raise RuntimeError(f"training diverged at epoch {epoch + 1} step {step + 1} (loss {parts['total']})")
+            opt.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if average is not None:
+                average.update(model)
+            row = {k: float(v.detach()) for k, v in parts.items()}
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + v
+            gstep = epoch * cfg.steps_per_epoch + step
+            step_rows.append({"epoch": epoch + 1, "step": gstep + 1, "lr": sched.get_last_lr()[0],
+                              "sam_path": int(sam_on), **{f"loss_{k}": v for k, v in row.items()}})
+            if tb is not None:
+                tb.add_scalar("loss/total", row["total"], gstep)
+            progress.step(epoch, row["total"])
+        progress.end_epoch()
+        epoch_row = {"epoch": epoch + 1, "sam_path": int(sam_on), "seconds": round(time.monotonic() - t0, 2),
+                     "lr": sched.get_last_lr()[0],
+                     **{f"train_{k}": v / cfg.steps_per_epoch for k, v in sums.items()},
+                     "embeddings_cached": len(store.store)}
+        if average is not None:
+            average.swap(model)  # validate and save the average
+        if data.val:
+            results = validate(model, data.val, full=sam_on, window=cfg.val_window)
+            for name, m in results.items():
+                epoch_row.update(_flatten(f"val_{name}", m))
+                if tb is not None:
+                    tb.add_scalar(f"val/{name}_iou", m["iou"], epoch + 1)
+        history.append(epoch_row)
+        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in epoch_row.items()
+                     if k in ("epoch", "seconds", "train_total", "train_ce", "train_sam", "val_specialist_iou",
+                              "val_uvsam_iou")))
+        training = {"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "history": json.loads(json.dumps(history)), "steps": step_rows, "config": cfg.to_dict()}
+        if average is not None:
+            average.swap(model)  # back to the raw weights, which training (and --resume) continues
+            training["raw"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            training["average"] = {n: v.clone() for n, v in average.shadow.items()}
+            average.swap(model)
+        save_model(out, model, {**meta, "epoch": epoch + 1, "history": history}, training=training)
+        if average is not None:
+            average.swap(model)
+        _write_csv(metrics_csv, history)
+        _write_csv(steps_csv, step_rows)
+    if tb is not None:
+        tb.close()
+    return history[-1] if history else {}
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out.with_suffix(".tb")))
