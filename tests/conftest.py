@@ -31,6 +31,19 @@ def beijing_mask(data_dir) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def beijing(data_dir, tmp_path_factory) -> Path:
+    """The Beijing train and val tiles georeferenced by `uvsam import-xyz` (EPSG:3857 GeoTIFFs):
+    ``train/images``, ``train/masks``, ``train/images.vrt`` and the same under ``val/``."""
+    from tiles.xyz import import_xyz
+
+    root = tmp_path_factory.mktemp("beijing")
+    for split in ("train", "val"):
+        import_xyz(data_dir / f"beijing-uv/image/{split}", 17, root / split,
+                   masks_dir=data_dir / f"beijing-uv/mask/{split}")
+    return root
+
+
+@pytest.fixture(scope="session")
 def mobile_sam_ckpt(tmp_path_factory) -> Path:
     """A mobile_sam checkpoint with random weights, saved in the official (flat) layout."""
     import torch

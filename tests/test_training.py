@@ -23,18 +23,6 @@ from uvsam.train import TrainConfig, lr_factor, train
 GSD = 3.7  # metres: the 1024 px Beijing tiles become ~256 px, so CPU steps are quick
 
 
-@pytest.fixture(scope="module")
-def beijing(data_dir, tmp_path_factory):
-    """The Beijing train and val tiles georeferenced by `uvsam import-xyz` (EPSG:3857 GeoTIFFs)."""
-    from tiles.xyz import import_xyz
-
-    root = tmp_path_factory.mktemp("beijing")
-    for split in ("train", "val"):
-        import_xyz(data_dir / f"beijing-uv/image/{split}", 17, root / split,
-                   masks_dir=data_dir / f"beijing-uv/mask/{split}")
-    return root
-
-
 def _cfg(beijing, out, **kw) -> TrainConfig:
     base = dict(images=str(beijing / "train/images"), labels=str(beijing / "train/masks"), out=str(out),
                 encoder="mobile_sam", gsd_m=GSD, crop=64, batch_size=4, epochs=2, steps_per_epoch=4,

@@ -135,10 +135,12 @@ class RasterSource:
                 width, height = max(1, math.ceil(width / fx)), max(1, math.ceil(height / fy))
         if dst_crs == src.crs and (transform, width, height) == (src.transform, src.width, src.height):
             return src
-        has_mask = src.nodata is not None or any(flags != [MaskFlags.all_valid] for flags in src.mask_flag_enums)
+        # Without a nodata value the warped view carries validity in an alpha band, built by
+        # GDAL's warper from the source's own mask (internal mask, alpha, or a VRT's mask band)
+        # and from the edges of the source footprint.
         self._vrt = WarpedVRT(
             src, crs=dst_crs, transform=transform, width=width, height=height,
-            resampling=Resampling[self.options.resampling], add_alpha=not has_mask,
+            resampling=Resampling[self.options.resampling], add_alpha=src.nodata is None,
         )
         return self._vrt
 

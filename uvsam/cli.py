@@ -154,6 +154,45 @@ def _known_encoder(name: str) -> str:
     return get_spec(name).name
 
 
+@app.command()
+def predict(
+    scenes: Annotated[list[str], typer.Argument(help="Rasters, VRTs, folders or globs.")],
+    model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
+    out: Annotated[Path, typer.Option(help="Output: villages.gpkg (or .geojson/.parquet/.fgb with --format).")],
+    layer: Annotated[str, typer.Option(help="Villages layer name (one per year); other layers are kept.")] = "villages",
+    fmt: Annotated[str, typer.Option("--format", help="gpkg, geojson, parquet or fgb.")] = "gpkg",
+    crs: Annotated[str | None, typer.Option(help="Reproject the layers to this CRS (default: the scene's).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
+    refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = True,
+    tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = 512,
+    overlap: Annotated[int, typer.Option(help="Tile overlap (px).")] = 256,
+    threshold: Annotated[float, typer.Option(help="Village probability threshold.")] = 0.5,
+    min_area: Annotated[float, typer.Option(help="Smallest village or hole kept (m^2).")] = 2500.0,
+    simplify: Annotated[float | None, typer.Option(help="Simplification tolerance (m); default: the GSD.")] = None,
+    acquired: Annotated[str | None, typer.Option(help="Acquisition date of the imagery (YYYY-MM-DD).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local Dask workers (default: sized to the machine).")] = None,
+    local: Annotated[bool, typer.Option(help="Run in this process, without Dask.")] = False,
+):
+    """Village polygons for whole scenes: specialist mosaic, candidates, generalist refinement."""
+    from uvsam.predict import PredictConfig, model_info, run_prediction
+
+    cfg = PredictConfig(tile=tile, overlap=overlap, threshold=threshold, refine=refine, min_area_m2=min_area,
+                        simplify_m=simplify, acquired=acquired)
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    if local:
+        summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log)
+    else:
+        from uvsam.distributed import dask_runner, make_client, register_model
+
+        info = model_info(model, checkpoint)
+        with make_client(scheduler, workers) as client:
+            register_model(client, info)
+            summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint,
+                                     runner=dask_runner(client), log=log)
+    typer.echo(json.dumps(summary))
+
+
 @app.command("import-xyz")
 def import_xyz_cmd(
     images: Annotated[Path, typer.Argument(help="Folder of {y}_{x}.png XYZ images.")],

@@ -169,14 +169,10 @@ class UVSAM(nn.Module):
         logits, feature = self.run_specialist(images if specialist_images is None else specialist_images)
         emb = self.embeddings(images, frozen_embeddings)
         semantic = semantic_prompts(emb, feature)
-        use_mask_prompt = self.config.mask_prompt and self.generalist.spec.decoder == "sam"
-        dense = self.dense_prompt(logits) if use_mask_prompt else None
-        h, w = images.shape[-2:]
-        sx, sy = self.generalist.prompt_scale(h, w)
-        scale = torch.tensor([sx, sy, sx, sy], device=images.device)
+        dense = self.dense_prompt(logits) if self.uses_mask_prompt else None
         pred = logits.argmax(1).cpu().numpy().astype(bool)
         gsd = self.config.gsd_m if gsd_m is None else gsd_m
-        villages = []
+        found, large_sets = [], []
         for b in range(images.shape[0]):
             vb = village_boxes(pred[b], gsd, self.config.min_area)
             large = vb.large.copy()
@@ -185,19 +181,48 @@ class UVSAM(nn.Module):
                 keep = np.argsort(-np.where(large, areas, -1))[: self.config.max_villages]
                 large = np.zeros_like(large)
                 large[keep] = True
-            boxes = torch.from_numpy(vb.boxes[large]).to(images.device)
-            if len(boxes) == 0:
-                empty = logits.new_zeros((0, 1, h, w))
-                villages.append(ImageVillages(vb.boxes, large, vb.labels, empty, logits.new_zeros(0)))
+            found.append(vb)
+            large_sets.append(large)
+        decoded = self.decode_boxes(images.shape[-2:], logits, semantic, emb,
+                                    [vb.boxes[large] for vb, large in zip(found, large_sets, strict=True)], dense)
+        villages = [ImageVillages(vb.boxes, large, vb.labels, masks, iou)
+                    for vb, large, (masks, iou) in zip(found, large_sets, decoded, strict=True)]
+        return UVSAMOutput(logits, villages)
+
+    @property
+    def uses_mask_prompt(self) -> bool:
+        return self.config.mask_prompt and self.generalist.spec.decoder == "sam"
+
+    def decode_boxes(self, size: tuple[int, int], logits: torch.Tensor, semantic: torch.Tensor,
+                     emb: torch.Tensor, boxes: list[np.ndarray],
+                     dense: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode the (M_b, 4) XYXY pixel boxes of each image, all boxes of an image in one call.
+
+        Returns per image the (M_b, 1, H, W) mask logits and (M_b,) predicted IoU.
+        """
+        h, w = size
+        sx, sy = self.generalist.prompt_scale(h, w)
+        scale = torch.tensor([sx, sy, sx, sy], device=emb.device)
+        out = []
+        for b, bx in enumerate(boxes):
+            if len(bx) == 0:
+                out.append((logits.new_zeros((0, 1, h, w)), logits.new_zeros(0)))
                 continue
+            t = torch.as_tensor(np.asarray(bx, np.float32), device=emb.device)
             low, iou = self.generalist.decode(
-                emb[b : b + 1], boxes=boxes * scale,
-                mask_logits=None if dense is None else dense[b : b + 1].expand(len(boxes), -1, -1, -1),
+                emb[b : b + 1], boxes=t * scale,
+                mask_logits=None if dense is None else dense[b : b + 1].expand(len(t), -1, -1, -1),
                 fuse_sparse=lambda s, sem=semantic[b : b + 1]: self.fusion(s, sem),
             )
-            masks = self.generalist.postprocess_masks(low, h, w)
-            villages.append(ImageVillages(vb.boxes, large, vb.labels, masks, iou[:, 0]))
-        return UVSAMOutput(logits, villages)
+            out.append((self.generalist.postprocess_masks(low, h, w), iou[:, 0]))
+        return out
+
+    def refine(self, images: torch.Tensor, boxes: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The generalist's masks for given village boxes (city-scale refinement windows)."""
+        logits, feature = self.run_specialist(images)
+        emb = self.embeddings(images)
+        dense = self.dense_prompt(logits) if self.uses_mask_prompt else None
+        return self.decode_boxes(images.shape[-2:], logits, semantic_prompts(emb, feature), emb, boxes, dense)
 
     @staticmethod
     def combine(out: UVSAMOutput) -> torch.Tensor:

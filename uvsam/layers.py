@@ -1,0 +1,115 @@
+"""Village layers on disk: a GeoPackage for GIS users (or GeoJSON / GeoParquet / FlatGeobuf).
+
+The GeoPackage holds the villages layer (``--layer``, one per year), its ``candidates`` (the
+specialist's villages before refinement) and ``tiles`` (the grid, with status), a ``runs``
+table (configuration, versions, weights hashes, normalisation of every run) and a default QGIS
+style in ``layer_styles``. A file is never written in place: the new content goes to a copy
+that replaces the original only when complete, so other layers (other years) are untouched and
+an interrupted run leaves the previous file as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+import pyogrio
+
+from uvsam.errors import InputError
+from uvsam.files import atomic_path
+
+FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "parquet": None, "fgb": "FlatGeobuf"}
+
+VILLAGE_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.28.0" styleCategories="Symbology|Labeling">
+ <renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" forceraster="0">
+  <symbols>
+   <symbol type="fill" name="0" alpha="1" clip_to_extent="1" force_rhr="0">
+    <layer class="SimpleFill" enabled="1" locked="0" pass="0">
+     <Option type="Map">
+      <Option type="QString" name="color" value="228,26,28,90"/>
+      <Option type="QString" name="outline_color" value="228,26,28,255"/>
+      <Option type="QString" name="outline_style" value="solid"/>
+      <Option type="QString" name="outline_width" value="0.6"/>
+      <Option type="QString" name="outline_width_unit" value="MM"/>
+      <Option type="QString" name="style" value="solid"/>
+     </Option>
+    </layer>
+   </symbol>
+  </symbols>
+ </renderer-v2>
+ <labeling type="simple">
+  <settings calloutType="simple">
+   <text-style fieldName="round(area_m2 / 10000, 1) || ' ha'" isExpression="1" fontSize="8" textColor="50,50,50,255"/>
+  </settings>
+ </labeling>
+</qgis>
+"""
+
+
+def _style_row(layer: str) -> dict:
+    return {"f_table_catalog": "", "f_table_schema": "", "f_table_name": layer, "f_geometry_column": "geometry",
+            "styleName": f"{layer} (uvsam)", "styleQML": VILLAGE_QML, "styleSLD": "", "useAsDefault": True,
+            "description": "uvsam default: villages in red, labelled with their area in hectares",
+            "owner": "uvsam", "ui": "", "update_time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _table(path: Path, layer: str) -> pd.DataFrame | None:
+    if path.exists() and layer in [row[0] for row in pyogrio.list_layers(path)]:
+        return pyogrio.read_dataframe(path, layer=layer, read_geometry=False)
+    return None
+
+
+def companion(layer: str, kind: str) -> str:
+    """Name of the candidates / tiles layer that goes with villages layer ``layer``."""
+    return kind if layer == "villages" else f"{layer}_{kind}"
+
+
+def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidates: gpd.GeoDataFrame,
+                     tiles: gpd.GeoDataFrame, run: dict) -> None:
+    """Write (or replace) ``layer`` and its companions in ``out``; other layers are kept."""
+    out = Path(out)
+    if layer in ("runs", "layer_styles", "candidates", "tiles") or layer.endswith(("_candidates", "_tiles")):
+        raise InputError(f"--layer {layer!r} is a reserved name", out)
+    if out.exists():
+        try:
+            pyogrio.list_layers(out)
+        except Exception as e:  # noqa: BLE001 - not a GeoPackage GDAL can open
+            raise InputError(f"exists but is not a readable GeoPackage ({str(e).splitlines()[0][:120]}); "
+                             "give another --out", out) from None
+    runs = _table(out, "runs")
+    styles = _table(out, "layer_styles")
+    run_row = pd.DataFrame([{k: v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v)
+                             for k, v in run.items()}])
+    runs = run_row if runs is None else pd.concat([runs, run_row], ignore_index=True)
+    style = pd.DataFrame([_style_row(layer)])
+    if styles is not None:
+        styles = styles[styles["f_table_name"] != layer]
+        style = pd.concat([styles, style], ignore_index=True)
+    with atomic_path(out) as tmp:
+        if out.exists():
+            shutil.copyfile(out, tmp)
+        else:
+            tmp.unlink()
+        pyogrio.write_dataframe(villages, tmp, layer=layer, driver="GPKG")
+        pyogrio.write_dataframe(candidates, tmp, layer=companion(layer, "candidates"), driver="GPKG")
+        pyogrio.write_dataframe(tiles, tmp, layer=companion(layer, "tiles"), driver="GPKG")
+        pyogrio.write_dataframe(runs, tmp, layer="runs", driver="GPKG")
+        pyogrio.write_dataframe(style, tmp, layer="layer_styles", driver="GPKG")
+
+
+def write_vector(out: Path, fmt: str, villages: gpd.GeoDataFrame) -> None:
+    """The villages alone as GeoJSON (always WGS84), GeoParquet or FlatGeobuf."""
+    if fmt not in FORMATS or fmt == "gpkg":
+        raise InputError(f"--format {fmt!r}: use gpkg, geojson, parquet or fgb")
+    with atomic_path(out) as tmp:
+        if fmt == "parquet":
+            villages.to_parquet(tmp)
+        else:
+            data = villages.to_crs("EPSG:4326") if fmt == "geojson" else villages
+            tmp.unlink()
+            pyogrio.write_dataframe(data, tmp, driver=FORMATS[fmt])

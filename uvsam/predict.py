@@ -1,0 +1,465 @@
+"""City-scale prediction: a scene on disk -> village polygons, object-aware so no village is cut.
+
+1. **specialist** over overlapping tiles of the scene at the model's GSD (read, normalised and
+   harmonised as in training), its village probabilities blended into a mosaic (a COG);
+2. **candidates**: the thresholded mosaic polygonised block by block, pieces merged across
+   blocks (they share exact pixel edges);
+3. **refinement**: each candidate large enough for the generalist gets a window centred on it
+   (large candidates several overlapping windows); all candidates of a window are decoded in
+   one batched call; the pieces of a candidate are merged;
+4. **polygons**: simplified in metres, small villages and holes dropped, measured in a local
+   equal-area projection.
+
+Work runs as plain functions on a Dask cluster (:mod:`uvsam.distributed`): tile batches and
+refinement windows are tasks; each worker loads the model once. The same functions run in
+process for tests and small scenes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+from affine import Affine
+from pyproj import CRS, Transformer
+from rasterio.features import geometry_mask
+from rasterio.windows import Window
+
+from tiles.grid import Tile
+from tiles.plan import TilingConfig, plan
+from tiles.radiometry import Stretch
+from tiles.reader import RasterSource, ReadOptions
+from tiles.stitch import Stitcher
+from uvsam.errors import InputError
+from uvsam.harmonise import Radiometry, histogram_match, measure
+from uvsam.polygons import clean, merge, polygonise
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How a scene is predicted (all sizes in pixels at the model's GSD unless named _m/_m2)."""
+
+    tile: int = 512
+    overlap: int = 256  # half a tile: measured to halve the disagreement of shifted grids (issue 5 note)
+    batch_size: int = 4
+    threshold: float = 0.5
+    refine: bool = True
+    window: int = 512
+    window_margin: int = 32
+    min_area_m2: float = 2500.0
+    simplify_m: float | None = None  # None: the model's GSD
+    block_rows: int = 2048
+    acquired: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the workers need to know of the model to prepare inputs (picklable, small)."""
+
+    path: str
+    checkpoint: str | None
+    gsd_m: float
+    normalisation: str
+    bands: tuple[int, ...] | None
+    harmonise: bool
+    radiometry: dict
+    sha256: str
+    min_area_m2: float
+
+
+@dataclass(frozen=True)
+class ScenePrep:
+    """A scene as every tile of it is read: options, normalisation and harmonisation map."""
+
+    path: str
+    read: ReadOptions
+    stretch: dict
+    source_radiometry: dict | None
+    crs: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
+
+    @property
+    def affine(self) -> Affine:
+        return Affine(*self.transform[:6])
+
+
+# -- the model on a worker --------------------------------------------------------------------
+_MODELS: dict[tuple[str, str | None], object] = {}
+
+
+def get_model(info: ModelInfo):
+    """The model, loaded once per process (a Dask worker plugin preloads it)."""
+    key = (info.path, info.checkpoint)
+    if key not in _MODELS:
+        from uvsam.modelfile import load_model
+
+        _MODELS[key] = load_model(info.path, info.checkpoint)[0]
+    return _MODELS[key]
+
+
+def model_info(path: str | Path, checkpoint: str | Path | None = None) -> ModelInfo:
+    from uvsam.files import sha256_file
+    from uvsam.modelfile import read_model_file
+    from uvsam.modeling.uvsam import UVSAMConfig
+
+    payload = read_model_file(path)
+    meta = payload["meta"]
+    config = UVSAMConfig.from_dict(payload["config"])
+    return ModelInfo(str(path), str(checkpoint) if checkpoint else None, float(meta["gsd_m"]),
+                     meta.get("normalisation", "auto"), tuple(meta["bands"]) if meta.get("bands") else None,
+                     bool(meta.get("harmonise")), meta["radiometry"], sha256_file(path), config.min_area)
+
+
+# -- 1. specialist tiles ----------------------------------------------------------------------
+def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
+    """The tiling plan and the per-scene preparation (stretch, radiometry) of one scene."""
+    read = ReadOptions(info.bands, info.gsd_m)
+    scene = plan(path, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read))
+    source_radiometry = None
+    if info.harmonise:
+        with RasterSource(path, read) as src:
+            data, valid = src.read_overview(1_000_000)
+        img = _to_rgb(scene.stretch.apply(data, valid) * 255.0)
+        source_radiometry = measure([img], [valid]).to_dict()
+    src = scene.source
+    prep = ScenePrep(str(path), read, scene.stretch.to_dict(), source_radiometry, src["crs"],
+                     tuple(src["transform"]), src["width"], src["height"])
+    return scene, prep
+
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    if img.shape[0] == 1:
+        return np.repeat(img, 3, axis=0)
+    return img[:3]
+
+
+def read_tile(prep: ScenePrep, info: ModelInfo, window: Window, src: RasterSource) -> tuple[np.ndarray, np.ndarray]:
+    """(3, h, w) 0..255 harmonised image and (h, w) validity of a window.
+
+    Invalid pixels (nodata, outside the scene) take the training imagery's median colour: a
+    flat, neutral fill, the same in every tile, instead of black edges the model would react to.
+    """
+    data, valid = src.read(window)
+    img = _to_rgb(Stretch.from_dict(prep.stretch).apply(data, valid) * 255.0)
+    reference = Radiometry.from_dict(info.radiometry)
+    if prep.source_radiometry is not None:
+        img = histogram_match(img, Radiometry.from_dict(prep.source_radiometry), reference, valid)
+    if not valid.all():
+        median = np.array([q[len(q) // 2] for q in reference.quantiles[:3]], np.float32)
+        img[:, ~valid] = median[:, None]
+    return img, valid
+
+
+def specialist_batch(prep: ScenePrep, info: ModelInfo, windows: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+    """Village probability (size, size) float32 of each tile window (col, row, w, h); NaN where invalid."""
+    import torch
+
+    model = get_model(info)
+    with RasterSource(prep.path, prep.read) as src:
+        tiles = [read_tile(prep, info, Window(*w), src) for w in windows]
+    x = torch.from_numpy(np.stack([t[0] for t in tiles]))
+    with torch.inference_mode():
+        logits, _ = model.run_specialist(x)
+        prob = torch.softmax(logits, 1)[:, 1].numpy()
+    out = []
+    for p, (_, valid) in zip(prob, tiles, strict=True):
+        p = p.astype(np.float32)
+        p[~valid] = np.nan
+        out.append(p)
+    return out
+
+
+# -- 2. candidates ----------------------------------------------------------------------------
+def candidates_from_mosaic(mosaic: Path, threshold: float, block_rows: int) -> list:
+    """Polygons (scene CRS) of the mosaic's pixels >= threshold, extracted block by block and merged."""
+    pieces = []
+    with rasterio.open(mosaic) as ds:
+        for r0 in range(0, ds.height, block_rows):
+            win = Window(0, r0, ds.width, min(block_rows, ds.height - r0))
+            prob = ds.read(1, window=win)
+            mask = np.nan_to_num(prob, nan=0.0) >= threshold
+            pieces += polygonise(mask, ds.window_transform(win))
+    return merge(pieces)
+
+
+# -- 3. refinement windows --------------------------------------------------------------------
+@dataclass
+class RefineWindow:
+    """A square window (col, row, size) in scene pixels and the candidates decoded in it, with
+    each candidate's box clipped to the window (window pixels, XYXY)."""
+
+    col: int
+    row: int
+    size: int
+    members: list[int] = field(default_factory=list)
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+
+
+def plan_windows(boxes_px: np.ndarray, size: int, margin: int) -> list[RefineWindow]:
+    """Windows centred on candidates; candidates inside a window's interior share it.
+
+    A candidate whose box exceeds ``size - 2 * margin`` gets a grid of windows overlapping by
+    half, covering the box. Placement depends only on the candidates, never on the tile grid.
+    """
+    inner = size - 2 * margin
+    windows: list[RefineWindow] = []
+    order = np.argsort(-(boxes_px[:, 2] - boxes_px[:, 0]) * (boxes_px[:, 3] - boxes_px[:, 1]), kind="stable")
+    for i in order:
+        x0, y0, x1, y1 = boxes_px[i]
+        if x1 - x0 <= inner and y1 - y0 <= inner:
+            host = next((w for w in windows if w.col + margin <= x0 and x1 <= w.col + size - margin
+                         and w.row + margin <= y0 and y1 <= w.row + size - margin), None)
+            if host is None:
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                host = RefineWindow(int(math.floor(cx - size / 2)), int(math.floor(cy - size / 2)), size)
+                windows.append(host)
+            host.members.append(int(i))
+            host.boxes.append((x0 - host.col, y0 - host.row, x1 - host.col, y1 - host.row))
+            continue
+        step = size // 2
+        nx = max(1, math.ceil((x1 - x0 - size) / step) + 1)
+        ny = max(1, math.ceil((y1 - y0 - size) / step) + 1)
+        cx0 = (x0 + x1) / 2 - ((nx - 1) * step + size) / 2
+        cy0 = (y0 + y1) / 2 - ((ny - 1) * step + size) / 2
+        for a in range(ny):
+            for b in range(nx):
+                w = RefineWindow(int(math.floor(cx0 + b * step)), int(math.floor(cy0 + a * step)), size)
+                clip = (max(x0 - w.col, 0), max(y0 - w.row, 0), min(x1 - w.col, size), min(y1 - w.row, size))
+                w.members.append(int(i))
+                w.boxes.append(clip)
+                windows.append(w)
+    return windows
+
+
+def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin: int) -> list[bytes]:
+    """The generalist's mask of each member candidate, as WKB polygons (scene CRS).
+
+    A candidate's piece is kept within its box grown by ``margin`` pixels (the generalist
+    draws the boundary, it does not annex the neighbourhood); pieces from several windows are
+    merged by the caller.
+    """
+    import torch
+
+    model = get_model(info)
+    win = Window(window.col, window.row, window.size, window.size)
+    with RasterSource(prep.path, prep.read) as src:
+        img, valid = read_tile(prep, info, win, src)
+    with torch.inference_mode():
+        (masks, _), = model.refine(torch.from_numpy(img)[None], [np.asarray(window.boxes, np.float32)])
+    transform = prep.affine * Affine.translation(window.col, window.row)
+    out = []
+    for k, (x0, y0, x1, y1) in enumerate(window.boxes):
+        mask = (masks[k, 0] > 0).numpy() & valid
+        keep = np.zeros_like(mask)
+        r0, c0 = max(0, int(y0) - margin), max(0, int(x0) - margin)
+        keep[r0 : int(math.ceil(y1)) + margin, c0 : int(math.ceil(x1)) + margin] = True
+        polys = polygonise(mask & keep, transform)
+        out.append(shapely.to_wkb(shapely.union_all(polys)) if polys else b"")
+    return out
+
+
+# -- 4. assembling ----------------------------------------------------------------------------
+def village_id(scene_name: str, polygon, crs) -> str:
+    """A stable id: the scene name and the polygon's representative point to 1e-5 degree."""
+    pt = polygon.representative_point()
+    lon, lat = Transformer.from_crs(CRS.from_user_input(crs), "EPSG:4326", always_xy=True).transform(pt.x, pt.y)
+    digest = hashlib.sha1(f"{scene_name}|{lon:.5f}|{lat:.5f}".encode()).hexdigest()[:12]
+    return f"{Path(scene_name).stem}-{digest}"
+
+
+def mean_probability(mosaic: Path, polygons: list) -> np.ndarray:
+    out = np.zeros(len(polygons))
+    with rasterio.open(mosaic) as ds:
+        for i, p in enumerate(polygons):
+            win = rasterio.windows.from_bounds(*p.bounds, transform=ds.transform).round_offsets().round_lengths()
+            win = win.intersection(Window(0, 0, ds.width, ds.height))
+            prob = ds.read(1, window=Window(win.col_off, win.row_off, max(1, win.width), max(1, win.height)))
+            inside = geometry_mask([p], prob.shape, ds.window_transform(win), invert=True, all_touched=True)
+            vals = prob[inside & np.isfinite(prob)]
+            out[i] = float(vals.mean()) if vals.size else float("nan")
+    return out
+
+
+def tile_windows(scene) -> list[tuple[Tile, tuple[int, int, int, int]]]:
+    return [(t, (int(t.window.col_off), int(t.window.row_off), int(t.window.width), int(t.window.height)))
+            for t in scene.tiles]
+
+
+def batches(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+Runner = Callable[[Callable, Iterable[tuple]], Iterator]
+
+
+def run_local(fn: Callable, arg_list: Iterable[tuple]) -> Iterator:
+    """Run tasks in this process, in order (the runner used without a cluster)."""
+    for args in arg_list:
+        yield fn(*args)
+
+
+@dataclass
+class SceneResult:
+    villages: list  # polygons, scene CRS
+    refined: list[bool]
+    candidates: list
+    mean_prob: np.ndarray
+    tiles: list[dict]
+    crs: str
+    mosaic: Path
+
+
+def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir: Path,
+                  runner: Runner = run_local) -> SceneResult:
+    """Run the four steps on one scene; the probability mosaic is written into ``workdir``."""
+    path = Path(path)
+    scene, prep = prepare_scene(path, info, cfg)
+    if prep.crs is None:
+        raise InputError("raster has no CRS; village polygons need georeferenced imagery", path)
+    mosaic = workdir / f"{path.stem}.probability.tif"
+    jobs = tile_windows(scene)
+    tile_rows = []
+    with Stitcher(mosaic, scene.grid, channels=1, dtype="float32", crs=prep.crs, nodata=float("nan"),
+                  driver="COG") as stitcher:
+        groups = list(batches(jobs, cfg.batch_size))
+        results = runner(specialist_batch, ((prep, info, [w for _, w in g]) for g in groups))
+        for group, probs in zip(groups, results, strict=True):
+            for (tile, _), p in zip(group, probs, strict=True):
+                stitcher.add(tile, p[None], np.isfinite(p))
+                tile_rows.append({"index": tile.index, "row": tile.row, "col": tile.col, "status": "done",
+                                  "geometry": shapely.box(*rasterio.windows.bounds(tile.window, scene.grid.transform))})
+    candidates = candidates_from_mosaic(mosaic, cfg.threshold, cfg.block_rows)
+    simplify = info.gsd_m if cfg.simplify_m is None else cfg.simplify_m
+    refined_flags = [False] * len(candidates)
+    pieces: list[list] = [[] for _ in candidates]
+    if cfg.refine and candidates:
+        inv = ~prep.affine
+        boxes = []
+        for c in candidates:
+            x0, y0, x1, y1 = c.bounds
+            (ca, ra), (cb, rb) = inv * (x0, y1), inv * (x1, y0)
+            boxes.append((min(ca, cb), min(ra, rb), max(ca, cb), max(ra, rb)))
+        boxes_px = np.asarray(boxes, np.float32)
+        from uvsam.polygons import measure as measure_polygons
+
+        areas, _ = measure_polygons(candidates, prep.crs)
+        large = np.flatnonzero(areas >= info.min_area_m2)
+        windows = plan_windows(boxes_px[large], cfg.window, cfg.window_margin)
+        for w in windows:
+            w.members = [int(large[m]) for m in w.members]
+        results = runner(refine_window, ((prep, info, w, cfg.window_margin) for w in windows))
+        for w, out in zip(windows, results, strict=True):
+            for m, blob in zip(w.members, out, strict=True):
+                refined_flags[m] = True
+                if blob:
+                    pieces[m].append(shapely.from_wkb(blob))
+    villages, refined = [], []
+    for c, flag, parts in zip(candidates, refined_flags, pieces, strict=True):
+        if flag:
+            geom = shapely.union_all(parts) if parts else None
+            if geom is None or geom.is_empty:
+                continue  # the generalist found nothing: the candidate is dropped
+        else:
+            geom = c
+        for p in clean([geom], prep.crs, cfg.min_area_m2, simplify):
+            villages.append(p)
+            refined.append(flag)
+    merged = merge(villages)
+    if len(merged) != len(villages):  # refined villages that now touch: one village
+        refined = [any(r for v, r in zip(villages, refined, strict=True) if v.intersects(m)) for m in merged]
+        villages = merged
+    return SceneResult(villages, refined, candidates, mean_probability(mosaic, villages), tile_rows, prep.crs,
+                       mosaic)
+
+
+# -- the command ------------------------------------------------------------------------------
+def find_scenes(specs: list[str]) -> list[Path]:
+    """Rasters named by files, VRTs, folders or globs, in the given order, without repeats."""
+    from uvsam.datasets import RASTER_EXT, find_files
+
+    out: list[Path] = []
+    for spec in specs:
+        for f in find_files(spec, RASTER_EXT, "rasters"):
+            if f not in out:
+                out.append(f)
+    return out
+
+
+def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: PredictConfig = PredictConfig(),
+                   layer: str = "villages", fmt: str = "gpkg", crs: str | None = None,
+                   checkpoint: str | Path | None = None, runner: Runner = run_local, log=print) -> dict:
+    """Predict every scene and write the layers; returns a summary."""
+    import uuid
+
+    import geopandas as gpd
+
+    from uvsam import __version__
+    from uvsam.layers import write_geopackage, write_vector
+    from uvsam.polygons import measure as measure_polygons
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InputError("output folder does not exist", out.parent)
+    paths = find_scenes(scenes)
+    info = model_info(model, checkpoint)
+    run_id = uuid.uuid4().hex[:12]
+    workdir = out.with_name(out.stem + ".work")
+    workdir.mkdir(exist_ok=True)
+    frames, cands, tiles = [], [], []
+    out_crs = crs
+    for path in paths:
+        res = predict_scene(path, info, cfg, workdir, runner)
+        out_crs = out_crs or res.crs
+        area, perim = measure_polygons(res.villages, res.crs)
+        v = gpd.GeoDataFrame({
+            "village_id": [village_id(path.name, p, res.crs) for p in res.villages],
+            "area_m2": area.round(1), "perimeter_m": perim.round(1), "mean_prob": res.mean_prob.round(4),
+            "refined": res.refined, "scene": path.name, "acquired": cfg.acquired, "model_sha256": info.sha256,
+            "run_id": run_id}, geometry=res.villages, crs=res.crs)
+        frames.append(v.to_crs(out_crs))
+        cands.append(gpd.GeoDataFrame({"scene": [path.name] * len(res.candidates)}, geometry=res.candidates,
+                                      crs=res.crs).to_crs(out_crs) if res.candidates else None)
+        t = gpd.GeoDataFrame(res.tiles, geometry="geometry", crs=res.crs) if res.tiles else None
+        if t is not None:
+            t["scene"] = path.name
+            tiles.append(t.to_crs(out_crs))
+        log(f"{path.name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
+            f"{len(res.candidates)} candidates, {len(res.tiles)} tiles")
+    columns = ["village_id", "area_m2", "perimeter_m", "mean_prob", "refined", "scene", "acquired", "model_sha256",
+               "run_id"]
+    if frames:
+        villages = gpd.GeoDataFrame(pd_concat(frames), geometry="geometry", crs=out_crs)
+    else:  # no village anywhere: an empty layer with the full schema
+        villages = gpd.GeoDataFrame({c: pd.Series(dtype=object) for c in columns},
+                                    geometry=gpd.GeoSeries([], crs=out_crs))
+    run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
+           "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
+           "model_gsd_m": info.gsd_m, "normalisation": info.normalisation, "harmonise": info.harmonise,
+           "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if fmt == "gpkg":
+        empty = gpd.GeoDataFrame({"scene": []}, geometry=[], crs=out_crs)
+        write_geopackage(out, layer, villages,
+                         pd_concat([c for c in cands if c is not None]) if any(c is not None for c in cands) else empty,
+                         pd_concat(tiles) if tiles else empty, run)
+    else:
+        write_vector(out, fmt, villages)
+    return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id}
+
+
+def pd_concat(frames: list) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True)
