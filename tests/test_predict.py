@@ -23,6 +23,7 @@ from uvsam.train import TrainConfig, train
 def model(beijing, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "m.ckpt"
     train(TrainConfig(images=str(beijing / "train/images"), labels=str(beijing / "train/masks"), out=str(out),
+                      encoder="efficientvit_sam_l0",
                       gsd_m=3.7, crop=128, batch_size=4, epochs=4, steps_per_epoch=20, sam_epochs=1,
                       views_per_scene=1, warmup_steps=2, lr=2e-3), log=lambda m: None)
     return out
@@ -43,7 +44,7 @@ def test_resampled_vrt_mosaic_keeps_its_gaps_as_nodata(beijing):
 def test_polygons_are_cleaned_in_metres_whatever_the_crs(beijing_mask):
     transform = Affine(1.194, 0, 12942317.6, 0, -1.194, 4882797.4)  # the Beijing grid, EPSG:3857
     pieces = polygonise(beijing_mask[:512] > 0, transform) + polygonise(
-        beijing_mask[512:] > 0, transform * Affine.translation(0, 512))
+        beijing_mask[512:] > 0, transform @ Affine.translation(0, 512))
     whole = merge(pieces)
     assert len(whole) == len(merge(polygonise(beijing_mask > 0, transform)))  # cut at row 512, merged back
     raw_area = measure(whole, "EPSG:3857")[0].sum()
@@ -89,7 +90,7 @@ def test_predict_writes_geopackage_layers_and_keeps_other_years(beijing, model, 
     assert len(v2020) > 0 and (v2020["area_m2"] >= 2500).all() and v2020.geometry.is_valid.all()
     assert (v2020["acquired"] == "2020-07-01").all() and v2020["village_id"].is_unique
     assert v2020.crs.to_epsg() == 3857
-    code, stdout, err = run_cli(args + ["--layer", "y2021", "--crs", "EPSG:4326"], capsys)
+    code, stdout, err = run_cli(args + ["--layer", "y2021", "--crs", "EPSG:4326", "--no-refine"], capsys)
     assert code == 0, err
     again = pyogrio.read_dataframe(out, layer="y2020")
     assert again.equals(v2020)  # the other year is untouched
@@ -101,7 +102,7 @@ def test_predict_writes_geopackage_layers_and_keeps_other_years(beijing, model, 
 
 
 def test_predict_on_dask_equals_the_local_run(beijing, model, tmp_path, capsys):
-    base = ["predict", beijing / "train/images.vrt", "--model", model, "--format", "geojson"]
+    base = ["predict", beijing / "train/images.vrt", "--model", model, "--format", "geojson", "--no-refine"]
     code, _, err = run_cli(base + ["--out", tmp_path / "local.geojson", "--local"], capsys)
     assert code == 0, err
     code, _, err = run_cli(base + ["--out", tmp_path / "dask.geojson", "--workers", 1], capsys)
@@ -119,3 +120,42 @@ def test_predict_refuses_a_non_raster_without_writing(beijing, model, tmp_path, 
     code, _, err = run_cli(["predict", bad, "--model", model, "--out", out, "--local"], capsys)
     assert code == 2 and err.count("\n") == 1 and "scene.tif" in err
     assert not out.exists()
+
+
+def test_interrupted_prediction_resumes_to_the_same_layers(beijing, model, tmp_path):
+    from uvsam.predict import PredictConfig, run_local, run_prediction
+
+    scene = [str(beijing / "train/images.vrt")]
+    cfg = PredictConfig(tile=256, overlap=128)  # 4 x 4 tiles in batches of 4, then the refinement windows
+    quiet = lambda m: None  # noqa: E731
+    def counting(into: list):
+        def run(fn, arg_list):
+            for result in run_local(fn, arg_list):
+                into.append(fn.__name__)
+                yield result
+        return run
+
+    ref = tmp_path / "ref.gpkg"
+    everything: list[str] = []
+    run_prediction(scene, model, ref, cfg, runner=counting(everything), log=quiet)
+    assert everything.count("specialist_batch") == 4 and "refine_window" in everything  # 16 tiles, 4 a batch
+    executed = []
+
+    def dying(fn, arg_list):
+        for args in arg_list:
+            if len(executed) == 5:
+                raise KeyboardInterrupt  # as if killed after five tasks
+            executed.append(fn.__name__)
+            yield fn(*args)
+
+    out = tmp_path / "v.gpkg"
+    with pytest.raises(KeyboardInterrupt):
+        run_prediction(scene, model, out, cfg, runner=dying, log=quiet)
+    assert not out.exists()  # nothing half-written
+    resumed: list[str] = []
+    run_prediction(scene, model, out, cfg, runner=counting(resumed), log=quiet)
+    assert len(resumed) == len(everything) - 5  # the five finished tasks were not run again
+    a, b = pyogrio.read_dataframe(ref, layer="villages"), pyogrio.read_dataframe(out, layer="villages")
+    assert len(a) > 0 and a.drop(columns="geometry").equals(b.drop(columns="geometry"))
+    assert all(x.equals_exact(y, 1e-9) for x, y in zip(a.geometry, b.geometry, strict=True))
+    assert not any((tmp_path / "v.work/journal").iterdir())  # cleaned up after success

@@ -173,12 +173,21 @@ def predict(
     scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local Dask workers (default: sized to the machine).")] = None,
     local: Annotated[bool, typer.Option(help="Run in this process, without Dask.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print tiles, km2, estimated time and memory; write nothing.")] = False,
 ):
-    """Village polygons for whole scenes: specialist mosaic, candidates, generalist refinement."""
+    """Village polygons for whole scenes: specialist mosaic, candidates, generalist refinement.
+
+    Resumable: run the same command again after an interruption and finished work is skipped.
+    """
     from uvsam.predict import PredictConfig, model_info, run_prediction
 
     cfg = PredictConfig(tile=tile, overlap=overlap, threshold=threshold, refine=refine, min_area_m2=min_area,
                         simplify_m=simplify, acquired=acquired)
+    if dry_run:
+        from uvsam.predict import dry_run as estimate
+
+        typer.echo(json.dumps(estimate(scenes, model, cfg, checkpoint), indent=2))
+        return
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     if local:
         summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log)

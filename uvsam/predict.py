@@ -20,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import resource
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +44,7 @@ from tiles.reader import RasterSource, ReadOptions
 from tiles.stitch import Stitcher
 from uvsam.errors import InputError
 from uvsam.harmonise import Radiometry, histogram_match, measure
+from uvsam.journal import Journal, scene_identity
 from uvsam.polygons import clean, merge, polygonise
 
 
@@ -219,7 +223,7 @@ def plan_windows(boxes_px: np.ndarray, size: int, margin: int) -> list[RefineWin
     windows: list[RefineWindow] = []
     order = np.argsort(-(boxes_px[:, 2] - boxes_px[:, 0]) * (boxes_px[:, 3] - boxes_px[:, 1]), kind="stable")
     for i in order:
-        x0, y0, x1, y1 = boxes_px[i]
+        x0, y0, x1, y1 = (float(v) for v in boxes_px[i])
         if x1 - x0 <= inner and y1 - y0 <= inner:
             host = next((w for w in windows if w.col + margin <= x0 and x1 <= w.col + size - margin
                          and w.row + margin <= y0 and y1 <= w.row + size - margin), None)
@@ -260,7 +264,7 @@ def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin
         img, valid = read_tile(prep, info, win, src)
     with torch.inference_mode():
         (masks, _), = model.refine(torch.from_numpy(img)[None], [np.asarray(window.boxes, np.float32)])
-    transform = prep.affine * Affine.translation(window.col, window.row)
+    transform = prep.affine @ Affine.translation(window.col, window.row)
     out = []
     for k, (x0, y0, x1, y1) in enumerate(window.boxes):
         mask = (masks[k, 0] > 0).numpy() & valid
@@ -313,6 +317,24 @@ def run_local(fn: Callable, arg_list: Iterable[tuple]) -> Iterator:
         yield fn(*args)
 
 
+def run_journaled(runner: Runner, fn: Callable, arg_list: list[tuple], keys: list[str], exists: Callable,
+                  load: Callable, save: Callable) -> Iterator:
+    """``runner`` over the tasks the journal does not hold yet; all results in order.
+
+    Finished results are read back lazily, so memory holds no more than the runner does.
+    """
+    todo = [i for i, k in enumerate(keys) if not exists(k)]
+    computed = iter(zip(todo, runner(fn, (arg_list[i] for i in todo)), strict=True))
+    pending = set(todo)
+    for i, key in enumerate(keys):
+        if i in pending:
+            j, result = next(computed)
+            save(keys[j], result)
+            yield result
+        else:
+            yield load(key)
+
+
 @dataclass
 class SceneResult:
     villages: list  # polygons, scene CRS
@@ -322,13 +344,19 @@ class SceneResult:
     tiles: list[dict]
     crs: str
     mosaic: Path
+    journal: Path
 
 
 def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir: Path,
-                  runner: Runner = run_local) -> SceneResult:
-    """Run the four steps on one scene; the probability mosaic is written into ``workdir``."""
+                  runner: Runner = run_local, progress: Callable[[str, int], None] | None = None) -> SceneResult:
+    """Run the four steps on one scene; the probability mosaic is written into ``workdir``.
+
+    Finished tasks are journaled in ``workdir``: an interrupted run, run again, skips them.
+    ``progress(stage, n)`` is called as tiles and windows finish.
+    """
     path = Path(path)
     scene, prep = prepare_scene(path, info, cfg)
+    journal = Journal(workdir / "journal", scene_identity(path), info.sha256, json.dumps(cfg.to_dict(), sort_keys=True))
     if prep.crs is None:
         raise InputError("raster has no CRS; village polygons need georeferenced imagery", path)
     mosaic = workdir / f"{path.stem}.probability.tif"
@@ -337,8 +365,12 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
     with Stitcher(mosaic, scene.grid, channels=1, dtype="float32", crs=prep.crs, nodata=float("nan"),
                   driver="COG") as stitcher:
         groups = list(batches(jobs, cfg.batch_size))
-        results = runner(specialist_batch, ((prep, info, [w for _, w in g]) for g in groups))
+        keys = [f"{g[0][0].index}-{g[-1][0].index}" for g in groups]
+        results = run_journaled(runner, specialist_batch, [(prep, info, [w for _, w in g]) for g in groups], keys,
+                                journal.has_arrays, journal.load_arrays, journal.save_arrays)
         for group, probs in zip(groups, results, strict=True):
+            if progress is not None:
+                progress("tiles", len(group))
             for (tile, _), p in zip(group, probs, strict=True):
                 stitcher.add(tile, p[None], np.isfinite(p))
                 tile_rows.append({"index": tile.index, "row": tile.row, "col": tile.col, "status": "done",
@@ -362,8 +394,12 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
         windows = plan_windows(boxes_px[large], cfg.window, cfg.window_margin)
         for w in windows:
             w.members = [int(large[m]) for m in w.members]
-        results = runner(refine_window, ((prep, info, w, cfg.window_margin) for w in windows))
+        keys = [hashlib.sha1(json.dumps([w.col, w.row, w.size, w.boxes]).encode()).hexdigest()[:16] for w in windows]
+        results = run_journaled(runner, refine_window, [(prep, info, w, cfg.window_margin) for w in windows], keys,
+                                journal.has_blobs, journal.load_blobs, journal.save_blobs)
         for w, out in zip(windows, results, strict=True):
+            if progress is not None:
+                progress("windows", 1)
             for m, blob in zip(w.members, out, strict=True):
                 refined_flags[m] = True
                 if blob:
@@ -384,7 +420,7 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
         refined = [any(r for v, r in zip(villages, refined, strict=True) if v.intersects(m)) for m in merged]
         villages = merged
     return SceneResult(villages, refined, candidates, mean_probability(mosaic, villages), tile_rows, prep.crs,
-                       mosaic)
+                       mosaic, journal.root)
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -403,8 +439,13 @@ def find_scenes(specs: list[str]) -> list[Path]:
 def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: PredictConfig = PredictConfig(),
                    layer: str = "villages", fmt: str = "gpkg", crs: str | None = None,
                    checkpoint: str | Path | None = None, runner: Runner = run_local, log=print) -> dict:
-    """Predict every scene and write the layers; returns a summary."""
-    import uuid
+    """Predict every scene and write the layers; returns a summary.
+
+    Resumable: finished tasks are journaled beside the output (``OUT.work/journal``), so the
+    same command run again after an interruption skips them and writes the same layers. The
+    run id is derived from the inputs, model and configuration, so it too is the same.
+    """
+    import shutil
 
     import geopandas as gpd
 
@@ -417,13 +458,16 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
         raise InputError("output folder does not exist", out.parent)
     paths = find_scenes(scenes)
     info = model_info(model, checkpoint)
-    run_id = uuid.uuid4().hex[:12]
+    identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
+    run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     workdir = out.with_name(out.stem + ".work")
     workdir.mkdir(exist_ok=True)
-    frames, cands, tiles = [], [], []
+    bar = Progress(plan_run(paths, info, cfg))
+    frames, cands, tiles, journals = [], [], [], []
     out_crs = crs
     for path in paths:
-        res = predict_scene(path, info, cfg, workdir, runner)
+        res = predict_scene(path, info, cfg, workdir, runner, progress=bar.update)
+        journals.append(res.journal)
         out_crs = out_crs or res.crs
         area, perim = measure_polygons(res.villages, res.crs)
         v = gpd.GeoDataFrame({
@@ -458,7 +502,86 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
                          pd_concat(tiles) if tiles else empty, run)
     else:
         write_vector(out, fmt, villages)
+    bar.close()
+    for j in journals:  # the layers are written: the journal has served its purpose
+        shutil.rmtree(j, ignore_errors=True)
     return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id}
+
+
+def plan_run(paths: list[Path], info: ModelInfo, cfg: PredictConfig) -> list[dict]:
+    """Per scene: tiles to run, km2 of valid ground, pixels at the model's GSD (for --dry-run and progress)."""
+    rows = []
+    for p in paths:
+        read = ReadOptions(info.bands, info.gsd_m)
+        scene = plan(p, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read))
+        with RasterSource(p, read) as src:
+            _, valid = src.read_overview(1_000_000)
+            px_area = (src.ground_res[0] * src.ground_res[1]) if src.ground_res else info.gsd_m**2
+        km2 = float(valid.mean()) * scene.grid.height * scene.grid.width * px_area / 1e6
+        rows.append({"scene": str(p), "tiles": len(scene.tiles), "km2": round(km2, 3),
+                     "width": scene.grid.width, "height": scene.grid.height})
+    return rows
+
+
+class Progress:
+    """Tiles/s, km2/h and ETA on a terminal; silent otherwise."""
+
+    def __init__(self, scenes: list[dict]):
+        self.total = sum(s["tiles"] for s in scenes)
+        self.km2_per_tile = sum(s["km2"] for s in scenes) / max(1, self.total)
+        self.done = 0
+        self.windows = 0
+        self.t0 = time.monotonic()
+        self.out = sys.stderr if sys.stderr.isatty() else None
+
+    def update(self, stage: str, n: int) -> None:
+        if stage == "tiles":
+            self.done += n
+        else:
+            self.windows += n
+        if self.out is None:
+            return
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        self.out.write(f"\rtiles {self.done}/{self.total} {rate:.2f}/s {rate * self.km2_per_tile * 3600:.1f} km2/h "
+                       f"windows {self.windows} ETA(tiles) {eta:.0f}s ")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.write("\n")
+
+
+def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictConfig(),
+            checkpoint: str | Path | None = None) -> dict:
+    """What a prediction would do: tiles and km2 per scene, and time and memory estimated from
+    one specialist batch and one refinement window measured on this machine."""
+    import torch
+
+    paths = find_scenes(scenes)
+    info = model_info(model, checkpoint)
+    rows = plan_run(paths, info, cfg)
+    scene, prep = prepare_scene(paths[0], info, cfg)
+    windows = [w for _, w in tile_windows(scene)][: cfg.batch_size]
+    t = time.perf_counter()
+    specialist_batch(prep, info, windows)
+    per_tile = (time.perf_counter() - t) / max(1, len(windows))
+    model_ = get_model(info)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model_.refine(torch.zeros(1, 3, cfg.window, cfg.window), [np.array([[8, 8, cfg.window - 8, cfg.window - 8]],
+                                                                          np.float32)])
+    per_window = time.perf_counter() - t
+    tiles_total = sum(r["tiles"] for r in rows)
+    widest = max(r["width"] for r in rows)
+    stitch_mb = 2 * cfg.tile * widest * 8 / 1e6
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"scenes": rows, "tiles": tiles_total, "km2": round(sum(r["km2"] for r in rows), 3),
+            "specialist_s_per_tile": round(per_tile, 3), "generalist_s_per_window": round(per_window, 3),
+            "estimated_s": round(tiles_total * (per_tile + per_window), 1),
+            "estimate_note": "assumes one refinement window per tile; the real count follows the candidates",
+            "estimated_peak_rss_mb": round(rss_mb + stitch_mb, 1)}
 
 
 def pd_concat(frames: list) -> pd.DataFrame:
