@@ -46,6 +46,7 @@ from uvsam.errors import InputError
 from uvsam.harmonise import Radiometry, histogram_match, measure
 from uvsam.journal import Journal, scene_identity
 from uvsam.polygons import clean, merge, polygonise
+from uvsam.polygons import measure as measure_polygons
 
 
 @dataclass(frozen=True)
@@ -387,8 +388,6 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
             (ca, ra), (cb, rb) = inv * (x0, y1), inv * (x1, y0)
             boxes.append((min(ca, cb), min(ra, rb), max(ca, cb), max(ra, rb)))
         boxes_px = np.asarray(boxes, np.float32)
-        from uvsam.polygons import measure as measure_polygons
-
         areas, _ = measure_polygons(candidates, prep.crs)
         large = np.flatnonzero(areas >= info.min_area_m2)
         windows = plan_windows(boxes_px[large], cfg.window, cfg.window_margin)
@@ -451,7 +450,6 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
 
     from uvsam import __version__
     from uvsam.layers import write_geopackage, write_vector
-    from uvsam.polygons import measure as measure_polygons
 
     out = Path(out)
     if not out.parent.is_dir():
