@@ -27,7 +27,7 @@ def test_specialist_shapes_for_any_input_size():
 
 
 def test_hugging_face_mit_weights_give_the_same_features(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject [test]): the reference implementation
     torch.manual_seed(0)
     hf = transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(num_labels=2)).eval()
     path = tmp_path / "mit_b0_hf.bin"

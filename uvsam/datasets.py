@@ -97,6 +97,15 @@ class SceneArrays:
         return self.labels.shape
 
 
+def to_rgb(img: np.ndarray, path: str | Path) -> np.ndarray:
+    """(bands, H, W) -> (3, H, W): one band repeated, the first three of more; two are ambiguous."""
+    if img.shape[0] == 1:
+        return np.repeat(img, 3, axis=0)
+    if img.shape[0] == 2:
+        raise InputError("2-band raster: give --band three times to choose the RGB bands", path)
+    return img[:3]
+
+
 def read_image(path: Path, gsd_m: float | None, bands: tuple[int, ...] | None = None,
                normalisation: str = "auto") -> tuple[np.ndarray, np.ndarray, RasterSource]:
     """(3, H, W) float32 0..255 image and (H, W) validity at ``gsd_m`` (None: native); the source is closed."""
@@ -112,13 +121,7 @@ def read_image(path: Path, gsd_m: float | None, bands: tuple[int, ...] | None = 
     if not valid.any():
         raise InputError("raster has no valid pixels (all nodata)", path)
     stretch = compute_stretch(data, valid, normalisation)
-    img = stretch.apply(data, valid) * 255.0
-    if img.shape[0] == 1:
-        img = np.repeat(img, 3, axis=0)
-    elif img.shape[0] > 3:
-        img = img[:3]
-    elif img.shape[0] == 2:
-        raise InputError("2-band raster: give --band three times to choose the RGB bands", path)
+    img = to_rgb(stretch.apply(data, valid) * 255.0, path)
     src.stretch = stretch
     return img, valid, src
 

@@ -42,6 +42,7 @@ from tiles.plan import TilingConfig, plan
 from tiles.radiometry import Stretch
 from tiles.reader import RasterSource, ReadOptions
 from tiles.stitch import Stitcher
+from uvsam.datasets import to_rgb
 from uvsam.errors import InputError
 from uvsam.harmonise import Radiometry, histogram_match, measure
 from uvsam.journal import Journal, scene_identity
@@ -138,18 +139,12 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
     if info.harmonise:
         with RasterSource(path, read) as src:
             data, valid = src.read_overview(1_000_000)
-        img = _to_rgb(scene.stretch.apply(data, valid) * 255.0)
+        img = to_rgb(scene.stretch.apply(data, valid) * 255.0, path)
         source_radiometry = measure([img], [valid]).to_dict()
     src = scene.source
     prep = ScenePrep(str(path), read, scene.stretch.to_dict(), source_radiometry, src["crs"],
                      tuple(src["transform"]), src["width"], src["height"])
     return scene, prep
-
-
-def _to_rgb(img: np.ndarray) -> np.ndarray:
-    if img.shape[0] == 1:
-        return np.repeat(img, 3, axis=0)
-    return img[:3]
 
 
 def read_tile(prep: ScenePrep, info: ModelInfo, window: Window, src: RasterSource) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +154,7 @@ def read_tile(prep: ScenePrep, info: ModelInfo, window: Window, src: RasterSourc
     flat, neutral fill, the same in every tile, instead of black edges the model would react to.
     """
     data, valid = src.read(window)
-    img = _to_rgb(Stretch.from_dict(prep.stretch).apply(data, valid) * 255.0)
+    img = to_rgb(Stretch.from_dict(prep.stretch).apply(data, valid) * 255.0, prep.path)
     reference = Radiometry.from_dict(info.radiometry)
     if prep.source_radiometry is not None:
         img = histogram_match(img, Radiometry.from_dict(prep.source_radiometry), reference, valid)
