@@ -16,17 +16,6 @@ from tests.conftest import run_cli
 from tiles.reader import RasterSource, ReadOptions
 from uvsam.polygons import clean, measure, merge, polygonise
 from uvsam.predict import plan_windows
-from uvsam.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def model(beijing, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "m.ckpt"
-    train(TrainConfig(images=str(beijing / "train/images"), labels=str(beijing / "train/masks"), out=str(out),
-                      encoder="efficientvit_sam_l0",
-                      gsd_m=3.7, crop=128, batch_size=4, epochs=4, steps_per_epoch=20, sam_epochs=1,
-                      views_per_scene=1, warmup_steps=2, lr=2e-3), log=lambda m: None)
-    return out
 
 
 def test_resampled_vrt_mosaic_keeps_its_gaps_as_nodata(beijing):
@@ -159,3 +148,169 @@ def test_interrupted_prediction_resumes_to_the_same_layers(beijing, model, tmp_p
     assert len(a) > 0 and a.drop(columns="geometry").equals(b.drop(columns="geometry"))
     assert all(x.equals_exact(y, 1e-9) for x, y in zip(a.geometry, b.geometry, strict=True))
     assert not any((tmp_path / "v.work/journal").iterdir())  # cleaned up after success
+
+
+def test_polygons_do_not_depend_on_where_the_tile_grid_falls(beijing, model, tmp_path):
+    """Issue 5 acceptance: the import-xyz mosaic predicted with the grid shifted by half a tile
+    gives the same villages (union IoU >= 0.99), none duplicated or split along tile seams."""
+    from dataclasses import replace
+
+    from uvsam.predict import PredictConfig, model_info, predict_scene, run_local
+
+    scene = beijing / "train/images.vrt"
+    info = model_info(model)
+    cfg = PredictConfig(tile=256, overlap=128)
+    tasks: list[str] = []
+
+    def counting(fn, arg_list):
+        for result in run_local(fn, arg_list):
+            tasks.append(fn.__name__)
+            yield result
+
+    runs = {off: predict_scene(scene, info, replace(cfg, grid_offset=off), tmp_path / f"w{off}", counting)
+            for off in (0, 128)}
+    a, b = runs[0], runs[128]
+    assert len(a.tiles) >= 9 and len(a.villages) > 0  # a multi-tile mosaic...
+    assert tasks.count("refine_window") >= 2  # ...whose candidates went through the generalist
+    ua, ub = shapely.union_all(a.villages), shapely.union_all(b.villages)
+    assert ua.intersection(ub).area / ua.union(ub).area >= 0.99
+    assert len(a.villages) == len(b.villages)
+    step_m = 128 * info.gsd_m * 1.3  # a tile step in EPSG:3857 metres at Beijing's latitude
+    spans = [max(p.bounds[2] - p.bounds[0], p.bounds[3] - p.bounds[1]) for p in a.candidates]
+    assert max(spans) > 2 * step_m  # some villages straddle tile seams...
+    for polys in (a.villages, a.candidates, b.villages):  # ...and each is one polygon, sharing no edge
+        tree = shapely.STRtree(polys)  # with another (corners may touch: pixels meeting diagonally)
+        left, right = tree.query(polys, predicate="intersects")
+        for i, j in zip(left, right, strict=True):
+            if i < j:
+                shared = polys[i].intersection(polys[j])
+                assert shared.area == 0 and shapely.length(shapely.line_merge(shapely.boundary(polys[i])
+                                                                             .intersection(polys[j]))) == 0
+
+
+def _layers_equal(a_path, b_path, layer="villages"):
+    a, b = pyogrio.read_dataframe(a_path, layer=layer), pyogrio.read_dataframe(b_path, layer=layer)
+    assert len(a) > 0 and a.drop(columns="geometry").equals(b.drop(columns="geometry"))
+    assert all(x.equals_exact(y, 1e-9) for x, y in zip(a.geometry, b.geometry, strict=True))
+
+
+KILL_ARGS = ["--local", "--tile", "128", "--overlap", "64"]  # 36 tiles in 9 batches, then the windows
+
+
+@pytest.fixture(scope="module")
+def reference(beijing, model, tmp_path_factory):
+    """An undisturbed run of the settings the interruption tests use."""
+    from uvsam.cli import main
+
+    out = tmp_path_factory.mktemp("reference") / "ref.gpkg"
+    assert main([str(a) for a in ["predict", beijing / "train/images.vrt", "--model", model, "--out", out,
+                                  *KILL_ARGS]]) == 0
+    return out
+
+
+def test_killed_prediction_resumes_to_the_same_polygons(beijing, model, reference, tmp_path, capsys):
+    """SIGKILL part-way (no chance to clean up), run the same command again: same polygons."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["predict", beijing / "train/images.vrt", "--model", model, *KILL_ARGS]
+    out = tmp_path / "v.gpkg"
+    proc = subprocess.Popen([sys.executable, "-m", "uvsam", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = tmp_path / "v.work/journal"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.is_dir() and sum(len(list(d.glob("tiles-*.npz"))) for d in journal.iterdir()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing half-written under the output's name
+    done = sum(len(list(d.glob("tiles-*.npz"))) for d in journal.iterdir())
+    assert done >= 3
+    code, _, err = run_cli(args + ["--out", out], capsys)
+    assert code == 0, err
+    _layers_equal(reference, out)
+
+
+def test_a_killed_dask_worker_loses_nothing(beijing, model, reference, tmp_path):
+    """One of two workers is killed after the first results arrive; the run still completes,
+    with exactly the polygons of an undisturbed run."""
+    import os
+    import signal
+
+    from uvsam.distributed import dask_runner, make_client, register_model
+    from uvsam.predict import PredictConfig, model_info, run_prediction
+
+    scene = [str(beijing / "train/images.vrt")]
+    cfg = PredictConfig(tile=128, overlap=64)  # as KILL_ARGS
+    with make_client(workers=2, threads=1) as client:
+        register_model(client, model_info(model))
+        pids = client.run(os.getpid)
+        runner = dask_runner(client)
+        killed = []
+
+        def killing(fn, arg_list):
+            for i, result in enumerate(runner(fn, arg_list)):
+                if i == 1 and not killed:  # the next tasks are already on both workers
+                    victim = sorted(pids)[0]
+                    os.kill(pids[victim], signal.SIGKILL)
+                    killed.append(victim)
+                yield result
+
+        run_prediction(scene, model, tmp_path / "dask.gpkg", cfg, runner=killing, log=lambda m: None)
+        assert killed and pids[killed[0]] not in client.run(os.getpid).values()  # it really died
+    _layers_equal(reference, tmp_path / "dask.gpkg")
+
+
+def _geodesic(gdf):
+    """Area (m2) and perimeter (m, holes' boundaries included) of each polygon on the WGS84
+    ellipsoid: an independent measure."""
+    from pyproj import Geod
+
+    geod = Geod(ellps="WGS84")
+    polys = list(gdf.to_crs(4326).geometry)
+    area = np.abs([geod.geometry_area_perimeter(g)[0] for g in polys])
+    return area, np.array([geod.geometry_length(g.boundary) for g in polys])
+
+
+def _check_gpkg(path, layer, epsg):
+    """The file as GDAL and SQLite see it: a GeoPackage with the layer's CRS and schema."""
+    import sqlite3
+
+    info = pyogrio.read_info(path, layer=layer)
+    assert info["driver"] == "GPKG" and info["geometry_type"] in ("Polygon", "MultiPolygon", "Unknown")
+    fields = dict(zip(info["fields"], info["dtypes"], strict=True))
+    assert {"village_id": "object", "area_m2": "float64", "perimeter_m": "float64", "mean_prob": "float64",
+            "refined": "bool", "scene": "object", "model_sha256": "object",
+            "run_id": "object"}.items() <= fields.items()
+    assert info["crs"] == f"EPSG:{epsg}"
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == 0x47504B47  # 'GPKG'
+        srs = db.execute("SELECT srs_id FROM gpkg_contents WHERE table_name = ?", (layer,)).fetchone()[0]
+        assert db.execute("SELECT organization_coordsys_id FROM gpkg_spatial_ref_sys WHERE srs_id = ?",
+                          (srs,)).fetchone()[0] == epsg
+
+
+def test_areas_are_square_metres_in_degrees_and_in_web_mercator(beijing, model, data_dir, tmp_path, capsys):
+    """Scenes in EPSG:4326 (SpaceNet Rio chips) and in EPSG:3857 (Beijing): each village's
+    area_m2 and perimeter_m agree with geodesic measures on the ellipsoid."""
+    rio = str(data_dir / "spacenet-rio/image/*img5[0-7].tif")  # a glob: 8 chips, 8 scenes
+    for scene, epsg, extra in ((rio, 4326, ["--threshold", "0.3", "--min-area", "100"]),
+                               (beijing / "val/images.vrt", 3857, [])):
+        out = tmp_path / f"{epsg}.gpkg"
+        code, _, err = run_cli(["predict", scene, "--model", model, "--out", out, "--local", "--no-refine", *extra],
+                               capsys)
+        assert code == 0, err
+        _check_gpkg(out, "villages", epsg)
+        v = pyogrio.read_dataframe(out, layer="villages")
+        assert len(v) > 0 and v.crs.to_epsg() == epsg
+        area, perimeter = _geodesic(v)
+        np.testing.assert_allclose(v["area_m2"], area, rtol=0.005)
+        np.testing.assert_allclose(v["perimeter_m"], perimeter, rtol=0.005)
+        if epsg == 3857:  # Web Mercator "metres" are 1/cos(40 deg) too long at Beijing: not what is stored
+            assert (v.geometry.area / v["area_m2"]).between(1.6, 1.8).all()

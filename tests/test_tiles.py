@@ -28,10 +28,10 @@ from .conftest import DATA, run_cli
 RGB = DATA / "rasterio-rgb"
 
 
-def _roundtrip(path, out, size, overlap, nodata="source", driver="GTiff"):
+def _roundtrip(path, out, size, overlap, nodata="source", driver="GTiff", offset=0, edges="pad"):
     """Tile ``path``, pass every tile through an identity model, stitch into ``out``."""
     with RasterSource(path) as src:
-        grid = TileGrid(src.height, src.width, size, overlap, src.transform)
+        grid = TileGrid(src.height, src.width, size, overlap, src.transform, offset, edges)
         nd = src.nodata if nodata == "source" else nodata
         per_band = nd is not None  # a nodata value can hit one band of a pixel and not the others
         with Stitcher(out, grid, len(src.bands), src.dtype, src.crs, nodata=nd, driver=driver,
@@ -47,9 +47,15 @@ def _roundtrip(path, out, size, overlap, nodata="source", driver="GTiff"):
     return full, valid, got, got_valid
 
 
-@pytest.mark.parametrize("size,overlap", [(128, 0), (100, 17), (256, 64), (333, 1), (1000, 10)])
-def test_identity_roundtrip_uint8_with_nodata(tmp_path, size, overlap):
-    full, valid, got, got_valid = _roundtrip(RGB / "RGB.byte.tif", tmp_path / "out.tif", size, overlap)
+@pytest.mark.parametrize("size,overlap,offset,edges", [
+    (128, 0, 0, "pad"), (100, 17, 0, "pad"), (256, 64, 0, "pad"), (333, 1, 0, "pad"), (1000, 10, 0, "pad"),
+    (256, 128, 128, "pad"), (100, 17, 90, "pad"), (128, 0, 5, "pad"), (256, 128, 0, "inside"),
+    (100, 17, 90, "inside"), (1000, 10, 0, "inside"),
+])
+def test_identity_roundtrip_uint8_with_nodata(tmp_path, size, overlap, offset, edges):
+    """Every grid, shifted by ``offset`` or not, edge tiles padded or inside, stitches the scene back exactly."""
+    full, valid, got, got_valid = _roundtrip(RGB / "RGB.byte.tif", tmp_path / "out.tif", size, overlap,
+                                             offset=offset, edges=edges)
     assert 0 < valid.mean() < 1  # the scene has nodata edges
     np.testing.assert_array_equal(got_valid, valid)
     np.testing.assert_array_equal(got, full)  # nodata pixels carry the nodata value on both sides
@@ -240,29 +246,49 @@ def test_dataloader_workers_match_direct_reads():
         assert (a == b).all()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     height=st.integers(1, 600), width=st.integers(1, 600), size=st.integers(1, 300), data=st.data(),
 )
 def test_grid_covers_everything_with_exact_overlaps(height, width, size, data):
     overlap = data.draw(st.integers(0, size - 1))
-    grid = TileGrid(height, width, size, overlap)
+    offset = data.draw(st.integers(0, size - 1))
+    edges = data.draw(st.sampled_from(["pad", "inside"]))
+    grid = TileGrid(height, width, size, overlap, offset=offset, edges=edges)
     assume(len(grid) <= 4000)  # keep each example fast; tiny tiles on big scenes add nothing new
     rows, cols = grid.shape
     covered = np.zeros((height, width), np.int32)
     for t in grid:
         r0, c0, r1, c1 = t.bounds_px
         assert (r1 - r0, c1 - c0) == (size, size)
-        assert r0 < height and c0 < width  # no tile lies wholly outside
-        covered[r0:r1, c0:c1] += 1
+        assert r0 < height and c0 < width and r1 > 0 and c1 > 0  # no tile lies wholly outside
+        if edges == "pad":
+            assert (r0 + offset) % grid.step == 0 and (c0 + offset) % grid.step == 0
+        else:  # inside the scene wherever the scene is at least a tile
+            assert r0 >= 0 and c0 >= 0 and (r1 <= height or r0 == 0) and (c1 <= width or c0 == 0)
+        covered[max(r0, 0) : r1, max(c0, 0) : c1] += 1
     assert (covered >= 1).all()  # no gaps, right and bottom edges included
+
+    def check(a, b):  # overlap between neighbours: exact when padding, at least as asked inside
+        assert a - b == overlap if edges == "pad" else a - b >= overlap
+
     for r in range(rows):
         for c in range(cols):
             if c + 1 < cols:
-                assert grid.tile(r, c).bounds_px[3] - grid.tile(r, c + 1).bounds_px[1] == overlap
+                check(grid.tile(r, c).bounds_px[3], grid.tile(r, c + 1).bounds_px[1])
             if r + 1 < rows:
-                assert grid.tile(r, c).bounds_px[2] - grid.tile(r + 1, c).bounds_px[0] == overlap
+                check(grid.tile(r, c).bounds_px[2], grid.tile(r + 1, c).bounds_px[0])
     assert [t.index for t in grid] == list(range(len(grid)))
+
+
+def test_inside_grid_is_the_same_after_a_shift_by_whole_steps():
+    """With edge tiles kept inside, shifting the grid by one step (half a tile at half-tile
+    overlap) yields the same tiles: a prediction cannot depend on it."""
+    a = TileGrid(1000, 700, 256, 128, edges="inside")
+    b = TileGrid(1000, 700, 256, 128, offset=128, edges="inside")
+    assert [t.window for t in a] == [t.window for t in b]
+    c = TileGrid(1000, 700, 256, 128, offset=64, edges="inside")
+    assert [t.window for t in a] != [t.window for t in c]
 
 
 def test_plan_tiles_cli_writes_a_manifest(tmp_path, capsys):

@@ -18,7 +18,7 @@ from uvsam.harmonise import histogram_match, measure
 from uvsam.losses import IGNORE
 from uvsam.metrics import SegmentationCounts, match_objects
 from uvsam.modelfile import load_model, read_model_file
-from uvsam.train import TrainConfig, lr_factor, train
+from uvsam.train import TrainConfig, lr_factor, phase_lr_factor, train
 
 GSD = 3.7  # metres: the 1024 px Beijing tiles become ~256 px, so CPU steps are quick
 
@@ -174,3 +174,6 @@ def test_lr_schedule_warms_up_then_decays():
     f = [lr_factor(s, 10, 100) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[-1] < 0.01
+    g = [phase_lr_factor(s, 10, 100, 40) for s in range(100)]  # the UV-SAM epochs restart the schedule
+    assert g[:60] == [lr_factor(s, 10, 60) for s in range(60)] and g[59] < 0.01
+    assert max(g[60:]) == pytest.approx(1.0) and g[-1] < 0.01

@@ -30,17 +30,19 @@ class TilingConfig:
     normalisation: str = "auto"
     percentiles: tuple[float, float] = (2.0, 98.0)
     read: ReadOptions = field(default_factory=ReadOptions)
+    offset: float = 0  # the grid starts this far up and left of the scene's corner (same unit)
+    edges: str = "pad"  # or "inside": edge tiles moved back inside the scene (see TileGrid)
 
-    def pixels(self, ground_res: tuple[float, float] | None) -> tuple[int, int]:
-        """(tile size, overlap) in pixels of the scene as read."""
+    def pixels(self, ground_res: tuple[float, float] | None) -> tuple[int, int, int]:
+        """(tile size, overlap, offset) in pixels of the scene as read."""
         if self.unit == "px":
-            return int(self.tile_size), int(self.overlap)
+            return int(self.tile_size), int(self.overlap), int(self.offset)
         if self.unit != "m":
             raise TilesError(f"tile unit must be 'px' or 'm', got {self.unit!r}")
         if ground_res is None:
             raise TilesError("tile sizes in metres need a georeferenced raster")
         res = max(ground_res)  # the coarser axis decides, so a tile never spans more than asked
-        return max(1, math.floor(self.tile_size / res)), max(0, round(self.overlap / res))
+        return max(1, math.floor(self.tile_size / res)), max(0, round(self.overlap / res)), round(self.offset / res)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,12 @@ def plan(path: str | Path, config: TilingConfig | None = None, stretch: Stretch 
     """Plan the tiling of one scene. Pass ``stretch`` to share a dataset-level normalisation."""
     config = config or TilingConfig()
     with RasterSource(path, config.read) as src:
-        size, overlap = config.pixels(src.ground_res)
-        grid = TileGrid(src.height, src.width, size, min(overlap, size - 1), src.transform)
+        size, overlap, offset = config.pixels(src.ground_res)
+        try:
+            grid = TileGrid(src.height, src.width, size, min(overlap, size - 1), src.transform, offset,
+                            config.edges)
+        except ValueError as e:
+            raise TilesError(str(e), path) from None
         data, valid = src.read_overview(max_overview_pixels)
         if stretch is None:
             stretch = compute_stretch(data, valid, config.normalisation, config.percentiles)

@@ -101,18 +101,19 @@ class Stitcher:
             raise ValueError(f"validity of shape {valid.shape} for a stitcher with per_band={self._wsum.shape[0] > 1}")
         r0, c0, _, _ = tile.bounds_px
         top = r0 - self._top
-        cw = min(self.grid.size, self.grid.width - c0)
+        cs = max(0, -c0)  # tile columns left of the scene (an offset grid's first column)
+        cw = min(self.grid.size, self.grid.width - c0) - cs
         rows = min(self.grid.size, self._sum.shape[1] - top)
-        d = data[:, :rows, :cw].astype(self._acc)
-        ww = w[:, :rows, :cw]
+        d = data[:, :rows, cs : cs + cw].astype(self._acc)
+        ww = w[:, :rows, cs : cs + cw]
         if np.issubdtype(data.dtype, np.floating):  # NaN/inf outputs count as invalid
             finite = np.isfinite(d)
             if not finite.all():
                 d[~finite] = 0
                 ww = ww * (finite if ww.shape[0] > 1 else finite.all(axis=0, keepdims=True))
         d *= ww
-        self._sum[:, top : top + rows, c0 : c0 + cw] += d
-        self._wsum[:, top : top + rows, c0 : c0 + cw] += ww
+        self._sum[:, top : top + rows, c0 + cs : c0 + cs + cw] += d
+        self._wsum[:, top : top + rows, c0 + cs : c0 + cs + cw] += ww
 
     def _advance(self, row: int) -> None:
         new_top = self.grid.row_start(row)
@@ -132,7 +133,7 @@ class Stitcher:
         Normalised ``FLUSH_ROWS`` rows at a time, so the temporaries stay small on wide scenes.
         """
         rows = min(n, self.grid.height - self._top)
-        for k in range(0, max(rows, 0), FLUSH_ROWS):
+        for k in range(max(0, -self._top), max(rows, 0), FLUSH_ROWS):  # rows above the scene are dropped
             part = slice(k, min(k + FLUSH_ROWS, rows))
             wsum = self._wsum[:, part]
             covered = np.broadcast_to(wsum > 0, self._sum[:, part].shape)
@@ -148,7 +149,7 @@ class Stitcher:
     def _write_empty(self, rows: int) -> None:
         """Queue ``rows`` rows no tile reached (nodata), a block row at a time."""
         rows = min(rows, self.grid.height - self._top)
-        for k in range(0, max(rows, 0), self._block):
+        for k in range(max(0, -self._top), max(rows, 0), self._block):
             shape = (self.channels, min(self._block, rows - k), self.grid.width)
             self._write(np.zeros(shape, self._acc), np.zeros(shape, bool), shape[1])
 

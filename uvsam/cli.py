@@ -170,6 +170,7 @@ def predict(
     min_area: Annotated[float, typer.Option(help="Smallest village or hole kept (m^2).")] = 2500.0,
     simplify: Annotated[float | None, typer.Option(help="Simplification tolerance (m); default: the GSD.")] = None,
     acquired: Annotated[str | None, typer.Option(help="Acquisition date of the imagery (YYYY-MM-DD).")] = None,
+    grid_offset: Annotated[int, typer.Option(help="Shift the tile grid by this many px (invariance checks).")] = 0,
     scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local Dask workers (default: sized to the machine).")] = None,
     local: Annotated[bool, typer.Option(help="Run in this process, without Dask.")] = False,
@@ -182,7 +183,7 @@ def predict(
     from uvsam.predict import PredictConfig, model_info, run_prediction
 
     cfg = PredictConfig(tile=tile, overlap=overlap, threshold=threshold, refine=refine, min_area_m2=min_area,
-                        simplify_m=simplify, acquired=acquired)
+                        simplify_m=simplify, acquired=acquired, grid_offset=grid_offset)
     if dry_run:
         from uvsam.predict import dry_run as estimate
 
@@ -200,6 +201,34 @@ def predict(
             summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint,
                                      runner=dask_runner(client), log=log)
     typer.echo(json.dumps(summary))
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the synthetic scenes, model and GeoPackage.")] = Path("demo"),
+    local: Annotated[bool, typer.Option(help="Predict in this process instead of a local Dask cluster.")] = False,
+):
+    """The whole pipeline offline on a synthetic city it draws itself (a few minutes on a laptop)."""
+    from uvsam.demo import run_demo
+
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    report = run_demo(out, log, local=local)
+    typer.echo(json.dumps({k: report[k] for k in ("synthetic", "geopackage", "score", "seconds")}))
+
+
+@app.command("run")
+def run_cmd(
+    workflow: Annotated[Path, typer.Argument(help="Workflow YAML (see workflows/).")],
+    dry_run: Annotated[bool, typer.Option(help="Validate and print per-year estimates; write nothing.")] = False,
+    local: Annotated[bool | None, typer.Option("--local/--dask", help="Override the file's execution.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local Dask workers (overrides the file).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT (overrides the file).")] = None,
+):
+    """Run a workflow: each year's scenes predicted into its own layer of one output."""
+    from uvsam.workflow import run
+
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    typer.echo(json.dumps(run(workflow, log, dry_run, local, workers, scheduler), indent=2 if dry_run else None))
 
 
 @app.command("import-xyz")

@@ -8,6 +8,7 @@ order. The local cluster binds its scheduler and dashboard to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +42,7 @@ def make_client(scheduler: str | None = None, workers: int | None = None, thread
     """
     if scheduler:
         return Client(scheduler)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # no INFO chatter on the user's terminal
     cores = os.cpu_count() or 1
     n = workers or max(1, cores // 4)
     cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, host="127.0.0.1",

@@ -17,7 +17,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On any error the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    # the real extension last: drivers that choose a format by it (GDAL's GPKG) stay quiet
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)

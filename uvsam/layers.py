@@ -11,6 +11,7 @@ an interrupted run leaves the previous file as it was.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,12 +70,22 @@ def companion(layer: str, kind: str) -> str:
     return kind if layer == "villages" else f"{layer}_{kind}"
 
 
+def layer_problem(layer: str) -> str | None:
+    """Why ``layer`` cannot name a villages layer, or None if it can."""
+    if layer in ("runs", "layer_styles", "candidates", "tiles") or layer.endswith(("_candidates", "_tiles")):
+        return f"layer {layer!r} is a reserved name (runs, layer_styles, candidates, tiles, *_candidates, *_tiles)"
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", layer):
+        return f"layer {layer!r}: use a letter or _ then letters, digits or _ (at most 63 characters)"
+    return None
+
+
 def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidates: gpd.GeoDataFrame,
                      tiles: gpd.GeoDataFrame, run: dict) -> None:
     """Write (or replace) ``layer`` and its companions in ``out``; other layers are kept."""
     out = Path(out)
-    if layer in ("runs", "layer_styles", "candidates", "tiles") or layer.endswith(("_candidates", "_tiles")):
-        raise InputError(f"--layer {layer!r} is a reserved name", out)
+    problem = layer_problem(layer)
+    if problem:
+        raise InputError(problem, out)
     if out.exists():
         try:
             pyogrio.list_layers(out)

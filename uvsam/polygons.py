@@ -78,7 +78,8 @@ def clean(polygons: list, crs, min_area_m2: float, simplify_m: float) -> list[Po
 
 
 def measure(polygons: list, crs) -> tuple[np.ndarray, np.ndarray]:
-    """(area m^2, perimeter m) of each polygon, in a local equal-area projection."""
+    """(area m^2, perimeter m) of each polygon, in a local equal-area projection; the perimeter
+    includes the boundaries of holes (as shapely's and QGIS's do)."""
     if not polygons:
         return np.zeros(0), np.zeros(0)
     to_m = _projector(crs, local_equal_area(polygons, crs))

@@ -65,6 +65,31 @@ class PredictConfig:
     simplify_m: float | None = None  # None: the model's GSD
     block_rows: int = 2048
     acquired: str | None = None
+    grid_offset: int = 0  # shift the tile grid up-left by this many pixels (a grid-invariance check)
+
+    def __post_init__(self):
+        problems = []
+        if self.tile < 32:
+            problems.append(f"tile must be at least 32 px, got {self.tile}")
+        if not 0 <= self.overlap < self.tile:
+            problems.append(f"overlap must be in [0, tile {self.tile}), got {self.overlap}")
+        if not 0 <= self.grid_offset < self.tile:
+            problems.append(f"grid offset must be in [0, tile {self.tile}), got {self.grid_offset}")
+        if not 0 < self.threshold < 1:
+            problems.append(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.window < 64 or self.window <= 2 * self.window_margin:
+            problems.append(f"refinement window {self.window} px too small for its margin {self.window_margin}")
+        if self.batch_size < 1 or self.block_rows < 1:
+            problems.append("batch size and block rows must be positive")
+        if self.min_area_m2 < 0 or (self.simplify_m is not None and self.simplify_m < 0):
+            problems.append("minimum area and simplification tolerance cannot be negative")
+        if self.acquired is not None:
+            try:
+                datetime.strptime(self.acquired, "%Y-%m-%d")
+            except ValueError:
+                problems.append(f"acquired must be a date YYYY-MM-DD, got {self.acquired!r}")
+        if problems:
+            raise InputError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,7 +159,8 @@ def model_info(path: str | Path, checkpoint: str | Path | None = None) -> ModelI
 def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
     """The tiling plan and the per-scene preparation (stretch, radiometry) of one scene."""
     read = ReadOptions(info.bands, info.gsd_m)
-    scene = plan(path, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read))
+    scene = plan(path, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read, offset=cfg.grid_offset,
+                                    edges="inside"))
     source_radiometry = None
     if info.harmonise:
         with RasterSource(path, read) as src:
@@ -432,23 +458,30 @@ def find_scenes(specs: list[str]) -> list[Path]:
 
 def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: PredictConfig = PredictConfig(),
                    layer: str = "villages", fmt: str = "gpkg", crs: str | None = None,
-                   checkpoint: str | Path | None = None, runner: Runner = run_local, log=print) -> dict:
+                   checkpoint: str | Path | None = None, runner: Runner = run_local, log=print,
+                   run_extra: dict | None = None) -> dict:
     """Predict every scene and write the layers; returns a summary.
 
     Resumable: finished tasks are journaled beside the output (``OUT.work/journal``), so the
     same command run again after an interruption skips them and writes the same layers. The
     run id is derived from the inputs, model and configuration, so it too is the same.
+    ``run_extra`` adds columns to the ``runs`` table (a workflow stores its name and text).
     """
     import shutil
 
     import geopandas as gpd
 
     from uvsam import __version__
-    from uvsam.layers import write_geopackage, write_vector
+    from uvsam.layers import FORMATS, layer_problem, write_geopackage, write_vector
 
     out = Path(out)
     if not out.parent.is_dir():
         raise InputError("output folder does not exist", out.parent)
+    problem = layer_problem(layer) if fmt == "gpkg" else None
+    if problem:
+        raise InputError(problem, out)
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: use {', '.join(FORMATS)}", out)
     paths = find_scenes(scenes)
     info = model_info(model, checkpoint)
     identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
@@ -487,7 +520,8 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
            "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
            "model_gsd_m": info.gsd_m, "normalisation": info.normalisation, "harmonise": info.harmonise,
-           "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           **(run_extra or {})}
     if fmt == "gpkg":
         empty = gpd.GeoDataFrame({"scene": []}, geometry=[], crs=out_crs)
         write_geopackage(out, layer, villages,
@@ -506,7 +540,8 @@ def plan_run(paths: list[Path], info: ModelInfo, cfg: PredictConfig) -> list[dic
     rows = []
     for p in paths:
         read = ReadOptions(info.bands, info.gsd_m)
-        scene = plan(p, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read))
+        scene = plan(p, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read, offset=cfg.grid_offset,
+                                    edges="inside"))
         with RasterSource(p, read) as src:
             _, valid = src.read_overview(1_000_000)
             px_area = (src.ground_res[0] * src.ground_res[1]) if src.ground_res else info.gsd_m**2

@@ -4,7 +4,9 @@ Schedule: the first epochs train the specialist alone on freshly drawn random vi
 crop, flip, rotation, colour), which is cheap; the last ``sam_epochs`` train the whole UV-SAM
 path (specialist, fusion head and the optional parts) on a fixed, seeded pool of views whose
 generalist embeddings are computed once and cached, while colour augmentation still varies
-what the specialist sees. AdamW with linear warm-up and cosine decay; a checkpoint after every
+what the specialist sees. AdamW with linear warm-up and cosine decay, restarted for the UV-SAM
+epochs (the fusion head starts there from identity and needs a real learning rate, not the
+tail of the specialist's schedule); a checkpoint after every
 epoch (``--resume`` continues from it); per-epoch seeds, so a resumed run equals an
 uninterrupted one; metrics to CSV (and TensorBoard when installed).
 """
@@ -122,6 +124,14 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def phase_lr_factor(step: int, warmup: int, total: int, sam_steps: int) -> float:
+    """:func:`lr_factor` over the specialist steps, then again (warm restart) over the last ``sam_steps``."""
+    first = total - sam_steps
+    if step < first:
+        return lr_factor(step, warmup, first)
+    return lr_factor(step - first, min(warmup, max(1, sam_steps // 4)), sam_steps)
 
 
 @dataclass
@@ -324,7 +334,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total))
+    sam_steps = (cfg.sam_epochs if cfg.sam_weight > 0 else 0) * cfg.steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: phase_lr_factor(s, cfg.warmup_steps, total, sam_steps))
     history: list[dict] = []
     step_rows: list[dict] = []
     start = 0

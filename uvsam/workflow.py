@@ -1,0 +1,180 @@
+"""Workflows: a YAML file naming the scenes of each year, the model and the output layers.
+
+    uvsam run workflows/single_city.yaml
+
+A workflow is validated as a whole before anything runs (every error at once, each with its
+place in the file), paths are relative to the file's folder, and each year is one
+``uvsam predict`` into its own layer of the same GeoPackage, on one Dask cluster. Runs resume
+like ``uvsam predict``: run the file again after an interruption and finished work is skipped.
+The workflow's own text is stored in the output's ``runs`` table with every year's run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from uvsam.errors import InputError
+from uvsam.predict import PredictConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Year(Strict):
+    """One year (or date) of imagery and the layer its villages go to."""
+
+    layer: str
+    scenes: list[str] = Field(min_length=1)
+    acquired: str | None = Field(default=None, description="YYYY-MM-DD; stored with every village")
+
+    @field_validator("layer")
+    @classmethod
+    def _layer(cls, v: str) -> str:
+        from uvsam.layers import layer_problem
+
+        problem = layer_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("acquired", mode="before")
+    @classmethod
+    def _date(cls, v):
+        return None if v is None else str(v)  # YAML reads 2020-07-01 as a date
+
+
+class Execution(Strict):
+    """Where the work runs: this process, a local Dask cluster, or an existing scheduler."""
+
+    local: bool = False
+    workers: int | None = Field(default=None, ge=1)
+    scheduler: str | None = Field(default=None, pattern=r"^(tcp|tls|inproc|ws|wss)://")
+
+
+class PredictOptions(Strict):
+    """The ``uvsam predict`` options a workflow may set (defaults: those of the command)."""
+
+    tile: int = PredictConfig.tile
+    overlap: int = PredictConfig.overlap
+    batch_size: int = PredictConfig.batch_size
+    threshold: float = PredictConfig.threshold
+    refine: bool = PredictConfig.refine
+    window: int = PredictConfig.window
+    min_area_m2: float = PredictConfig.min_area_m2
+    simplify_m: float | None = PredictConfig.simplify_m
+
+
+class Workflow(Strict):
+    """A whole workflow file."""
+
+    name: str
+    model: Path
+    checkpoint: Path | None = None
+    out: Path
+    format: Literal["gpkg", "geojson", "parquet", "fgb"] = "gpkg"
+    crs: str | None = None
+    predict: PredictOptions = PredictOptions()
+    execution: Execution = Execution()
+    years: list[Year] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _layers(self):
+        layers = [y.layer for y in self.years]
+        dupes = sorted({x for x in layers if layers.count(x) > 1})
+        if dupes:
+            raise ValueError(f"layer(s) {', '.join(dupes)} named by more than one year")
+        if self.format != "gpkg" and len(self.years) > 1:
+            raise ValueError(f"{self.format} holds one layer: several years need format gpkg")
+        return self
+
+    def config(self, year: Year) -> PredictConfig:
+        return PredictConfig(**self.predict.model_dump(), acquired=year.acquired)
+
+
+def load(path: str | Path) -> tuple[Workflow, str]:
+    """The validated workflow (paths resolved against the file's folder) and its text.
+
+    Raises :class:`InputError` naming the file and every problem found, with its place.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("workflow file does not exist", path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"not valid YAML{where} ({getattr(e, 'problem', None) or e})", path) from None
+    if not isinstance(raw, dict):
+        raise InputError("a workflow is a YAML mapping (name, model, out, years, ...)", path)
+    try:
+        wf = Workflow.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "workflow"
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        raise InputError("; ".join(problems), path) from None
+    try:
+        [wf.config(y) for y in wf.years]  # the prediction options checked together
+    except InputError as e:
+        raise InputError(f"predict: {e.problem}", path) from None
+    base = path.parent
+
+    def resolve(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else base / p)
+
+    def scene(s: str) -> str:
+        return s if Path(s).is_absolute() else str(base / s)
+
+    years = [y.model_copy(update={"scenes": [scene(s) for s in y.scenes]}) for y in wf.years]
+    wf = wf.model_copy(update={"model": resolve(wf.model), "checkpoint": resolve(wf.checkpoint),
+                               "out": resolve(wf.out), "years": years})
+    if not wf.model.is_file():
+        raise InputError(f"model: {wf.model} does not exist", path)
+    if wf.checkpoint is not None and not wf.checkpoint.is_file():
+        raise InputError(f"checkpoint: {wf.checkpoint} does not exist", path)
+    return wf, text
+
+
+def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None = None,
+        workers: int | None = None, scheduler: str | None = None) -> list[dict]:
+    """Run every year of a workflow; returns one summary per year (or the estimates with ``dry_run``).
+
+    ``local``, ``workers`` and ``scheduler`` override the file's ``execution`` section.
+    """
+    from uvsam.predict import dry_run as estimate
+    from uvsam.predict import find_scenes, model_info, run_prediction
+
+    wf, text = load(path)
+    for y in wf.years:  # every scene is found before any year runs
+        find_scenes(y.scenes)
+    if dry_run:
+        return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint)} for y in wf.years]
+    ex = wf.execution
+    local = ex.local if local is None else local
+    extra = {"workflow": wf.name, "workflow_yaml": text}
+
+    def each(runner=None) -> list[dict]:
+        out = []
+        for y in wf.years:
+            log(f"{wf.name}: {y.layer} ({len(y.scenes)} scene spec(s))")
+            kwargs = {"runner": runner} if runner is not None else {}
+            out.append(run_prediction(y.scenes, wf.model, wf.out, wf.config(y), y.layer, wf.format, wf.crs,
+                                      wf.checkpoint, log=log, run_extra=extra, **kwargs))
+        return out
+
+    if local:
+        return each()
+    from uvsam.distributed import dask_runner, make_client, register_model
+
+    with make_client(scheduler or ex.scheduler, workers or ex.workers) as client:
+        register_model(client, model_info(wf.model, wf.checkpoint))
+        return each(dask_runner(client))
