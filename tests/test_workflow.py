@@ -18,8 +18,7 @@ def _stage(example: str, tmp_path, model, imagery: dict) -> tuple:
     wf = tmp_path / example
     shutil.copy(EXAMPLES / example, wf)
     (tmp_path / "models").mkdir()
-    (tmp_path / "models/villages.ckpt").symlink_to(model)
-    (tmp_path / "out").mkdir()
+    (tmp_path / "models/villages.ckpt").symlink_to(model)  # out/ is created by the run
     for rel, target in imagery.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).symlink_to(target)

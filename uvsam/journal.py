@@ -18,10 +18,12 @@ import numpy as np
 
 from uvsam.files import atomic_path
 
+FORMAT = 2  # of the stored results; part of every journal's identity, so older ones are never misread
+
 
 class Journal:
     def __init__(self, root: str | Path, *identity: object):
-        h = hashlib.sha256(json.dumps([str(i) for i in identity], sort_keys=True).encode()).hexdigest()[:16]
+        h = hashlib.sha256(json.dumps([FORMAT, *(str(i) for i in identity)]).encode()).hexdigest()[:16]
         self.root = Path(root) / h
         self.root.mkdir(parents=True, exist_ok=True)
         self.hits = 0
@@ -35,17 +37,17 @@ class Journal:
     def has_blobs(self, key: str) -> bool:
         return self._path("window", key, ".json").exists()
 
-    def load_arrays(self, key: str) -> list[np.ndarray] | None:
+    def load_arrays(self, key: str) -> dict[str, np.ndarray] | None:
         p = self._path("tiles", key, ".npz")
         if not p.exists():
             return None
         with np.load(p, allow_pickle=False) as z:
             self.hits += 1
-            return [z[f"a{i}"] for i in range(len(z.files))]
+            return {name: z[name] for name in z.files}
 
-    def save_arrays(self, key: str, arrays: list[np.ndarray]) -> None:
+    def save_arrays(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         with atomic_path(self._path("tiles", key, ".npz")) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays)})
+            np.savez(f, **arrays)
 
     def load_blobs(self, key: str) -> list[bytes] | None:
         p = self._path("window", key, ".json")

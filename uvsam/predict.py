@@ -190,23 +190,24 @@ def read_tile(prep: ScenePrep, info: ModelInfo, window: Window, src: RasterSourc
     return img, valid
 
 
-def specialist_batch(prep: ScenePrep, info: ModelInfo, windows: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
-    """Village probability (size, size) float32 of each tile window (col, row, w, h); NaN where invalid."""
+def specialist_batch(prep: ScenePrep, info: ModelInfo, windows: list[tuple[int, int, int, int]]) -> dict:
+    """Village probabilities of tile windows (col, row, w, h), read and computed together.
+
+    Returns ``prob`` (n, size, size) float32, NaN where the input was invalid, and ``seconds``
+    the batch took on its worker (reading included), for the tiles layer.
+    """
     import torch
 
+    t0 = time.perf_counter()
     model = get_model(info)
     with RasterSource(prep.path, prep.read) as src:
         tiles = [read_tile(prep, info, Window(*w), src) for w in windows]
     x = torch.from_numpy(np.stack([t[0] for t in tiles]))
     with torch.inference_mode():
         logits, _ = model.run_specialist(x)
-        prob = torch.softmax(logits, 1)[:, 1].numpy()
-    out = []
-    for p, (_, valid) in zip(prob, tiles, strict=True):
-        p = p.astype(np.float32)
-        p[~valid] = np.nan
-        out.append(p)
-    return out
+        prob = torch.softmax(logits, 1)[:, 1].numpy().astype(np.float32)
+    prob[~np.stack([valid for _, valid in tiles])] = np.nan
+    return {"prob": prob, "seconds": np.float64(time.perf_counter() - t0)}
 
 
 # -- 2. candidates ----------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def candidates_from_mosaic(mosaic: Path, threshold: float, block_rows: int) -> l
             win = Window(0, r0, ds.width, min(block_rows, ds.height - r0))
             prob = ds.read(1, window=win)
             mask = np.nan_to_num(prob, nan=0.0) >= threshold
-            pieces += polygonise(mask, ds.window_transform(win))
+            pieces += polygonise(mask, ds.transform @ Affine.translation(0, r0))
     return merge(pieces)
 
 
@@ -311,13 +312,31 @@ def mean_probability(mosaic: Path, polygons: list) -> np.ndarray:
     out = np.zeros(len(polygons))
     with rasterio.open(mosaic) as ds:
         for i, p in enumerate(polygons):
-            win = rasterio.windows.from_bounds(*p.bounds, transform=ds.transform).round_offsets().round_lengths()
+            x0, y0, x1, y1 = p.bounds
+            (ca, ra), (cb, rb) = ~ds.transform @ (x0, y1), ~ds.transform @ (x1, y0)
+            c0, r0 = math.floor(min(ca, cb)), math.floor(min(ra, rb))
+            win = Window(c0, r0, math.ceil(max(ca, cb)) - c0, math.ceil(max(ra, rb)) - r0)
             win = win.intersection(Window(0, 0, ds.width, ds.height))
             prob = ds.read(1, window=Window(win.col_off, win.row_off, max(1, win.width), max(1, win.height)))
-            inside = geometry_mask([p], prob.shape, ds.window_transform(win), invert=True, all_touched=True)
+            inside = geometry_mask([p], prob.shape, ds.transform @ Affine.translation(win.col_off, win.row_off),
+                                  invert=True, all_touched=True)
             vals = prob[inside & np.isfinite(prob)]
             out[i] = float(vals.mean()) if vals.size else float("nan")
     return out
+
+
+def _tile_row(tile: Tile, grid, status: str, seconds: float | None, valid_fraction: float) -> dict:
+    """A feature of the tiles layer: where the tile is, whether it ran, how long it took."""
+    return {"index": tile.index, "row": tile.row, "col": tile.col, "status": status, "seconds": seconds,
+            "valid_fraction": round(valid_fraction, 4),
+            "geometry": shapely.box(*_bounds(tile.window, grid.transform))}
+
+
+def _bounds(window: Window, transform: Affine) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) of a pixel window (rasterio.windows.bounds, without its deprecated ``*``)."""
+    c0, r0 = window.col_off, window.row_off
+    (xa, ya), (xb, yb) = transform @ (c0, r0), transform @ (c0 + window.width, r0 + window.height)
+    return min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)
 
 
 def tile_windows(scene) -> list[tuple[Tile, tuple[int, int, int, int]]]:
@@ -390,13 +409,17 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
         keys = [f"{g[0][0].index}-{g[-1][0].index}" for g in groups]
         results = run_journaled(runner, specialist_batch, [(prep, info, [w for _, w in g]) for g in groups], keys,
                                 journal.has_arrays, journal.load_arrays, journal.save_arrays)
-        for group, probs in zip(groups, results, strict=True):
+        for group, result in zip(groups, results, strict=True):
             if progress is not None:
                 progress("tiles", len(group))
-            for (tile, _), p in zip(group, probs, strict=True):
-                stitcher.add(tile, p[None], np.isfinite(p))
-                tile_rows.append({"index": tile.index, "row": tile.row, "col": tile.col, "status": "done",
-                                  "geometry": shapely.box(*rasterio.windows.bounds(tile.window, scene.grid.transform))})
+            seconds = float(result["seconds"]) / len(group)
+            for (tile, _), p in zip(group, result["prob"], strict=True):
+                valid = np.isfinite(p)
+                stitcher.add(tile, p[None], valid)
+                tile_rows.append(_tile_row(tile, scene.grid, "done", round(seconds, 3), float(valid.mean())))
+    done = {r["index"] for r in tile_rows}
+    tile_rows += [_tile_row(t, scene.grid, "nodata", None, 0.0) for t in scene.grid if t.index not in done]
+    tile_rows.sort(key=lambda r: r["index"])
     candidates = candidates_from_mosaic(mosaic, cfg.threshold, cfg.block_rows)
     simplify = info.gsd_m if cfg.simplify_m is None else cfg.simplify_m
     refined_flags = [False] * len(candidates)
@@ -406,7 +429,7 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
         boxes = []
         for c in candidates:
             x0, y0, x1, y1 = c.bounds
-            (ca, ra), (cb, rb) = inv * (x0, y1), inv * (x1, y0)
+            (ca, ra), (cb, rb) = inv @ (x0, y1), inv @ (x1, y0)
             boxes.append((min(ca, cb), min(ra, rb), max(ca, cb), max(ra, rb)))
         boxes_px = np.asarray(boxes, np.float32)
         areas, _ = measure_polygons(candidates, prep.crs)
@@ -509,7 +532,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
             t["scene"] = path.name
             tiles.append(t.to_crs(out_crs))
         log(f"{path.name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
-            f"{len(res.candidates)} candidates, {len(res.tiles)} tiles")
+            f"{len(res.candidates)} candidates, {sum(r['status'] == 'done' for r in res.tiles)} tiles")
     columns = ["village_id", "area_m2", "perimeter_m", "mean_prob", "refined", "scene", "acquired", "model_sha256",
                "run_id"]
     if frames:

@@ -160,6 +160,7 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
         return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint)} for y in wf.years]
     ex = wf.execution
     local = ex.local if local is None else local
+    wf.out.parent.mkdir(parents=True, exist_ok=True)  # a workflow names its output folder: create it
     extra = {"workflow": wf.name, "workflow_yaml": text}
 
     def each(runner=None) -> list[dict]:
