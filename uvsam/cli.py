@@ -203,6 +203,40 @@ def predict(
     typer.echo(json.dumps(summary))
 
 
+@app.command("change")
+def change_cmd(
+    years: Annotated[list[str], typer.Argument(help="YEAR=FILE[:LAYER], oldest first (e.g. 2018=v.gpkg:y2018).")],
+    out: Annotated[Path, typer.Option(help="Output GeoPackage (changes, villages_tracked, tables); CSVs beside.")],
+    min_overlap: Annotated[float, typer.Option(help="Share of the smaller village two must share to link.")] = 0.1,
+    stable_pct: Annotated[float, typer.Option(help="Area change (%) still counted as stable.")] = 10.0,
+    districts: Annotated[Path | None, typer.Option(help="Polygon layer of districts to sum by.")] = None,
+    district_field: Annotated[str | None, typer.Option(help="Districts' name field (default: first text).")] = None,
+    centre: Annotated[str | None, typer.Option(help="LON,LAT of the centre for distance rings.")] = None,
+    ring_km: Annotated[float, typer.Option(help="Width of the distance rings (km).")] = 2.0,
+    analysis_crs: Annotated[str | None, typer.Option(help="Projected analysis CRS (default: equal-area).")] = None,
+    crs: Annotated[str | None, typer.Option(help="CRS of the output layers (default: the analysis CRS).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
+    image: Annotated[list[str], typer.Option(help="YEAR=RASTER imagery (co-registration, report); repeatable.")] = [],  # noqa: B006
+    max_shift: Annotated[float, typer.Option(help="Warn when years' imagery is shifted more (m).")] = 5.0,
+):
+    """Village lifecycles across years (new, demolished, stable, expanded, shrunk, split, merged)."""
+    from uvsam.change import ChangeConfig, run_change
+
+    point = None
+    if centre is not None:
+        try:
+            lon, lat = (float(v) for v in centre.split(","))
+        except ValueError:
+            raise InputError(f"--centre {centre!r}: give LON,LAT in degrees, e.g. 116.397,39.909") from None
+        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+            raise InputError(f"--centre {centre!r}: longitude or latitude out of range")
+        point = (lon, lat)
+    cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs)
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    typer.echo(json.dumps(run_change(years, out, cfg, districts, district_field, point, ring_km, crs, report,
+                                     image, max_shift, log)))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the synthetic scenes, model and GeoPackage.")] = Path("demo"),

@@ -1,0 +1,263 @@
+"""Multi-year change (issue 6): lifecycles with known answers built from the real Beijing
+village masks, persistent ids through a split and a merge, areas that add up, the same
+changes whatever CRS the years come in, and summaries by district and distance ring."""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import pytest
+import shapely
+from PIL import Image
+
+from tests.conftest import run_cli
+from tiles.xyz import xyz_transform
+from uvsam.change import ChangeConfig, YearLayer, by_district, by_ring, track
+from uvsam.polygons import clean, merge, polygonise
+
+
+@pytest.fixture(scope="module")
+def villages(data_dir) -> gpd.GeoDataFrame:
+    """The five distinct villages of the Beijing masks (train and val), EPSG:3857, largest first."""
+    polys = []
+    for split in ("train", "val"):
+        for p in sorted((data_dir / f"beijing-uv/mask/{split}").glob("*.png")):
+            y, x = map(int, p.stem.split("_"))
+            polys += polygonise(np.asarray(Image.open(p)) > 0, xyz_transform(x, y, 17))
+    polys = clean(merge(polys), "EPSG:3857", 2500.0, 2.0)
+    gdf = gpd.GeoDataFrame(geometry=polys, crs="EPSG:3857")
+    gdf = gdf.assign(a=gdf.to_crs(gdf.estimate_utm_crs()).area).sort_values("a", ascending=False)
+    assert len(gdf) == 5
+    return gdf.drop(columns="a").reset_index(drop=True)
+
+
+def _years(v: gpd.GeoDataFrame) -> list[YearLayer]:
+    """2018: the five real villages. 2020: the largest split in two by a 40 m corridor, the second
+    demolished, the third shrunk and the fourth grown by 30 m (on the ground), the fifth unchanged,
+    and a new village (the demolished one's outline moved 3 km east). 2022: the two pieces merged
+    back into one, everything else as in 2020."""
+    utm = v.estimate_utm_crs()
+    g = list(v.to_crs(utm).geometry)
+    big = g[0]
+    c = big.centroid
+    corridor = shapely.box(c.x - 20, big.bounds[1] - 1, c.x + 20, big.bounds[3] + 1)
+    pieces = list(shapely.get_parts(big.difference(corridor)))
+    pieces = sorted(pieces, key=lambda p: -p.area)[:2]
+    new = shapely.affinity.translate(g[1], 3000, 0)
+    y2020 = [*pieces, g[2].buffer(-30), g[3].buffer(30), g[4], new]
+    y2022 = [shapely.union_all(pieces).buffer(25).buffer(-25), g[2].buffer(-30), g[3].buffer(30), g[4], new]
+
+    def layer(year, geoms):
+        return YearLayer(year, f"test:{year}", gpd.GeoDataFrame(geometry=geoms, crs=utm).to_crs(v.crs))
+
+    return [layer("2018", g), layer("2020", y2020), layer("2022", y2022)]
+
+
+def _write_years(villages, path, n: int = 3):
+    """The first ``n`` years as layers villages_YEAR of one GeoPackage."""
+    for y in _years(villages)[:n]:
+        pyogrio.write_dataframe(y.villages, path, layer=f"villages_{y.year}")
+    return path
+
+
+def _events(result, year_from):
+    ch = result.changes[result.changes["year_from"] == year_from]
+    return sorted(zip(ch["lifecycle"], ch["uids_from"], ch["uids_to"], strict=True))
+
+
+def test_every_lifecycle_is_classified_with_persistent_ids(villages):
+    result = track(_years(villages))
+    first = result.villages[result.villages["year"] == "2018"].reset_index(drop=True)
+    uid = dict(zip(range(5), first["village_uid"], strict=True))  # in the fixture's (area) order
+    assert sorted(uid.values()) == ["V0001", "V0002", "V0003", "V0004", "V0005"]
+    e = _events(result, "2018")
+    assert ("split", uid[0], f"{uid[0]},{uid[0]}.2") in e  # the larger piece keeps the id
+    assert ("demolished", uid[1], "") in e
+    assert ("shrunk", uid[2], uid[2]) in e
+    assert ("expanded", uid[3], uid[3]) in e
+    assert ("stable", uid[4], uid[4]) in e
+    assert ("new", "", "V0006") in e and len(e) == 6
+    e2 = _events(result, "2020")
+    assert ("merged", f"{uid[0]},{uid[0]}.2", uid[0]) in e2  # merged back under the original id
+    assert sorted(x[0] for x in e2) == ["merged", "stable", "stable", "stable", "stable"]
+    assert {lc for lc, *_ in e + e2} == {"new", "demolished", "stable", "expanded", "shrunk", "split", "merged"}
+
+
+def test_areas_add_up(villages):
+    result = track(_years(villages))
+    v, ch = result.villages, result.changes
+    for year, total in zip(result.years["year"], result.years["area_km2"], strict=True):
+        assert v.loc[v["year"] == year, "area_m2"].sum() / 1e6 == pytest.approx(total, rel=1e-6)
+    for (y0, y1), events in ch.groupby(["year_from", "year_to"]):
+        assert events["area_from_m2"].sum() == pytest.approx(v.loc[v["year"] == y0, "area_m2"].sum(), abs=1)
+        assert events["area_to_m2"].sum() == pytest.approx(v.loc[v["year"] == y1, "area_m2"].sum(), abs=1)
+    grown = ch[(ch["lifecycle"] == "expanded")].iloc[0]
+    assert grown["change_m2"] == pytest.approx(grown["area_to_m2"] - grown["area_from_m2"], abs=0.2)
+    assert grown["change_pct"] > 10
+    # ground areas, not Web Mercator's inflated ones (about 1.7x at Beijing's latitude)
+    src = _years(villages)[0].villages
+    assert v.loc[v["year"] == "2018", "area_m2"].sum() == pytest.approx(
+        src.to_crs(src.estimate_utm_crs()).area.sum(), rel=2e-3)
+
+
+def test_the_same_layers_in_another_crs_give_the_same_changes(villages):
+    years = _years(villages)
+    a = track(years)
+    b = track([YearLayer(y.year, y.source, y.villages.to_crs(4326)) for y in years])
+    cols = ["year_from", "year_to", "lifecycle", "uids_from", "uids_to", "n_from", "n_to"]
+    assert a.changes[cols].equals(b.changes[cols])
+    np.testing.assert_allclose(a.changes["area_to_m2"], b.changes["area_to_m2"], rtol=1e-5)
+    assert list(a.villages["village_uid"]) == list(b.villages["village_uid"])
+
+
+def test_districts_and_rings_split_areas_exactly(villages):
+    result = track(_years(villages))
+    v = result.villages
+    x0, y0, x1, y1 = v.to_crs(3857).total_bounds
+    xm = (x0 + x1) / 2
+    districts = gpd.GeoDataFrame({"name": ["west", "east"]},
+                                 geometry=[shapely.box(x0 - 10, y0 - 10, xm, y1 + 10),
+                                           shapely.box(xm, y0 - 10, x1 + 10, y1 + 10)], crs=3857)
+    d = by_district(v, districts)
+    lon, lat = gpd.GeoSeries([shapely.Point(xm, (y0 + y1) / 2)], crs=3857).to_crs(4326).iloc[0].coords[0]
+    r = by_ring(v, (lon, lat), 2.0)
+    for year, total in zip(result.years["year"], result.years["area_km2"], strict=True):
+        assert d.loc[d["year"] == year, "area_km2"].sum() == pytest.approx(total, rel=1e-4)
+        assert r.loc[r["year"] == year, "area_km2"].sum() == pytest.approx(total, rel=1e-4)
+    assert set(d["district"]) == {"west", "east"} and (r["ring_to_km"] - r["ring_from_km"] == 2.0).all()
+
+
+def test_change_command_writes_layers_tables_and_csv(villages, tmp_path, capsys):
+    src = _write_years(villages, tmp_path / "years.gpkg")
+    out = tmp_path / "changes.gpkg"
+    args = ["change", *(f"{y}={src}:villages_{y}" for y in ("2018", "2020", "2022")), "--out", out,
+            "--centre", "116.6,39.9", "--ring-km", "5"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    layers = {n for n, _ in pyogrio.list_layers(out)}
+    assert {"changes", "villages_tracked", "years", "rings", "runs"} <= layers
+    assert (tmp_path / "changes_years.csv").read_text().startswith("year,villages,area_km2")
+    assert (tmp_path / "changes_changes.csv").is_file() and (tmp_path / "changes_rings.csv").is_file()
+    ch = pyogrio.read_dataframe(out, layer="changes")
+    assert set(ch["lifecycle"]) == {"new", "demolished", "stable", "expanded", "shrunk", "split", "merged"}
+    assert '"split": 1' in stdout and '"merged": 1' in stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["2018=nowhere.gpkg:y"], "nowhere.gpkg: file does not exist"),
+    (["2018"], "give YEAR=FILE"),
+    (["2018={src}:villages_2018", "2018={src}:villages_2020"], "year labels repeat"),
+    (["2018={src}:villages_2018"], "at least two years"),
+    (["2018={src}:nope", "2020={src}:villages_2020"], "has no layer 'nope'"),
+    (["2018={src}", "2020={src}:villages_2020"], "name one as"),
+])
+def test_bad_change_inputs_are_refused_in_one_line(villages, tmp_path, capsys, args, expected):
+    src = _write_years(villages, tmp_path / "years.gpkg", 2)
+    out = tmp_path / "c.gpkg"
+    code, _, err = run_cli(["change", *(a.format(src=src) for a in args), "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_change_config_is_validated():
+    with pytest.raises(Exception, match="geographic"):
+        ChangeConfig(crs="EPSG:4326")
+    with pytest.raises(Exception, match="min_overlap"):
+        ChangeConfig(min_overlap=0)
+
+
+@pytest.fixture(scope="module")
+def report(villages, beijing, tmp_path_factory):
+    """`uvsam change --report` over the three years, with the real imagery for thumbnails."""
+    from uvsam.cli import main
+
+    tmp = tmp_path_factory.mktemp("report")
+    src = _write_years(villages, tmp / "years.gpkg")
+    out = tmp / "report.html"
+    imagery = [f"--image={y}={beijing / 'train/images.vrt'}" for y in ("2018", "2020", "2022")]
+    assert main(["change", *(f"{y}={src}:villages_{y}" for y in ("2018", "2020", "2022")), "--out",
+                 str(tmp / "c.gpkg"), "--report", str(out), "--centre", "116.6,39.9", *imagery]) == 0
+    return out
+
+
+def test_report_is_self_contained_with_maps_charts_and_thumbnails(report):
+    """The HTML report needs nothing from the network; its thumbnails show the real imagery."""
+    import base64
+    import io
+    import re
+
+    text = report.read_text()
+    assert "<svg" in text and text.count("<h2>Changes") == 2 and "Largest changes" in text
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", text)  # nothing fetched when viewed
+    uris = re.findall(r"src='data:image/png;base64,([^']+)'", text)
+    assert len(uris) >= 4  # before/after pairs where the imagery covers the change
+    for uri in uris:
+        img = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"))
+        assert img.std() > 10  # real imagery, not a blank square
+
+
+def test_coregistration_shift_is_measured_in_metres_and_warned_about(villages, beijing, tmp_path, capsys):
+    """The 2020 imagery is a real Beijing tile georeferenced 6 m east and 4 m south of the truth:
+    the shift is measured within half a metre and reported as a warning."""
+    import rasterio
+    from affine import Affine
+
+    from uvsam.coregister import estimate_shift
+
+    tile = beijing / "train/images/49566_107866.tif"
+    shifted = tmp_path / "shifted.tif"
+    with rasterio.open(tile) as ds:
+        k = 1 / np.cos(np.radians(39.95))  # Web Mercator metres per ground metre at Beijing
+        profile = dict(ds.profile, transform=Affine.translation(6 * k, -4 * k) @ ds.transform)
+        with rasterio.open(shifted, "w", **profile) as out:
+            out.write(ds.read())
+    shift = estimate_shift(tile, shifted, "+proj=laea +lat_0=39.9 +lon_0=116.4 +datum=WGS84 +units=m")
+    assert shift.east_m == pytest.approx(6, abs=0.5) and shift.north_m == pytest.approx(-4, abs=0.5)
+    same = estimate_shift(tile, beijing / "train/images/49566_107868.tif", "EPSG:32650")  # overlapping tiles
+    assert same.metres < 0.5
+
+    src = _write_years(villages, tmp_path / "years.gpkg", 2)
+    code, stdout, err = run_cli(["change", f"2018={src}:villages_2018", f"2020={src}:villages_2020", "--out",
+                                 tmp_path / "c.gpkg", "--image", f"2018={tile}", "--image", f"2020={shifted}"], capsys)
+    assert code == 0, err
+    assert "warning: the 2020 imagery is shifted 7." in err
+    assert '"warning": true' in stdout
+
+
+def _chromium() -> str:
+    import os
+    import shutil
+
+    for name in (os.environ.get("UVSAM_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise AssertionError("no Chromium found: install it (Debian: apt-get install chromium) or set UVSAM_CHROMIUM; "
+                         "the README's test command does this")
+
+
+def test_report_renders_in_headless_chromium(report):
+    """Opened in a real browser: it renders, every image loads, no console errors, the page is not blank."""
+    from playwright.sync_api import sync_playwright
+
+    errors, requests = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(report.as_uri())
+        page.wait_for_load_state("load")
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+        svgs = page.eval_on_selector_all("svg", "els => els.map(e => e.getBoundingClientRect().width)")
+        shot = page.screenshot(full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []  # nothing from the network
+    assert len(images) >= 4 and all(done and width > 0 for done, width in images)
+    assert len(svgs) >= 4 and min(svgs) > 100
+    import io
+
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"))
+    assert pixels.std() > 20 and (pixels < 128).mean() > 0.02  # ink on the page, not a blank screen

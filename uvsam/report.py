@@ -1,0 +1,244 @@
+"""The change report: one self-contained HTML file a planner can open offline and hand on.
+
+Everything is inside the file (inline SVG maps and charts, PNG thumbnails as data URIs, no
+scripts, fonts or styles from the network): a change map per pair of years coloured by
+lifecycle, before/after thumbnails of the largest changes with the villages outlined (when
+the years' imagery is given), charts of village area and count per year and per distance
+ring, the tables, and the run's metadata.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import shapely
+
+from uvsam.change import ChangeResult
+from uvsam.errors import InputError
+
+COLOURS = {"new": "#1a9850", "demolished": "#d73027", "expanded": "#fc8d59", "shrunk": "#74add1",
+           "stable": "#9e9e9e", "split": "#984ea3", "merged": "#4575b4"}
+THUMB = 240  # px, longest side of a thumbnail
+
+
+# -- SVG --------------------------------------------------------------------------------------
+def _path(geom, x0: float, y1: float, scale: float) -> str:
+    """SVG path data of a (multi)polygon, in a frame whose origin is the map's top-left."""
+    parts = []
+    for poly in shapely.get_parts(geom):
+        if poly.geom_type != "Polygon":
+            continue
+        for ring in [poly.exterior, *poly.interiors]:
+            xy = np.asarray(ring.coords)
+            pts = " ".join(f"{(x - x0) * scale:.1f},{(y1 - y) * scale:.1f}" for x, y in xy)
+            parts.append(f"M{pts}Z")
+    return "".join(parts)
+
+
+def change_map(changes, width: int = 640) -> str:
+    """An SVG map of the events of one pair of years, coloured by lifecycle."""
+    if len(changes) == 0:
+        return "<p>No villages in either year.</p>"
+    x0, y0, x1, y1 = changes.total_bounds
+    pad = 0.03 * max(x1 - x0, y1 - y0, 1.0)
+    x0, y0, x1, y1 = x0 - pad, y0 - pad, x1 + pad, y1 + pad
+    scale = width / (x1 - x0)
+    height = int(np.ceil((y1 - y0) * scale))
+    shapes = []
+    for _, row in changes.iterrows():
+        colour = COLOURS[row["lifecycle"]]
+        title = html.escape(f"{row['lifecycle']}: {row['uids_from'] or '-'} -> {row['uids_to'] or '-'}, "
+                            f"{row['area_from_m2']:.0f} -> {row['area_to_m2']:.0f} m2")
+        shapes.append(f'<path d="{_path(row.geometry, x0, y1, scale)}" fill="{colour}" fill-opacity="0.75" '
+                      f'stroke="#222" stroke-width="0.6" fill-rule="evenodd"><title>{title}</title></path>')
+    km = _nice(0.25 * (x1 - x0) / 1000)
+    bar = km * 1000 * scale
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 24}" '
+            f'viewBox="0 0 {width} {height + 24}" role="img"><rect width="100%" height="{height}" fill="#f7f7f2"/>'
+            + "".join(shapes)
+            + f'<rect x="10" y="{height + 8}" width="{bar:.1f}" height="5" fill="#222"/>'
+            f'<text x="{bar + 16:.1f}" y="{height + 15}" font-size="11">{km:g} km</text></svg>')
+
+
+def _nice(v: float) -> float:
+    """The 1-2-5 number nearest below ``v`` (scale bars, chart ticks)."""
+    if v <= 0:
+        return 1.0
+    e = 10 ** np.floor(np.log10(v))
+    return float(max(m * e for m in (1, 2, 5) if m * e <= v))
+
+
+def bar_chart(labels: list[str], series: dict[str, list[float]], unit: str, width: int = 520) -> str:
+    """Grouped bars (one group per label, one bar per series) as SVG."""
+    height, left, bottom = 220, 56, 40
+    top = max((max(v) for v in series.values() if v), default=0.0) or 1.0
+    n, k = len(labels), max(1, len(series))
+    group = (width - left - 10) / max(1, n)
+    bw = 0.8 * group / k
+    palette = ["#4575b4", "#fc8d59", "#1a9850", "#984ea3", "#d73027", "#9e9e9e"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
+    for t in range(5):
+        v = top * t / 4
+        y = height - bottom - (height - bottom - 10) * t / 4
+        out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{v:.3g}</text>')
+    for s, (name, values) in enumerate(series.items()):
+        for i, v in enumerate(values):
+            h = (height - bottom - 10) * v / top
+            x = left + i * group + 0.1 * group + s * bw
+            out.append(f'<rect x="{x:.1f}" y="{height - bottom - h:.1f}" width="{bw:.1f}" height="{h:.1f}" '
+                       f'fill="{palette[s % len(palette)]}"><title>{html.escape(name)} {html.escape(labels[i])}: '
+                       f'{v:.4g} {unit}</title></rect>')
+    for i, lab in enumerate(labels):
+        out.append(f'<text x="{left + (i + 0.5) * group:.1f}" y="{height - bottom + 14}" font-size="10" '
+                   f'text-anchor="middle">{html.escape(lab)}</text>')
+    out.append(f'<text x="8" y="12" font-size="10">{html.escape(unit)}</text>')
+    if len(series) > 1:
+        for s, name in enumerate(series):
+            out.append(f'<rect x="{left + s * 90}" y="{height - 14}" width="10" height="10" '
+                       f'fill="{palette[s % len(palette)]}"/><text x="{left + s * 90 + 14}" y="{height - 5}" '
+                       f'font-size="10">{html.escape(name)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+# -- thumbnails -------------------------------------------------------------------------------
+def thumbnail(image: Path, bounds, crs, outlines: list, colour: tuple[int, int, int]) -> str | None:
+    """A PNG data URI of ``image`` over ``bounds`` (in ``crs``) with ``outlines`` drawn, or None
+    where the image does not cover the place."""
+    import rasterio
+    from PIL import Image, ImageDraw
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import from_bounds
+
+    with rasterio.open(image) as ds:
+        if ds.crs is None:
+            raise InputError("image has no CRS", image)
+        b = transform_bounds(crs, ds.crs, *bounds)
+        win = from_bounds(*b, transform=ds.transform)
+        f = max(win.width, win.height) / THUMB
+        if f <= 0:
+            return None
+        shape = (max(1, round(win.height / f)), max(1, round(win.width / f)))
+        bands = [1, 2, 3] if ds.count >= 3 else [1, 1, 1]
+        data = ds.read(bands, window=win, out_shape=(3, *shape), boundless=True, fill_value=0).astype(np.float32)
+        if not np.any(data):
+            return None
+        lo, hi = np.percentile(data[data > 0], [2, 98]) if np.any(data > 0) else (0.0, 1.0)
+        rgb = np.clip((data - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+        rgb[:, ~np.any(data, axis=0)] = 235  # outside the imagery: light grey, not black ground
+        img = Image.fromarray(np.moveaxis(rgb, 0, -1))
+        wt = ds.window_transform(win)
+    draw = ImageDraw.Draw(img)
+    inv = ~wt
+    from pyproj import Transformer
+
+    to_img = Transformer.from_crs(crs, ds.crs, always_xy=True)
+    for geom in outlines:
+        for poly in shapely.get_parts(geom):
+            for ring in [poly.exterior, *poly.interiors]:
+                xs, ys = to_img.transform(*np.asarray(ring.coords).T)
+                pts = [tuple(np.array(inv @ (x, y)) / f) for x, y in zip(xs, ys, strict=True)]
+                draw.line(pts, fill=colour, width=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def largest_changes(result: ChangeResult, n: int) -> pd.DataFrame:
+    ch = result.changes[result.changes["lifecycle"] != "stable"].copy()
+    ch["size"] = ch["change_m2"].abs()
+    return ch.sort_values("size", ascending=False).head(n)
+
+
+# -- the page ---------------------------------------------------------------------------------
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:,.4g}")
+
+
+def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
+           images: dict[str, Path] | None = None, largest: int = 6) -> str:
+    """The report's HTML text."""
+    years = list(result.years["year"])
+    sections = [f"<h1>Urban villages: change {html.escape(years[0])} - {html.escape(years[-1])}</h1>"]
+    counts = result.changes["lifecycle"].value_counts() if len(result.changes) else pd.Series(dtype=int)
+    legend = " ".join(f'<span class="k" style="background:{c}"></span>{name} ({int(counts.get(name, 0))})'
+                      for name, c in COLOURS.items())
+    sections.append(f"<p class='legend'>{legend}</p>")
+    sections.append("<h2>Villages per year</h2><div class='row'>"
+                    + bar_chart(years, {"area": list(result.years["area_km2"])}, "km2")
+                    + bar_chart(years, {"villages": [float(v) for v in result.years["villages"]]}, "villages")
+                    + "</div>" + _table(result.years))
+    for y0, y1 in zip(years, years[1:], strict=False):
+        pair = result.changes[(result.changes["year_from"] == y0) & (result.changes["year_to"] == y1)]
+        sections.append(f"<h2>Changes {html.escape(y0)} -> {html.escape(y1)}</h2>" + change_map(pair))
+    top = largest_changes(result, largest)
+    if len(top):
+        sections.append("<h2>Largest changes</h2>")
+        if not images:
+            sections.append("<p>No imagery was given (<code>--image YEAR=RASTER</code>): thumbnails omitted.</p>")
+        cards = []
+        v = result.villages
+        for _, row in top.iterrows():
+            x0, y0_, x1, y1_ = row.geometry.bounds
+            m = 0.25 * max(x1 - x0, y1_ - y0_, 50.0)
+            box = (x0 - m, y0_ - m, x1 + m, y1_ + m)
+            pics = []
+            for year, colour in ((row["year_from"], (255, 215, 0)), (row["year_to"], (0, 229, 255))):
+                if images and year in images:
+                    near = v[(v["year"] == year) & v.intersects(shapely.box(*box))].geometry.tolist()
+                    uri = thumbnail(images[year], box, result.crs, near, colour)
+                    pics.append(f"<figure><img src='{uri}' alt='{html.escape(year)}'><figcaption>{html.escape(year)}"
+                                "</figcaption></figure>" if uri else f"<figure><p>{html.escape(year)}: no imagery "
+                                "here</p></figure>")
+            pct = f"{row['change_pct']:+.0f} %" if pd.notna(row["change_pct"]) else "new"
+            what = f"{row['lifecycle']}: {row['uids_from'] or '-'} -> {row['uids_to'] or '-'}"
+            cards.append(f"<div class='card'><h3>{html.escape(what)}</h3><p>{row['area_from_m2']:,.0f} -> "
+                         f"{row['area_to_m2']:,.0f} m2 ({pct})</p>{''.join(pics)}</div>")
+        sections.append("<div class='cards'>" + "".join(cards) + "</div>")
+    if "rings" in tables:
+        r = tables["rings"]
+        labels = [f"{a:g}-{b:g}" for a, b in r.drop_duplicates(["ring_from_km"])[["ring_from_km", "ring_to_km"]]
+                  .itertuples(index=False)]
+        series = {y: list(r[r["year"] == y]["area_km2"]) for y in years}
+        sections.append("<h2>Village area by distance from the centre (km)</h2>" + bar_chart(labels, series, "km2")
+                        + _table(r))
+    if "districts" in tables:
+        sections.append("<h2>Districts</h2>" + _table(tables["districts"]))
+    coreg = [c for c in run.get("coregistration", []) if c.get("shift_m") is not None]
+    if coreg:
+        sections.append("<h2>Co-registration of the imagery</h2>" + _table(pd.DataFrame(coreg)))
+    table_cols = ["year_from", "year_to", "lifecycle", "uids_from", "uids_to", "area_from_m2", "area_to_m2",
+                  "change_pct"]
+    sections.append("<h2>All changes</h2>" + _table(result.changes[table_cols]))
+    meta = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(v if isinstance(v, str) else json.dumps(v))}"
+                   "</td></tr>" for k, v in run.items() if k != "analysis_crs")
+    sections.append(f"<h2>Run</h2><table class='t'>{meta}</table>")
+    style = ("body{font:14px/1.4 system-ui,sans-serif;margin:24px;max-width:1100px;color:#222}"
+             ".t{border-collapse:collapse;font-size:12px}.t td,.t th{border-bottom:1px solid #ddd;padding:2px 8px;"
+             "text-align:left}.k{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}"
+             ".row{display:flex;gap:16px;flex-wrap:wrap}.cards{display:flex;flex-wrap:wrap;gap:12px}"
+             ".card{border:1px solid #ddd;padding:8px}.card h3{font-size:13px;margin:0}"
+             "figure{display:inline-block;margin:4px}figcaption{font-size:11px;text-align:center}")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>uvsam change report</title>"
+            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
+
+
+def write_report(path: str | Path, result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
+                 images: dict[str, Path] | None = None) -> Path:
+    """Write the report atomically."""
+    from uvsam.files import atomic_path
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError("report folder does not exist", path.parent)
+    text = render(result, tables, run, images)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
