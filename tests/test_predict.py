@@ -282,8 +282,19 @@ def _geodesic(gdf):
 
 
 def _check_gpkg(path, layer, epsg):
-    """The file as GDAL and SQLite see it: a GeoPackage with the layer's CRS and schema."""
+    """The file as GDAL (ogrinfo, and pyogrio) and SQLite see it: a GeoPackage with the layer's CRS and schema."""
+    import shutil
     import sqlite3
+    import subprocess
+
+    ogrinfo = shutil.which("ogrinfo")
+    assert ogrinfo, "ogrinfo not found: install GDAL's tools (Debian: apt-get install gdal-bin); the README's test " \
+        "command does this"
+    text = subprocess.run([ogrinfo, "-so", "-ro", str(path), layer], capture_output=True, text=True, check=True).stdout
+    assert "Driver: GPKG" in text or "using driver `GPKG'" in text
+    assert f'ID["EPSG",{epsg}]' in text
+    for field in ("village_id: String", "area_m2: Real", "perimeter_m: Real", "mean_prob: Real", "refined: Integer"):
+        assert field in text, text
 
     info = pyogrio.read_info(path, layer=layer)
     assert info["driver"] == "GPKG" and info["geometry_type"] in ("Polygon", "MultiPolygon", "Unknown")
