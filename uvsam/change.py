@@ -329,13 +329,12 @@ def by_ring(villages: gpd.GeoDataFrame, centre_lonlat: tuple[float, float], ring
     v = villages.to_crs(aeqd)
     reach = float(np.hypot(*np.abs(v.total_bounds.reshape(2, 2)).max(axis=0))) if len(v) else 0.0
     n = max(1, int(np.ceil(reach / (ring_km * 1000))))
+    discs = [shapely.Point(0, 0).buffer(k * ring_km * 1000, 256) for k in range(n + 1)]  # drawn once
     rows = []
     for year, group in v.groupby("year", sort=False):
         geoms = np.asarray(group.geometry.values, dtype=object)
         for k in range(n):
-            ring = shapely.Point(0, 0).buffer((k + 1) * ring_km * 1000, 256).difference(
-                shapely.Point(0, 0).buffer(k * ring_km * 1000, 256)) if k else shapely.Point(0, 0).buffer(
-                ring_km * 1000, 256)
+            ring = discs[k + 1].difference(discs[k]) if k else discs[1]
             area = shapely.area(shapely.intersection(geoms, ring))
             rows.append({"year": year, "ring_from_km": k * ring_km, "ring_to_km": (k + 1) * ring_km,
                          "villages": int((area > 0).sum()), "area_km2": round(float(area.sum()) / 1e6, 6)})

@@ -115,15 +115,18 @@ def score(gpkg: Path, layer: str, truth: Path) -> dict:
     import pyogrio
     from rasterio.features import rasterize
 
+    from uvsam.metrics import SegmentationCounts
+
     villages = pyogrio.read_dataframe(gpkg, layer=layer)
     with rasterio.open(truth) as ds:
         gt = ds.read(1) > 0
         geoms = list(villages.to_crs(ds.crs).geometry)
         pred = rasterize(geoms, out_shape=gt.shape, transform=ds.transform).astype(bool) if geoms else \
             np.zeros_like(gt)
-    tp, fp, fn = (pred & gt).sum(), (pred & ~gt).sum(), (~pred & gt).sum()
-    return {"iou": round(float(tp / max(1, tp + fp + fn)), 3), "precision": round(float(tp / max(1, tp + fp)), 3),
-            "recall": round(float(tp / max(1, tp + fn)), 3), "villages": len(villages)}
+    counts = SegmentationCounts()
+    counts.update(pred, gt.astype(np.uint8))
+    summary = counts.summary()
+    return {**{k: round(summary[k], 3) for k in ("iou", "precision", "recall")}, "villages": len(villages)}
 
 
 def _trained_already(out: Path, model: Path, config: dict) -> bool:
