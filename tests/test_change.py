@@ -144,6 +144,28 @@ def test_change_command_writes_layers_tables_and_csv(villages, tmp_path, capsys)
     assert '"split": 1' in stdout and '"merged": 1' in stdout
 
 
+def test_years_without_any_village_give_an_empty_analysis(villages, tmp_path, capsys):
+    """A district with no villages in either year is an answer, not an error: empty changes in
+    the layers' own projected CRS. Geographic layers give no CRS to measure in: one line."""
+    empty = villages.iloc[:0]
+    src = tmp_path / "empty.gpkg"
+    for year in ("2018", "2020"):
+        pyogrio.write_dataframe(empty, src, layer=f"villages_{year}", driver="GPKG")
+    code, stdout, err = run_cli(["change", f"2018={src}:villages_2018", f"2020={src}:villages_2020", "--out",
+                                 tmp_path / "c.gpkg", "--report", tmp_path / "r.html"], capsys)
+    assert code == 0, err
+    assert len(pyogrio.read_dataframe(tmp_path / "c.gpkg", layer="changes")) == 0
+    assert pyogrio.read_info(tmp_path / "c.gpkg", layer="changes")["crs"] == f"EPSG:{villages.crs.to_epsg()}"
+    years = pyogrio.read_dataframe(tmp_path / "c.gpkg", layer="years")
+    assert list(years["villages"]) == [0, 0] and (tmp_path / "r.html").is_file()
+    geo = tmp_path / "geo.gpkg"
+    for year in ("2018", "2020"):
+        pyogrio.write_dataframe(empty.to_crs(4326), geo, layer=f"v{year}", driver="GPKG")
+    code, _, err = run_cli(["change", f"2018={geo}:v2018", f"2020={geo}:v2020", "--out", tmp_path / "g.gpkg"], capsys)
+    assert code == 2 and "pass --analysis-crs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "g.gpkg").exists()
+
+
 @pytest.mark.parametrize("args,expected", [
     (["2018=nowhere.gpkg:y"], "nowhere.gpkg: file does not exist"),
     (["2018"], "give YEAR=FILE"),
@@ -225,39 +247,13 @@ def test_coregistration_shift_is_measured_in_metres_and_warned_about(villages, b
     assert '"warning": true' in stdout
 
 
-def _chromium() -> str:
-    import os
-    import shutil
-
-    for name in (os.environ.get("UVSAM_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    raise AssertionError("no Chromium found: install it (Debian: apt-get install chromium) or set UVSAM_CHROMIUM; "
-                         "the README's test command does this")
-
-
 def test_report_renders_in_headless_chromium(report):
     """Opened in a real browser: it renders, every image loads, no console errors, the page is not blank."""
-    from playwright.sync_api import sync_playwright
+    from tests.browser import render
 
-    errors, requests = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("request", lambda r: requests.append(r.url))
-        page.goto(report.as_uri())
-        page.wait_for_load_state("load")
-        images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-        svgs = page.eval_on_selector_all("svg", "els => els.map(e => e.getBoundingClientRect().width)")
-        shot = page.screenshot(full_page=True)
-        browser.close()
-    assert not errors, errors
-    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []  # nothing from the network
-    assert len(images) >= 4 and all(done and width > 0 for done, width in images)
-    assert len(svgs) >= 4 and min(svgs) > 100
-    import io
-
-    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"))
-    assert pixels.std() > 20 and (pixels < 128).mean() > 0.02  # ink on the page, not a blank screen
+    page = render(report)
+    assert not page.errors, page.errors
+    assert page.network == []  # nothing from the network
+    assert len(page.images) >= 4 and all(done and width > 0 for done, width in page.images)
+    assert len(page.svg_widths) >= 4 and min(page.svg_widths) > 100
+    assert page.screenshot.std() > 20 and (page.screenshot < 128).mean() > 0.02  # ink, not a blank screen

@@ -136,7 +136,7 @@ def parse_images(specs: list[str], years: list[str]) -> dict[str, Path]:
 
 def coregistration(images: dict[str, Path], years: list[str], crs, max_shift_m: float, log=print) -> list[dict]:
     """The imagery shift between consecutive years that both have imagery; warns above ``max_shift_m``."""
-    from uvsam.coregister import estimate_shift
+    from uvsam.coregister import MIN_PSR, estimate_shift
 
     rows = []
     for y0, y1 in zip(years, years[1:], strict=False):
@@ -148,7 +148,12 @@ def coregistration(images: dict[str, Path], years: list[str], crs, max_shift_m: 
             continue
         row = {"from": y0, "to": y1, "east_m": round(shift.east_m, 2), "north_m": round(shift.north_m, 2),
                "shift_m": round(shift.metres, 2), "grid_m": round(shift.pixel_m, 2), "peak": round(shift.peak, 3),
-               "warning": shift.metres > max_shift_m}
+               "psr": round(shift.psr, 1), "reliable": shift.reliable,
+               "warning": shift.reliable and shift.metres > max_shift_m}
+        if not shift.reliable:
+            row["note"] = "not measurable: too little unchanged structure between the images"
+            log(f"note: the shift of the {y1} imagery against {y0} is not measurable (correlation peak "
+                f"{shift.psr:.1f} sigma, needs {MIN_PSR:.0f}): too little ground looks alike in both")
         if row["warning"]:
             log(f"warning: the {y1} imagery is shifted {shift.metres:.1f} m against {y0} ({shift.east_m:+.1f} m east, "
                 f"{shift.north_m:+.1f} m north): village edges will show change that is misregistration")
@@ -157,7 +162,10 @@ def coregistration(images: dict[str, Path], years: list[str], crs, max_shift_m: 
 
 
 def analysis_crs(layers: list[YearLayer], crs: str | None = None) -> CRS:
-    """The given projected CRS, or a Lambert azimuthal equal-area CRS centred on all layers."""
+    """The given projected CRS, or a Lambert azimuthal equal-area CRS centred on all layers.
+
+    With no village in any year the layers' own CRS is used when they share a projected one.
+    """
     if crs is not None:
         return CRS.from_user_input(crs)
     boxes = []
@@ -165,7 +173,12 @@ def analysis_crs(layers: list[YearLayer], crs: str | None = None) -> CRS:
         if len(ly.villages):
             boxes.append(ly.villages.to_crs(4326).total_bounds)
     if not boxes:
-        raise InputError("no villages in any year: nothing to compare")
+        # nothing to place a local CRS on: the layers' own CRS serves if they share a projected one
+        own = {ly.villages.crs.to_wkt() for ly in layers}
+        if len(own) == 1 and layers[0].villages.crs.is_projected:
+            return CRS.from_user_input(layers[0].villages.crs)
+        raise InputError("no villages in any year, and the layers share no projected CRS to report in: "
+                         "pass --analysis-crs")
     b = np.array(boxes)
     lon, lat = (b[:, 0].min() + b[:, 2].max()) / 2, (b[:, 1].min() + b[:, 3].max()) / 2
     return CRS.from_proj4(f"+proj=laea +lat_0={lat:.6f} +lon_0={lon:.6f} +datum=WGS84 +units=m +no_defs")
@@ -292,8 +305,9 @@ def track(layers: list[YearLayer], cfg: ChangeConfig = ChangeConfig()) -> Change
          "area_m2": np.round(np.concatenate(areas), 1) if any(len(a) for a in areas) else [],
          "source": [ly.source for ly, p in zip(layers, polys, strict=True) for _ in p]},
         geometry=[g for p in polys for g in p], crs=crs)
-    changes = gpd.GeoDataFrame(rows, geometry="geometry", crs=crs) if rows else gpd.GeoDataFrame(
-        {c: [] for c in ("year_from", "year_to", "lifecycle")}, geometry=[], crs=crs)
+    columns = ["year_from", "year_to", "lifecycle", "uids_from", "uids_to", "n_from", "n_to", "area_from_m2",
+               "area_to_m2", "change_m2", "change_pct", "geometry"]
+    changes = gpd.GeoDataFrame(pd.DataFrame(rows, columns=columns), geometry="geometry", crs=crs)
     years = pd.DataFrame({"year": labels, "villages": [len(p) for p in polys],
                           "area_km2": [round(float(a.sum()) / 1e6, 6) for a in areas]})
     return ChangeResult(crs, villages, changes, years)

@@ -20,8 +20,11 @@ from pyproj import CRS
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
+from scipy.ndimage import gaussian_filter
 
 from uvsam.errors import InputError
+
+MIN_PSR = 8.0  # noise alone peaks near 5 sigma on a 256 x 256 surface
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,15 @@ class Shift:
     east_m: float
     north_m: float
     pixel_m: float  # the grid the estimate was made on
-    peak: float  # phase-correlation peak height (0..1): low means little common structure
+    peak: float  # phase-correlation peak height (0..1)
+    psr: float = float("inf")  # peak-to-sidelobe ratio: how far the peak stands above the rest of the surface
+
+    @property
+    def reliable(self) -> bool:
+        """Whether the peak stands clear of the correlation noise (PSR >= MIN_PSR). Between
+        years with little unchanged structure (bare land built over) there is no true peak and
+        the argmax lands anywhere: such an estimate is reported as not measurable."""
+        return self.psr >= MIN_PSR
 
     @property
     def metres(self) -> float:
@@ -73,9 +84,10 @@ def estimate_shift(before: str | Path, after: str | Path, crs, max_px: int = 102
     valid = va & vb
     if valid.mean() < 0.25:
         return None
-    win = np.outer(np.hanning(h), np.hanning(w))
-    fa = np.fft.fft2((a - a[valid].mean()) * valid * win)
-    fb = np.fft.fft2((b - b[valid].mean()) * valid * win)
+    # the same tapered window on both: edges of nodata (mosaic gaps) must not correlate by themselves
+    win = np.outer(np.hanning(h), np.hanning(w)) * gaussian_filter(valid.astype(np.float64), 3) * valid
+    fa = np.fft.fft2((a - a[valid].mean()) * win)
+    fb = np.fft.fft2((b - b[valid].mean()) * win)
     cross = fb * np.conj(fa)
     r = np.fft.ifft2(cross / np.maximum(np.abs(cross), 1e-12)).real
     py, px = np.unravel_index(np.argmax(r), r.shape)
@@ -89,4 +101,15 @@ def estimate_shift(before: str | Path, after: str | Path, crs, max_px: int = 102
 
     dx = sub(px, w, lambda i: r[py, i % w])
     dy = sub(py, h, lambda i: r[i % h, px])
-    return Shift(east_m=float(dx * pixel), north_m=float(-dy * pixel), pixel_m=float(pixel), peak=float(r.max()))
+    return Shift(east_m=float(dx * pixel), north_m=float(-dy * pixel), pixel_m=float(pixel), peak=float(r.max()),
+                 psr=_psr(r, py, px))
+
+
+def _psr(r: np.ndarray, py: int, px: int, guard: int = 3) -> float:
+    """Peak-to-sidelobe ratio of a correlation surface: (peak - mean) / std outside a guard zone."""
+    keep = np.ones(r.shape, bool)
+    rows = np.arange(py - guard, py + guard + 1) % r.shape[0]
+    cols = np.arange(px - guard, px + guard + 1) % r.shape[1]
+    keep[np.ix_(rows, cols)] = False
+    side = r[keep]
+    return float((r[py, px] - side.mean()) / max(side.std(), 1e-12))

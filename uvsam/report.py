@@ -211,9 +211,12 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
                         + _table(r))
     if "districts" in tables:
         sections.append("<h2>Districts</h2>" + _table(tables["districts"]))
-    coreg = [c for c in run.get("coregistration", []) if c.get("shift_m") is not None]
+    coreg = run.get("coregistration", [])
     if coreg:
-        sections.append("<h2>Co-registration of the imagery</h2>" + _table(pd.DataFrame(coreg)))
+        sections.append("<h2>Co-registration of the imagery</h2><p>Shift of each year's imagery against the year "
+                        "before, by phase correlation; psr is how far the peak stands above the correlation noise "
+                        "(below 8 the images share too little unchanged structure to measure).</p>"
+                        + _table(pd.DataFrame(coreg).fillna("")))
     table_cols = ["year_from", "year_to", "lifecycle", "uids_from", "uids_to", "area_from_m2", "area_to_m2",
                   "change_pct"]
     sections.append("<h2>All changes</h2>" + _table(result.changes[table_cols]))
