@@ -4,6 +4,7 @@ the same output locally and on Dask, and the mask of a VRT mosaic kept when resa
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyogrio
@@ -191,8 +192,9 @@ def test_polygons_do_not_depend_on_where_the_tile_grid_falls(beijing, model, tmp
                                                                              .intersection(polys[j]))) == 0
 
 
-def _layers_equal(a_path, b_path, layer="villages"):
-    a, b = pyogrio.read_dataframe(a_path, layer=layer), pyogrio.read_dataframe(b_path, layer=layer)
+def _layers_equal(a_path, b_path, layer="villages", b_layer=None):
+    a, b = pyogrio.read_dataframe(a_path, layer=layer), pyogrio.read_dataframe(b_path, layer=b_layer or layer)
+    a, b = a.drop(columns=["run_id"], errors="ignore"), b.drop(columns=["run_id"], errors="ignore")
     assert len(a) > 0 and a.drop(columns="geometry").equals(b.drop(columns="geometry"))
     assert all(x.equals_exact(y, 1e-9) for x, y in zip(a.geometry, b.geometry, strict=True))
 
@@ -211,33 +213,57 @@ def reference(beijing, model, tmp_path_factory):
     return out
 
 
-def test_killed_prediction_resumes_to_the_same_polygons(beijing, model, reference, tmp_path, capsys):
-    """SIGKILL part-way (no chance to clean up), run the same command again: same polygons."""
+def _journaled(journal, kind: str) -> int:
+    return sum(len(list(d.glob(f"{kind}-*"))) for d in journal.iterdir()) if journal.is_dir() else 0
+
+
+KILL_POINTS = {  # when to SIGKILL, by what the run has left on disk (then a random 0-0.3 s more)
+    "reading": lambda out, journal: journal.is_dir(),  # the first batch is being read
+    "model": lambda out, journal: _journaled(journal, "tiles") >= 3,  # specialist batches under way
+    "vectorising": lambda out, journal: _journaled(journal, "tiles") >= 9,  # all tiles in: candidates,
+    # generalist windows and polygons
+    "writing": lambda out, journal: any(out.parent.glob(f".{out.stem}.*.part.gpkg")),  # the new file being written
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_prediction_resumes_to_the_same_polygons(beijing, model, reference, point, tmp_path, capsys):
+    """SIGKILL (no chance to clean up) at a random moment of each stage, into an output file that
+    already holds another year's layer; then run the same command again. The existing file is
+    never left corrupt or changed by the killed run, and the re-run writes the same polygons as
+    an undisturbed run, with the other layer untouched."""
+    import hashlib
     import os
+    import random
     import signal
     import subprocess
     import sys
     import time
 
-    args = ["predict", beijing / "train/images.vrt", "--model", model, *KILL_ARGS]
+    rng = random.Random(f"kill-{point}")
     out = tmp_path / "v.gpkg"
+    shutil.copyfile(reference, out)  # a file the user has: the reference layers plus another year's
+    pyogrio.write_dataframe(pyogrio.read_dataframe(reference, layer="villages"), out, layer="y2018", driver="GPKG")
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    args = ["predict", beijing / "train/images.vrt", "--model", model, *KILL_ARGS, "--layer", "y2020"]
     proc = subprocess.Popen([sys.executable, "-m", "uvsam", *map(str, args), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = tmp_path / "v.work/journal"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.is_dir() and sum(len(list(d.glob("tiles-*.npz"))) for d in journal.iterdir()) >= 3:
-            break
-        time.sleep(0.05)
+    while time.monotonic() < deadline and proc.poll() is None and not KILL_POINTS[point](out, journal):
+        time.sleep(0.005)
+    if point != "writing":
+        time.sleep(rng.uniform(0, 0.3))
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not out.exists()  # nothing half-written under the output's name
-    done = sum(len(list(d.glob("tiles-*.npz"))) for d in journal.iterdir())
-    assert done >= 3
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before  # the existing file, byte for byte
+    assert {"villages", "y2018"} <= {n for n, _ in pyogrio.list_layers(out)}
     code, _, err = run_cli(args + ["--out", out], capsys)
     assert code == 0, err
-    _layers_equal(reference, out)
+    _layers_equal(reference, out, "villages", "y2020")
+    _layers_equal(reference, out, "villages", "villages")
+    _layers_equal(reference, out, "villages", "y2018")
 
 
 def test_a_killed_dask_worker_loses_nothing(beijing, model, reference, tmp_path):

@@ -12,3 +12,16 @@ class TilesError(ValueError):
         self.problem = problem
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def write_failure(e: BaseException) -> str:
+    """The most specific line about a failed write: GDAL's own message ("_tiffWriteProc: No space
+    left on device") rather than rasterio's "Write failed. See previous exception"."""
+    best = ""
+    while e is not None:
+        text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip().splitlines()
+        line = text[0][:200] if text else type(e).__name__
+        if "previous exception" not in line:
+            best = line
+        e = e.__cause__ or e.__context__
+    return best or "write failed"

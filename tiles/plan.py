@@ -74,6 +74,8 @@ def plan(path: str | Path, config: TilingConfig | None = None, stretch: Stretch 
         except ValueError as e:
             raise TilesError(str(e), path) from None
         data, valid = src.read_overview(max_overview_pixels)
+        if not valid.any():
+            raise TilesError("raster has no valid pixels (all nodata or NaN)", path)
         if stretch is None:
             stretch = compute_stretch(data, valid, config.normalisation, config.percentiles)
         tiles = tuple(t for t in grid if _may_hold_valid(t, grid, valid))

@@ -86,6 +86,7 @@ class RasterSource:
         self.options = options or ReadOptions()
         self._src = None
         self._vrt = None
+        self._added_alpha = False
         self.open()
 
     # -- opening ---------------------------------------------------------------------------
@@ -98,8 +99,8 @@ class RasterSource:
         except rasterio.errors.RasterioIOError as e:
             raise TilesError(f"not a raster GDAL can read ({_first_line(e)})", self.path) from None
         src = self._src
-        colour = [i for i, ci in enumerate(src.colorinterp, start=1) if ci != ColorInterp.alpha]
-        bands = self.options.bands or tuple(colour or range(1, src.count + 1))
+        _check_integrity(src, self.path)
+        bands = self.options.bands or default_bands(src.colorinterp)
         bad = [b for b in bands if not 1 <= b <= src.count]
         if bad:
             raise TilesError(f"band(s) {bad} requested but the raster has {src.count}", self.path)
@@ -115,6 +116,9 @@ class RasterSource:
         # GDAL would otherwise decode every block a second time to build the mask.
         flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
         self._mask_from_nodata = ds.nodata is not None and all(f == [MaskFlags.nodata] for f in flags)
+        # The warper's alpha band is the validity; read it directly: GDAL exposes it as the
+        # bands' mask only for some photometric layouts (not, e.g., for 8-band multispectral)
+        self._alpha = ds.count if (self._vrt is not None and ds is self._vrt and self._added_alpha) else None
         self.ground_res = ground_resolution(self.crs, self.transform, self.width, self.height) if self.crs else None
 
     def _warp(self, src):
@@ -138,9 +142,14 @@ class RasterSource:
         # Without a nodata value the warped view carries validity in an alpha band, built by
         # GDAL's warper from the source's own mask (internal mask, alpha, or a VRT's mask band)
         # and from the edges of the source footprint.
+        # Floating-point scenes without one: NaN is their nodata, so the warper neither blends
+        # NaN into its neighbours nor marks NaN pixels valid.
+        nan_nodata = src.nodata is None and np.dtype(src.dtypes[0]).kind == "f"
+        extra = {"src_nodata": np.nan, "nodata": np.nan} if nan_nodata else {}
+        self._added_alpha = src.nodata is None and not nan_nodata and ColorInterp.alpha not in src.colorinterp
         self._vrt = WarpedVRT(
             src, crs=dst_crs, transform=transform, width=width, height=height,
-            resampling=Resampling[self.options.resampling], add_alpha=src.nodata is None,
+            resampling=Resampling[self.options.resampling], add_alpha=self._added_alpha, **extra,
         )
         return self._vrt
 
@@ -183,10 +192,11 @@ class RasterSource:
         inner = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
         try:
             block = self._dataset.read(self.bands, window=inner)
-            masks = self._nodata_masks(block) if self._mask_from_nodata else \
-                self._dataset.read_masks(self.bands, window=inner)
+            masks = self._masks(block, window=inner)
         except rasterio.errors.RasterioIOError as e:
             raise TilesError(f"cannot read window {inner} ({_first_line(e)})", self.path) from None
+        if block.dtype.kind == "f":  # NaN and infinities are never data, whatever the nodata value says
+            masks = np.where(np.isfinite(block), masks, 0)
         ys, xs = slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0)
         data[:, ys, xs] = block
         if per_band:
@@ -194,6 +204,18 @@ class RasterSource:
         else:
             valid[ys, xs] = (masks > 0).all(axis=0)
         return data, valid
+
+    def _masks(self, block: np.ndarray, **read) -> np.ndarray:
+        """(bands, h, w) validity (0 invalid) of ``block``, read with the same window/shape."""
+        if self._mask_from_nodata:
+            return self._nodata_masks(block)
+        if self._alpha is not None:
+            if "out_shape" in read:
+                read["out_shape"] = read["out_shape"][-2:]
+            return np.broadcast_to(self._dataset.read(self._alpha, **read), block.shape)
+        if "out_shape" in read:
+            read["out_shape"] = (len(self.bands), *read["out_shape"][-2:])
+        return self._dataset.read_masks(self.bands, **read)
 
     def _nodata_masks(self, block: np.ndarray) -> np.ndarray:
         nd = self._dataset.nodata
@@ -210,10 +232,15 @@ class RasterSource:
         f = max(1.0, math.sqrt(self.width * self.height / max_pixels))
         h, w = max(1, round(self.height / f)), max(1, round(self.width / f))
         ds = self._dataset
-        data = ds.read(self.bands, out_shape=(len(self.bands), h, w), resampling=Resampling.nearest)
-        masks = self._nodata_masks(data) if self._mask_from_nodata else \
-            ds.read_masks(self.bands, out_shape=(len(self.bands), h, w), resampling=Resampling.nearest)
-        return data, (masks > 0).all(axis=0)
+        try:
+            data = ds.read(self.bands, out_shape=(len(self.bands), h, w), resampling=Resampling.nearest)
+            masks = self._masks(data, out_shape=(h, w), resampling=Resampling.nearest)
+        except rasterio.errors.RasterioIOError as e:
+            raise TilesError(f"cannot read the scene's overview ({_first_line(e)})", self.path) from None
+        valid = (masks > 0).all(axis=0)
+        if data.dtype.kind == "f":
+            valid &= np.isfinite(data).all(axis=0)
+        return data, valid
 
     def describe(self) -> dict:
         """What the model sees, for manifests."""
@@ -224,6 +251,38 @@ class RasterSource:
             "bands": list(self.bands), "dtype": self.dtype.name, "nodata": self.nodata,
             "ground_res_m": list(self.ground_res) if self.ground_res else None,
         }
+
+
+def default_bands(colorinterp) -> tuple[int, ...]:
+    """The bands read when none are named: red, green, blue by their colour interpretation;
+    else the first three that are not alpha (a multispectral file's first three); else all."""
+    where = {ci: i for i, ci in enumerate(colorinterp, start=1)}
+    if all(ci in where for ci in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+        return where[ColorInterp.red], where[ColorInterp.green], where[ColorInterp.blue]
+    colour = [i for i, ci in enumerate(colorinterp, start=1) if ci != ColorInterp.alpha]
+    return tuple(colour[:3]) if len(colour) >= 3 else tuple(colour or range(1, len(colorinterp) + 1))
+
+
+def _check_integrity(src, path: Path) -> None:
+    """Refuse a GeoTIFF whose header promises more than the file holds (truncated downloads,
+    headers claiming huge dimensions) before any work is planned on it.
+
+    An uncompressed GeoTIFF must be at least as large as its pixels; any GeoTIFF must be able
+    to decode its first and last blocks (where a truncated file fails).
+    """
+    if src.driver != "GTiff":
+        return
+    size = path.stat().st_size
+    if src.compression is None:
+        need = src.width * src.height * sum(np.dtype(d).itemsize for d in src.dtypes)
+        if need > size:
+            raise TilesError(f"header says {src.width} x {src.height} px x {src.count} bands ({need / 1e6:,.0f} MB) "
+                             f"but the file holds {size / 1e6:,.1f} MB: truncated or corrupt", path)
+    try:
+        for r, c in ((0, 0), (src.height - 1, src.width - 1)):
+            src.read(1, window=Window(c, r, 1, 1))
+    except rasterio.errors.RasterioIOError as e:
+        raise TilesError(f"truncated or corrupt: cannot decode its pixels ({_first_line(e)})", path) from None
 
 
 def _first_line(e: BaseException) -> str:

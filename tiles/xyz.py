@@ -21,7 +21,7 @@ import rasterio
 from affine import Affine
 from PIL import Image, UnidentifiedImageError
 
-from tiles.errors import TilesError
+from tiles.errors import TilesError, write_failure
 from tiles.vrt import write_vrt
 
 HALF_CIRCUMFERENCE = 20037508.342789244
@@ -111,7 +111,10 @@ def import_xyz(images_dir: str | Path, zoom: int, out_dir: str | Path, masks_dir
     # Everything is written into a staging folder next to OUT and moved in only when complete.
     stage = out_dir.parent / f".{out_dir.name}.part-{os.getpid()}"
     try:
-        _write_set(tiles, mask_of, stage)
+        try:
+            _write_set(tiles, mask_of, stage)
+        except (OSError, rasterio.errors.RasterioError) as e:  # a full disk, a lost mount
+            raise TilesError(f"cannot write ({write_failure(e)})", out_dir) from e
         out_dir.mkdir(parents=True, exist_ok=True)
         for sub in ("images", "masks"):
             if (stage / sub).is_dir():

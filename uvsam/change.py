@@ -33,6 +33,7 @@ import pandas as pd
 import shapely
 from pyproj import CRS
 
+from tiles.reader import RasterSource
 from uvsam.errors import InputError
 
 LIFECYCLES = ("new", "demolished", "stable", "expanded", "shrunk", "split", "merged")
@@ -130,6 +131,11 @@ def parse_images(specs: list[str], years: list[str]) -> dict[str, Path]:
             raise InputError(f"--image {spec!r}: year {year!r} is not one of {', '.join(years)}")
         if not Path(path).is_file():
             raise InputError("image does not exist", path)
+        with RasterSource(path) as src:  # readable, whole and georeferenced, before any work
+            if src.crs is None:
+                raise InputError("image has no CRS", path)
+            if not src.read_overview(250_000)[1].any():
+                raise InputError("image has no valid pixels (all nodata or NaN)", path)
         out[year] = Path(path)
     return out
 
@@ -408,11 +414,13 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
     from datetime import datetime, timezone
 
     from uvsam import __version__
+    from uvsam.files import check_writable
 
     layers = [read_layer(s) for s in specs]
     pictures = parse_images(images or [], [ly.year for ly in layers])
-    if report is not None and not Path(report).parent.is_dir():
-        raise InputError("report folder does not exist", Path(report).parent)
+    check_writable(out)
+    if report is not None:
+        check_writable(report)
     result = track(layers, cfg)
     tables: dict[str, pd.DataFrame] = {}
     if districts is not None:

@@ -34,13 +34,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):  # a class or function reference: code
             raise CheckpointError(
                 "checkpoint is a pickled Python object (a whole model, such as TinySAM's w8a8 file), not a "
                 "state dict; uvsam never unpickles code - export its state_dict() instead",
                 path,
             ) from None
-        raise CheckpointError(f"checkpoint is not a valid PyTorch file ({_first_line(e)})", path) from None
+        raise CheckpointError("checkpoint is not a PyTorch file (neither a zip archive nor a pickle)", path) from None
     except (zipfile.BadZipFile, EOFError) as e:
         raise CheckpointError(f"checkpoint is truncated or corrupt ({_first_line(e)})", path) from None
     except RuntimeError as e:

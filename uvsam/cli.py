@@ -7,6 +7,7 @@ Every user error becomes one line on stderr naming the file and the problem, and
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -274,7 +275,9 @@ def import_xyz_cmd(
 ):
     """Georeference an XYZ tile folder (EPSG:3857 GeoTIFFs) and mosaic it into VRTs."""
     from tiles.xyz import import_xyz
+    from uvsam.files import check_writable
 
+    check_writable(out, folder=True)
     res = import_xyz(images, zoom, out, masks_dir=masks)
     typer.echo(json.dumps({"images": len(res.images), "masks": len(res.masks), "images_vrt": str(res.images_vrt),
                            "masks_vrt": str(res.masks_vrt) if res.masks_vrt else None}))
@@ -393,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         # Library warnings (rasterio's NotGeoreferencedWarning, torch deprecations) are noise
         # for a batch user; uvsam reports what matters itself. --debug shows them.
         warnings.simplefilter("ignore")
+        # GDAL's error messages reach Python's logging; uvsam's one line carries what matters
+        for name in ("rasterio", "pyogrio"):
+            logging.getLogger(name).addHandler(logging.NullHandler())
     try:
         app(args=args, prog_name="uvsam", standalone_mode=False)
     except (UvsamError, TilesError) as e:
@@ -400,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"uvsam: error: {e}\n")
         return getattr(e, "exit_code", 2)
+    except OSError as e:  # what no check foresaw: a folder that vanished, a mount that went read-only
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"uvsam: error: {where}{e.strerror or e}\n")
+        return 2
     except click.exceptions.Abort:
         sys.stderr.write("uvsam: interrupted\n")
         return 130

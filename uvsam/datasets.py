@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import shapely
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -173,6 +174,14 @@ def _rasterise_vector(path: Path, src: RasterSource, labels_crs: str | None) -> 
     geoms = [g for g in geoms if not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon", "GeometryCollection")]
     if not geoms:
         return np.zeros((src.height, src.width), np.uint8)
+    left, top = src.transform * (0, 0)
+    right, bottom = src.transform * (src.width, src.height)
+    footprint = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
+    if not any(g.intersects(footprint) for g in geoms):
+        b = shapely.bounds(shapely.union_all(geoms)).round(1).tolist()
+        f = [round(float(v), 1) for v in footprint.bounds]
+        raise InputError(f"none of its {len(geoms)} polygons overlaps {src.path.name} (labels span {b}, the image "
+                         f"{f} in {src.crs}): wrong file or wrong CRS?", path)
     return rasterize(((g, 1) for g in geoms), out_shape=(src.height, src.width), transform=src.transform,
                      fill=0, dtype="uint8")
 

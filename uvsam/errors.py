@@ -30,3 +30,7 @@ class WeightsError(UvsamError):
 
 class InputError(UvsamError):
     """An input raster or argument cannot be used."""
+
+
+class OutputError(UvsamError):
+    """An output cannot be written: missing folder, no permission, disk full."""

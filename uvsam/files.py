@@ -9,6 +9,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyogrio.errors
+import rasterio.errors
+
+from tiles.errors import TilesError, write_failure
+from uvsam.errors import OutputError, UvsamError
+
+_WRITE_ERRORS = (OSError, RuntimeError, rasterio.errors.RasterioError, pyogrio.errors.DataSourceError,
+                 pyogrio.errors.DataLayerError, pyogrio.errors.FieldError, pyogrio.errors.GeometryError)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -26,10 +35,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private to their writer
     try:
         yield tmp_path
+        with open(tmp_path, "rb+") as f:  # on disk before it takes the name: a crash leaves old or new
+            os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except (UvsamError, TilesError):
+        raise
+    except _WRITE_ERRORS as e:
+        # a full disk, a quota or a lost mount surfaces as whatever the writer raises: OSError
+        # from Python, RuntimeError from torch's zip writer, GDAL's errors from rasterio/pyogrio
+        raise OutputError(f"cannot write ({write_failure(e)})", path) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_writable(path: str | Path, folder: bool = False) -> Path:
+    """Refuse an output location before any work is done: its folder must exist and take a new
+    file (a write test, which also catches read-only mounts and permissions that ``os.access``
+    misjudges for root). ``folder``: the output is itself a folder (created if missing)."""
+    path = Path(path)
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError("is a file, not a folder", parent)
+    if not parent.is_dir():
+        raise OutputError("output folder does not exist", parent)
+    if path.is_dir() and not folder:
+        raise OutputError("is a folder; give a file name", path)
+    if path.exists() and not path.is_dir() and folder:
+        raise OutputError("is a file; give a folder", path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".uvsam-write-test.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write here ({e.strerror})", path) from None
+    return path
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

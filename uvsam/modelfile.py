@@ -60,8 +60,10 @@ def read_model_file(path: str | Path) -> dict:
         raise CheckpointError("model file is empty (0 bytes)", path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError("model file holds pickled Python objects; uvsam loads tensors only", path) from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):  # a class or function reference: code
+            raise CheckpointError("model file holds pickled Python objects; uvsam loads tensors only", path) from None
+        raise CheckpointError("not a uvsam model file (not a PyTorch file at all)", path) from None
     except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
         raise CheckpointError(f"not a readable uvsam model ({str(e).splitlines()[0][:160]})", path) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -73,26 +75,42 @@ def read_model_file(path: str | Path) -> dict:
     return payload
 
 
+def generalist_file(payload: dict, path: str | Path, checkpoint: str | Path | None) -> Path | None:
+    """The official weights file a model needs (``checkpoint``, else the cache), checked by
+    SHA-256 against the one it was trained with; None when the model carries its generalist.
+
+    Cheap (a hash, no model built): ``uvsam predict`` calls it before any work.
+    """
+    config, gen = UVSAMConfig.from_dict(payload["config"]), payload["meta"]["generalist"]
+    if gen["source"] == "random":
+        if checkpoint is not None:
+            raise CheckpointError("the model carries its own generalist (trained without official weights); "
+                                  "--checkpoint would not be used: leave it out", path)
+        return None
+    from uvsam.weights import resolve
+
+    file = Path(checkpoint) if checkpoint is not None else resolve(config.encoder)
+    digest = sha256_file(file) if file.is_file() else None
+    if digest != gen["sha256"]:
+        raise CheckpointError(f"the model was trained with {config.encoder} weights of SHA-256 "
+                              f"{gen['sha256'][:12]}..., this file's is {(digest or 'missing')[:12]}...", file)
+    return file
+
+
 def load_model(path: str | Path, checkpoint: str | Path | None = None) -> tuple[UVSAM, dict]:
     """Rebuild a trained model; ``checkpoint`` is the generalist's official file (else the cache)."""
     payload = read_model_file(path)
     config = UVSAMConfig.from_dict(payload["config"])
     meta = payload["meta"]
-    gen = meta["generalist"]
-    if gen["source"] == "random":
+    file = generalist_file(payload, path, checkpoint)
+    if file is None:
         generalist = build_generalist(config.encoder)
         generalist.load_state_dict(payload["generalist_state"])
     else:
         from uvsam.checkpoint import load_generalist
-        from uvsam.weights import resolve
 
-        file = Path(checkpoint) if checkpoint is not None else resolve(config.encoder)
-        digest = sha256_file(file) if file.is_file() else None
-        if digest != gen["sha256"]:
-            raise CheckpointError(f"the model was trained with {config.encoder} weights of SHA-256 "
-                                  f"{gen['sha256'][:12]}..., this file's is {(digest or 'missing')[:12]}...", file)
         generalist = load_generalist(config.encoder, file)
-        generalist.weights_sha256 = digest
+        generalist.weights_sha256 = meta["generalist"]["sha256"]
     model = UVSAM(config, _specialist(config), generalist)
     missing, unexpected = model.load_state_dict(payload["state"], strict=False)
     missing = [k for k in missing if not k.startswith("generalist.")]

@@ -44,6 +44,7 @@ from tiles.reader import RasterSource, ReadOptions
 from tiles.stitch import Stitcher
 from uvsam.datasets import to_rgb
 from uvsam.errors import InputError
+from uvsam.files import check_writable
 from uvsam.harmonise import Radiometry, histogram_match, measure
 from uvsam.journal import Journal, scene_identity
 from uvsam.polygons import clean, merge, polygonise
@@ -144,10 +145,11 @@ def get_model(info: ModelInfo):
 
 def model_info(path: str | Path, checkpoint: str | Path | None = None) -> ModelInfo:
     from uvsam.files import sha256_file
-    from uvsam.modelfile import read_model_file
+    from uvsam.modelfile import generalist_file, read_model_file
     from uvsam.modeling.uvsam import UVSAMConfig
 
     payload = read_model_file(path)
+    generalist_file(payload, path, checkpoint)  # the right weights are there, before any work
     meta = payload["meta"]
     config = UVSAMConfig.from_dict(payload["config"])
     return ModelInfo(str(path), str(checkpoint) if checkpoint else None, float(meta["gsd_m"]),
@@ -497,9 +499,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     from uvsam import __version__
     from uvsam.layers import FORMATS, layer_problem, write_geopackage, write_vector
 
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError("output folder does not exist", out.parent)
+    out = check_writable(out)
     problem = layer_problem(layer) if fmt == "gpkg" else None
     if problem:
         raise InputError(problem, out)
@@ -509,9 +509,9 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     info = model_info(model, checkpoint)
     identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+    bar = Progress(plan_run(paths, info, cfg))  # every scene opened and checked before any work
     workdir = out.with_name(out.stem + ".work")
     workdir.mkdir(exist_ok=True)
-    bar = Progress(plan_run(paths, info, cfg))
     frames, cands, tiles, journals = [], [], [], []
     out_crs = crs
     for path in paths:

@@ -9,7 +9,7 @@ import rasterio
 
 from uvsam.checkpoint import load_generalist
 from uvsam.errors import InputError
-from uvsam.files import atomic_path
+from uvsam.files import atomic_path, check_writable
 from uvsam.predictor import Predictor
 from uvsam.raster import read_rgb
 
@@ -24,9 +24,7 @@ def segment_image(image: str | Path, encoder: str, checkpoint: str | Path, out: 
     """
     if not boxes and not points:
         raise InputError("give at least one --box or --point prompt")
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError("output directory does not exist", out.parent)
+    out = check_writable(out)
     img = read_rgb(image)
     h, w = img.valid.shape
     for b in boxes:

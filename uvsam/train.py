@@ -29,7 +29,7 @@ from uvsam import __version__
 from uvsam.augment import View, photometric, random_view, render
 from uvsam.datasets import LabelledScene, SceneArrays, load_scene, native_gsd, pair_scenes
 from uvsam.errors import InputError
-from uvsam.files import atomic_path, sha256_file
+from uvsam.files import atomic_path, check_writable, sha256_file
 from uvsam.harmonise import Radiometry, histogram_match, measure
 from uvsam.inference import predict_scene
 from uvsam.losses import IGNORE, LossWeights, uvsam_loss
@@ -177,18 +177,19 @@ def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
             harmonise_scene(s, radiometry)
     labelled = sum(int((s.labels != IGNORE).sum()) for s in train)
     village = sum(int((s.labels == 1).sum()) for s in train)
-    log(f"training on {len(train)} scenes ({labelled / 1e6:.2f} Mpx labelled, {100 * village / max(labelled, 1):.1f}% "
-        f"village) at {gsd:.3f} m/px; {len(val)} validation scenes")
     if village == 0:
         raise InputError("the training labels hold no village pixel", cfg.labels)
+    log(f"training on {len(train)} scenes ({labelled / 1e6:.2f} Mpx labelled, {100 * village / max(labelled, 1):.1f}% "
+        f"village) at {gsd:.3f} m/px; {len(val)} validation scenes")
     return PreparedData(train, val, gsd, radiometry, [s.stretch.to_dict() for s in train])
 
 
-def build_model(cfg: TrainConfig, gsd_m: float, log=print) -> tuple[UVSAM, dict]:
+def build_model(cfg: TrainConfig, gsd_m: float, log=print, generalist=None) -> tuple[UVSAM, dict]:
+    """The model to train; ``generalist``: the official one, already loaded from ``cfg.checkpoint``."""
     if cfg.checkpoint:
         from uvsam.checkpoint import load_generalist
 
-        generalist = load_generalist(cfg.encoder, cfg.checkpoint)
+        generalist = generalist or load_generalist(cfg.encoder, cfg.checkpoint)
         digest = sha256_file(cfg.checkpoint)
         generalist.weights_sha256 = digest
         source = {"encoder": cfg.encoder, "sha256": digest, "source": "file", "file": Path(cfg.checkpoint).name}
@@ -311,9 +312,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
 
     ``stop_after``: return after that many epochs (as an interrupted run would).
     """
-    out = Path(cfg.out)
-    if not out.parent.is_dir():
-        raise InputError("output folder does not exist", out.parent)
+    out = check_writable(cfg.out)
     payload = None
     if resume:
         if not out.exists():
@@ -329,8 +328,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     elif out.exists():
         raise InputError("exists; give --resume to continue its training, or another --out", out)
 
+    generalist = None
+    if cfg.checkpoint:  # a wrong or broken weights file is refused before the data are read
+        from uvsam.checkpoint import load_generalist
+
+        generalist = load_generalist(cfg.encoder, cfg.checkpoint)
     data = prepare_data(cfg, log)
-    model, generalist_meta = build_model(cfg, data.gsd_m, log)
+    model, generalist_meta = build_model(cfg, data.gsd_m, log, generalist)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch

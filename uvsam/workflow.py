@@ -16,7 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from uvsam.errors import InputError
+from uvsam.errors import InputError, OutputError
+from uvsam.files import check_writable
 from uvsam.predict import PredictConfig
 
 
@@ -151,16 +152,22 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     ``local``, ``workers`` and ``scheduler`` override the file's ``execution`` section.
     """
     from uvsam.predict import dry_run as estimate
-    from uvsam.predict import find_scenes, model_info, run_prediction
+    from uvsam.predict import find_scenes, model_info, plan_run, run_prediction
 
     wf, text = load(path)
-    for y in wf.years:  # every scene is found before any year runs
-        find_scenes(y.scenes)
+    info = model_info(wf.model, wf.checkpoint)
+    for y in wf.years:  # every scene of every year is found, opened and checked before any year runs
+        plan_run(find_scenes(y.scenes), info, wf.config(y))
     if dry_run:
         return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint)} for y in wf.years]
     ex = wf.execution
     local = ex.local if local is None else local
-    wf.out.parent.mkdir(parents=True, exist_ok=True)  # a workflow names its output folder: create it
+    try:
+        if not wf.out.parent.exists():
+            wf.out.parent.mkdir(parents=True)  # a workflow names its output folder: create it
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder ({e.strerror})", wf.out.parent) from None
+    check_writable(wf.out)
     extra = {"workflow": wf.name, "workflow_yaml": text}
 
     def each(runner=None) -> list[dict]:
