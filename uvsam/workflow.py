@@ -155,9 +155,10 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     from uvsam.predict import find_scenes, model_info, plan_run, run_prediction
 
     wf, text = load(path)
+    found = [find_scenes(y.scenes) for y in wf.years]  # every scene of every year is found,
     info = model_info(wf.model, wf.checkpoint)
-    for y in wf.years:  # every scene of every year is found, opened and checked before any year runs
-        plan_run(find_scenes(y.scenes), info, wf.config(y))
+    for y, paths in zip(wf.years, found, strict=True):  # then opened and checked, before any year runs
+        plan_run(paths, info, wf.config(y))
     if dry_run:
         return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint)} for y in wf.years]
     ex = wf.execution
