@@ -265,7 +265,7 @@ def test_unusual_rasters_are_handled(corpus, good_villages, case, tmp_path, caps
     got = _union(tmp_path / "v.gpkg")
     with rasterio.open(corpus[case]) as ds:
         t, w, h = ds.transform, ds.width, ds.height
-    footprint = shapely.Polygon([t * (0, 0), t * (w, 0), t * (w, h), t * (0, h)])
+    footprint = shapely.Polygon([t @ (0, 0), t @ (w, 0), t @ (w, h), t @ (0, h)])
     assert got.area > 0 and got.difference(footprint.buffer(10)).area < 1e-6 * got.area
     if case not in ("rotated", "sheared", "bands1", "bands2"):  # same picture, another encoding
         iou = got.intersection(good_villages).area / got.union(good_villages).area

@@ -35,8 +35,9 @@ GSD_TOLERANCE = 0.01  # within 1% of the target ground resolution the scene is r
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read a scene. ``bands`` are 1-based (None: all colour bands, alpha excluded);
-    ``gsd`` the target ground sample distance in metres; ``crs`` a CRS to reproject to."""
+    """How to read a scene. ``bands`` are 1-based (None: :func:`default_bands`, red, green and
+    blue by colour interpretation); ``gsd`` the target ground sample distance in metres; ``crs``
+    a CRS to reproject to."""
 
     bands: tuple[int, ...] | None = None
     gsd: float | None = None

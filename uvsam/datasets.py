@@ -174,8 +174,8 @@ def _rasterise_vector(path: Path, src: RasterSource, labels_crs: str | None) -> 
     geoms = [g for g in geoms if not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon", "GeometryCollection")]
     if not geoms:
         return np.zeros((src.height, src.width), np.uint8)
-    left, top = src.transform * (0, 0)
-    right, bottom = src.transform * (src.width, src.height)
+    left, top = src.transform @ (0, 0)
+    right, bottom = src.transform @ (src.width, src.height)
     footprint = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
     if not any(g.intersects(footprint) for g in geoms):
         b = shapely.bounds(shapely.union_all(geoms)).round(1).tolist()
