@@ -119,7 +119,7 @@ class RasterSource:
         self._mask_from_nodata = ds.nodata is not None and all(f == [MaskFlags.nodata] for f in flags)
         # The warper's alpha band is the validity; read it directly: GDAL exposes it as the
         # bands' mask only for some photometric layouts (not, e.g., for 8-band multispectral)
-        self._alpha = ds.count if (self._vrt is not None and ds is self._vrt and self._added_alpha) else None
+        self._alpha = ds.count if (ds is self._vrt and self._added_alpha) else None
         self.ground_res = ground_resolution(self.crs, self.transform, self.width, self.height) if self.crs else None
 
     def _warp(self, src):
