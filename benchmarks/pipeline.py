@@ -1,26 +1,31 @@
 """City-scale throughput of `uvsam predict` against the reference UV-SAM configuration, in one run.
 
-Status (issue 8, in progress): the scene build and the model training run; the first full run
-at --size 8192 did not finish within 10 minutes on the 2-core machine, so no figures are in
-docs/benchmarks.md yet.
+    python benchmarks/pipeline.py [--sizes 4096 8192] [--model MODEL.ckpt] [--reference-tiles 2]
+                                  [--json] [--write-docs docs/benchmarks.md]
 
-    python benchmarks/pipeline.py [--size 8192] [--model MODEL.ckpt] [--reference-tiles 2] [--json]
-
-1. The standard scene: a SIZE x SIZE px mosaic (default 8192, about 56 km2) built on disk from
-   the eight real Beijing tiles of ../shared/data/beijing-uv (flipped and rotated copies, EPSG:3857
-   at zoom-17 resolution), cached in --work.
+1. The standard scenes: SIZE x SIZE px mosaics (8192 px is about 56 km2) built on disk from the
+   eight real Beijing tiles of ../shared/data/beijing-uv (flipped and rotated copies, EPSG:3857 at
+   zoom-17 resolution), cached in --work.
 2. The machine: dense fp32 matmul GFLOP/s (torch.mm 2048 x 2048, best of 5).
-3. Default: `uvsam predict` in process (--local) on the whole scene with the model (default: one
-   trained briefly on the Beijing train tiles, cached), in a child process so its peak RSS is its
-   own. Seconds per stage are taken with forward hooks and wrappers, without changing the code
-   measured: read (window reads + radiometry), specialist, encoder, decoder (prompt encoder + mask
-   decoder), vectorise (candidates, polygons, cleaning), write (mosaic and GeoPackage).
-4. Reference, as the official code does it, on the first --reference-tiles 1024 px tiles of the
-   same scene: SegFormer-B0 at 1024 px on the native grid, a SAM ViT-L image encoder on every tile,
-   one decoder call per village box, fp32, eager, no batching, no caching.
+3. Default: `uvsam predict` as it runs on this machine (in process below 8 cores) on each scene
+   with the model (default: one trained briefly on the Beijing train tiles, cached), each in a
+   child process so its peak RSS is its own. Seconds per stage are taken with forward hooks and
+   wrappers, without changing the code measured: read (window reads + radiometry), specialist,
+   encoder, decoder (prompt encoder + mask decoder), vectorise (candidates, polygons, cleaning),
+   write (mosaic and GeoPackage). Model FLOPs by torch's FlopCounterMode, times what ran.
+4. Plain fp32: the same prediction of the smaller scene without batching (one tile per
+   specialist call, one box per decoder call) and with smp's own SegFormer decoder instead of
+   the reordered one; ``mask_iou_optimised_vs_fp32`` is the IoU of the village areas of the two
+   runs.
+5. Reference, as the official code does it, on the first --reference-tiles 1024 px tiles of the
+   largest scene: SegFormer-B0 at 1024 px on the native grid, a SAM ViT-L image encoder on every
+   tile, one decoder call per village box, fp32, eager, no batching, no caching.
 
-Prints km2/h of both, their ratio, overhead_ratio (end-to-end wall / model compute), peak RSS,
-model GFLOPs per km2 and the stage table.
+Prints one JSON object: km2_per_h_default (largest scene), km2_per_h_reference, speedup,
+overhead_ratio (end-to-end wall / model compute), peak_rss_mb (largest over the scene sizes),
+model_gflops_per_km2, compute_bound_fraction (model GFLOP/s achieved / dense matmul GFLOP/s),
+mask_iou_optimised_vs_fp32, and per scene the stage table. ``--write-docs`` rewrites the
+generated block of docs/benchmarks.md with the same figures.
 """
 
 from __future__ import annotations
@@ -111,20 +116,35 @@ def _timed(fn) -> float:
 
 # -- stage timing without touching the code measured ----------------------------------------------
 class Stages:
-    """Seconds per stage: forward hooks on modules, wrappers around module-level functions."""
+    """Seconds per stage: forward hooks on modules, wrappers around module-level functions.
+
+    ``rss_mb``: the process's peak RSS when each stage last raised it (which stage sets the peak).
+    """
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.items: dict[str, int] = defaultdict(int)
+        self.rss_mb: dict[str, float] = {}
         self._t0: dict[int, float] = {}
+        self._peak = self.rss_mb["before"] = _peak_rss_mb()
 
-    def hook(self, module, stage: str) -> None:
+    def _note_rss(self, stage: str) -> None:
+        peak = _peak_rss_mb()
+        if peak > self._peak:
+            self._peak = self.rss_mb[stage] = peak
+
+    def hook(self, module, stage: str, items=None) -> None:
+        """Time ``module``'s forward as ``stage``; ``items(args)`` counts what one call processed."""
         def pre(mod, args):
             self._t0[id(mod)] = time.perf_counter()
 
         def post(mod, args, out):
             self.seconds[stage] += time.perf_counter() - self._t0.pop(id(mod))
             self.calls[stage] += 1
+            if items is not None:
+                self.items[stage] += int(items(args))
+            self._note_rss(stage)
 
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
@@ -138,11 +158,18 @@ class Stages:
                 return fn(*a, **k)
             finally:
                 self.seconds[stage] += time.perf_counter() - t
+                self._note_rss(stage)
 
         setattr(owner, name, timed)
 
 
-def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int) -> dict:
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, plain: bool = False) -> dict:
+    """``uvsam predict --local`` on ``scene``, timed by stage. ``plain``: without the batching
+    (one tile per specialist call, one box per decoder call), the fp32 eager path to compare with."""
     import torch
 
     import tiles.stitch
@@ -152,27 +179,35 @@ def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int) ->
 
     stages = Stages()
     net = get_model(model_info(model))  # the instance predict will use (loaded once per process)
-    stages.hook(net.specialist, "specialist")
-    stages.hook(net.generalist.image_encoder, "encoder")
+    stages.hook(net.specialist, "specialist", lambda a: a[0].shape[0])
+    stages.hook(net.generalist.image_encoder, "encoder", lambda a: a[0].shape[0])
     stages.hook(net.generalist.prompt_encoder, "decoder")
-    stages.hook(net.generalist.mask_decoder, "decoder")
+    stages.hook(net.generalist.mask_decoder, "decoder", lambda a: a[2].shape[0])  # boxes decoded
     stages.wrap(P, "read_tile", "read")
-    for name in ("candidates_from_mosaic", "clean", "merge", "mean_probability", "polygonise"):
+    for name in ("candidates_from_mosaic", "clean_each", "merge", "mean_probability", "polygonise"):
         stages.wrap(P, name, "vectorise")
     stages.wrap(tiles.stitch.Stitcher, "add", "write")
     stages.wrap(uvsam.layers, "write_geopackage", "write")
     cfg = PredictConfig(tile=tile, overlap=overlap)
+    if plain:  # and smp's own SegFormer decoder instead of the reordered one
+        import uvsam.modeling.specialist as S
+
+        cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=1)
+        net.decode_chunk = 1
+        S.fuse_features = lambda decoder, features: decoder(features)
     t = time.perf_counter()
     summary = run_prediction([str(scene)], model, out, cfg, log=lambda m: None)
     wall = time.perf_counter() - t
-    flops = model_flops(net, tile, cfg.window)
-    return {"wall_s": wall, "stages_s": dict(stages.seconds), "calls": dict(stages.calls),
-            "villages": summary["villages"], "flops": flops, "threads": torch.get_num_threads()}
+    res = {"wall_s": wall, "stages_s": dict(stages.seconds), "calls": dict(stages.calls), "items": dict(stages.items),
+           "rss_mb_by_stage": dict(stages.rss_mb), "peak_rss_mb": _peak_rss_mb(), "villages": summary["villages"],
+           "threads": torch.get_num_threads()}
+    res["flops"] = model_flops(net, cfg.tile, cfg.window)  # after the timings: the counter's runs are not the run's
+    return res
 
 
 def model_flops(net, tile: int, window: int) -> dict:
     """FLOPs of the specialist on one tile and on one refinement window, of one generalist
-    encoder pass and of one decoder call."""
+    encoder pass and of decoding one box (prompt encoder + mask decoder)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -188,21 +223,26 @@ def model_flops(net, tile: int, window: int) -> dict:
     box = [np.array([[100, 100, 300, 300]], np.float32)]
     dec = count(lambda: net.refine(win, box)) - enc - spec_win
     return {"specialist_tile": count(lambda: net.run_specialist(x)), "specialist_window": spec_win,
-            "encoder_window": enc, "decoder_call": max(dec, 0)}
+            "encoder_window": enc, "decoder_box": max(dec, 0)}
 
 
 def run_reference(scene: Path, tiles: int) -> dict:
-    """SegFormer-B0 + SAM ViT-L at 1024 px, one decoder call per village box, fp32 eager."""
+    """SegFormer-B0 + SAM ViT-L at 1024 px, one decoder call per village box (the official size
+    limit: boxes of at least 100 x 100 px at 0.916 m), fp32 eager. The specialist is untrained
+    (seeded): how many villages it finds is arbitrary, so the box count is reported."""
     import rasterio
     import torch
     from rasterio.windows import Window
-    from scipy import ndimage
 
+    from tiles.reader import ground_resolution
     from uvsam.modeling import build_generalist
     from uvsam.modeling.specialist import Specialist
+    from uvsam.prompts import village_boxes
 
     torch.manual_seed(0)
     spec, gen = Specialist("mit_b0").eval(), build_generalist("sam_vit_l").eval()
+    with rasterio.open(scene) as src:
+        gx, gy = ground_resolution(src.crs, src.transform, src.width, src.height)
     t = time.perf_counter()
     boxes_total = 0
     with rasterio.open(scene) as src:
@@ -211,47 +251,76 @@ def run_reference(scene: Path, tiles: int) -> dict:
             x = torch.from_numpy(img)[None]
             with torch.no_grad():
                 logits, _ = spec((x - 127.5) / 64)
-                labels, n = ndimage.label(logits.argmax(1)[0].numpy())
+                villages = village_boxes(logits.argmax(1)[0].numpy().astype(bool), gx)  # the official size limit
                 emb = gen.image_encoder((x - 127.5) / 64)
-                for sl in ndimage.find_objects(labels):
-                    box = torch.tensor([[sl[1].start, sl[0].start, sl[1].stop, sl[0].stop]], dtype=torch.float32)
+                for b in villages.boxes[villages.large]:
+                    box = torch.from_numpy(b[None])
                     sparse, dense = gen.prompt_encoder(points=None, boxes=box, masks=None)
                     gen.mask_decoder(image_embeddings=emb, image_pe=gen.prompt_encoder.get_dense_pe(),
                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                      multimask_output=False)
                     boxes_total += 1
     wall = time.perf_counter() - t
-    with rasterio.open(scene) as src:
-        from tiles.reader import ground_resolution
-
-        gx, gy = ground_resolution(src.crs, src.transform, src.width, src.height)
     return {"wall_s": wall, "tiles": tiles, "boxes": boxes_total, "km2": tiles * 1024 * 1024 * gx * gy / 1e6}
 
 
 def _child(args) -> None:
-    if args.child == "default":
-        res = run_default(Path(args.scene), Path(args.model), Path(args.out), args.tile, args.overlap)
+    if args.child in ("default", "plain"):
+        res = run_default(Path(args.scene), Path(args.model), Path(args.out), args.tile, args.overlap,
+                          plain=args.child == "plain")
     else:
         res = run_reference(Path(args.scene), args.reference_tiles)
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res.setdefault("peak_rss_mb", _peak_rss_mb())
     print(json.dumps(res))
 
 
 def _spawn(*argv: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True)
+    """A child process (so that each run's peak RSS is its own); its last stdout line is JSON."""
+    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"benchmark child {argv[1]} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def villages_iou(a: Path, b: Path) -> float:
+    """IoU of the village areas of two GeoPackages (the masks the two runs drew)."""
+    import geopandas as gpd
+
+    ua, ub = (gpd.read_file(p, layer="villages").union_all() for p in (a, b))
+    union = ua.union(ub).area
+    return 1.0 if union == 0 else ua.intersection(ub).area / union
+
+
+def summarise(d: dict, km2: float) -> dict:
+    """One default run: km2/h, stage seconds, overhead ratio, model GFLOPs and achieved GFLOP/s."""
+    compute = sum(d["stages_s"].get(s, 0.0) for s in ("specialist", "encoder", "decoder"))
+    f, n = d["flops"], d["items"]
+    windows = n.get("encoder", 0)  # each refinement window runs the specialist and the encoder once
+    flops = (f["specialist_tile"] * (n.get("specialist", 0) - windows) + (f["specialist_window"] + f["encoder_window"])
+             * windows + f["decoder_box"] * n.get("decoder", 0))
+    return {"km2": round(km2, 2), "wall_s": round(d["wall_s"], 1), "km2_per_h": round(km2 / d["wall_s"] * 3600, 1),
+            "model_s": round(compute, 1), "overhead_ratio": round(d["wall_s"] / compute, 2),
+            "stages_s": {k: round(v, 1) for k, v in sorted(d["stages_s"].items())},
+            "tiles": n.get("specialist", 0) - windows, "windows": windows, "boxes": n.get("decoder", 0),
+            "villages": d["villages"], "peak_rss_mb": round(d["peak_rss_mb"]),
+            "rss_mb_by_stage": {k: round(v) for k, v in d["rss_mb_by_stage"].items()},
+            "model_gflops": round(flops / 1e9, 1), "model_gflops_per_s": round(flops / 1e9 / compute, 1),
+            "threads": d["threads"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=8192)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192],
+                    help="Scene sizes in px (the largest gives the headline figures).")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--work", default=None, help="Folder for the scene and model (cached between runs).")
+    ap.add_argument("--work", default=None, help="Folder for the scenes and model (cached between runs).")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=256)
     ap.add_argument("--reference-tiles", type=int, default=2)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--child", choices=["default", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help="One line of JSON (default: indented).")
+    ap.add_argument("--write-docs", type=Path, default=None, metavar="MD",
+                    help="Also rewrite the generated table in this Markdown file (docs/benchmarks.md).")
+    ap.add_argument("--child", choices=["default", "plain", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--scene", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -259,34 +328,80 @@ def main() -> None:
         return _child(args)
     work = Path(args.work or Path(tempfile.gettempdir()) / "uvsam-bench")
     work.mkdir(parents=True, exist_ok=True)
-    scene = build_scene(work / f"beijing_{args.size}.tif", args.size)
+    sizes = sorted(set(args.sizes))
+    scenes = {n: build_scene(work / f"beijing_{n}.tif", n) for n in sizes}
     model = Path(args.model) if args.model else train_model(work / "default.ckpt")
-    km2 = scene_km2(scene)
     gflops = matmul_gflops()
+    common = ["--model", str(model), "--tile", str(args.tile), "--overlap", str(args.overlap)]
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        d = _spawn("--child", "default", "--scene", str(scene), "--model", str(model), "--out",
-                   str(Path(tmp) / "v.gpkg"), "--tile", str(args.tile), "--overlap", str(args.overlap))
-    r = _spawn("--child", "reference", "--scene", str(scene), "--reference-tiles", str(args.reference_tiles))
-    compute = sum(d["stages_s"].get(s, 0.0) for s in ("specialist", "encoder", "decoder"))
-    f = d["flops"]
-    windows = d["calls"].get("encoder", 0)  # each refinement window runs the specialist and the encoder once
-    model_flops_total = (f["specialist_tile"] * (d["calls"].get("specialist", 0) - windows)
-                         + (f["specialist_window"] + f["encoder_window"]) * windows
-                         + f["decoder_call"] * d["calls"].get("decoder", 0) / 2)  # prompt encoder + mask decoder
+        for n in sizes:
+            d = _spawn("--child", "default", "--scene", str(scenes[n]), "--out", f"{tmp}/default_{n}.gpkg", *common)
+            runs[n] = summarise(d, scene_km2(scenes[n]))
+        small = sizes[0]  # the fp32 eager path without batching, on the smaller scene
+        plain = _spawn("--child", "plain", "--scene", str(scenes[small]), "--out", f"{tmp}/plain.gpkg", *common)
+        iou = villages_iou(Path(f"{tmp}/default_{small}.gpkg"), Path(f"{tmp}/plain.gpkg"))
+    r = _spawn("--child", "reference", "--scene", str(scenes[sizes[-1]]),
+               "--reference-tiles", str(args.reference_tiles))
+    head = runs[sizes[-1]]
+    ref_km2_h = r["km2"] / r["wall_s"] * 3600
     result = {
-        "scene_px": args.size, "scene_km2": round(km2, 2), "machine_matmul_gflops": round(gflops, 1),
-        "km2_per_h_default": round(km2 / d["wall_s"] * 3600, 2),
-        "km2_per_h_reference": round(r["km2"] / r["wall_s"] * 3600, 2),
-        "speedup": round((km2 / d["wall_s"]) / (r["km2"] / r["wall_s"]), 1),
-        "overhead_ratio": round(d["wall_s"] / compute, 2) if compute else None,
-        "peak_rss_mb": round(d["peak_rss_mb"]),
-        "model_gflops_per_km2": round(model_flops_total / 1e9 / km2, 1),
-        "mask_iou_optimised_vs_fp32": None,  # the default path is fp32: no reduced-precision path yet
-        "default": {"wall_s": round(d["wall_s"], 1), "stages_s": {k: round(v, 1) for k, v in d["stages_s"].items()},
-                    "calls": d["calls"], "villages": d["villages"], "threads": d["threads"]},
+        "machine_matmul_gflops": round(gflops, 1),
+        "km2_per_h_default": head["km2_per_h"],
+        "km2_per_h_reference": round(ref_km2_h, 1),
+        "speedup": round(head["km2_per_h"] / ref_km2_h, 1),
+        "overhead_ratio": head["overhead_ratio"],
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs.values()),
+        "model_gflops_per_km2": round(head["model_gflops"] / head["km2"], 1),
+        "compute_bound_fraction": round(head["model_gflops_per_s"] / gflops, 2),
+        "mask_iou_optimised_vs_fp32": round(iou, 4),
+        "plain_fp32": {"scene_px": small, "wall_s": round(plain["wall_s"], 1), "villages": plain["villages"],
+                       "peak_rss_mb": round(plain["peak_rss_mb"])},
+        "scenes": {str(n): run for n, run in runs.items()},
         "reference": {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()},
     }
     print(json.dumps(result, indent=None if args.json else 2))
+    if args.write_docs:
+        write_docs(args.write_docs, result, sys.argv[1:])
+
+
+BEGIN, END = "<!-- pipeline.py: begin -->", "<!-- pipeline.py: end -->"
+
+
+def write_docs(md: Path, r: dict, argv: list[str]) -> None:
+    """Replace the generated block of ``md`` with the tables of this run (atomically)."""
+    rows = ["| scene | km2 | wall s | km2/h | model s | overhead | tiles | windows | boxes | villages | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, s in r["scenes"].items():
+        rows.append(f"| {n} x {n} px | {s['km2']} | {s['wall_s']} | {s['km2_per_h']} | {s['model_s']} | "
+                    f"{s['overhead_ratio']} | {s['tiles']} | {s['windows']} | {s['boxes']} | {s['villages']} | "
+                    f"{s['peak_rss_mb']} |")
+    stages = sorted({k for s in r["scenes"].values() for k in s["stages_s"]})
+    rows += ["", "| scene | " + " | ".join(f"{k} s" for k in stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for n, s in r["scenes"].items():
+        rows.append(f"| {n} px | " + " | ".join(str(s["stages_s"].get(k, 0)) for k in stages) + " |")
+    ref = r["reference"]
+    rows += ["", "| figure | value |", "|---|---|",
+             f"| default km2/h (largest scene) | {r['km2_per_h_default']} |",
+             f"| reference km2/h ({ref['tiles']} tiles of 1024 px, {ref['boxes']} decoder calls, "
+             f"{ref['wall_s']} s) | {r['km2_per_h_reference']} |",
+             f"| speed-up | {r['speedup']}x |",
+             f"| overhead ratio (wall / model compute) | {r['overhead_ratio']} |",
+             f"| peak RSS, largest of the scene sizes | {r['peak_rss_mb']} MB |",
+             f"| model GFLOPs per km2 | {r['model_gflops_per_km2']} |",
+             f"| machine dense matmul | {r['machine_matmul_gflops']} GFLOP/s |",
+             f"| model compute achieved / matmul | {r['compute_bound_fraction']} |",
+             f"| mask IoU, default vs plain fp32 (batch 1, one box a call) | {r['mask_iou_optimised_vs_fp32']} |"]
+    block = "\n".join([BEGIN, "", "```bash", "python benchmarks/pipeline.py " + " ".join(argv), "```", "", *rows, "",
+                       END])
+    text = md.read_text()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = md.with_name(f".{md.name}.part")
+    tmp.write_text(text)
+    tmp.replace(md)
 
 
 if __name__ == "__main__":

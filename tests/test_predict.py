@@ -50,10 +50,71 @@ def test_polygons_are_cleaned_in_metres_whatever_the_crs(beijing_mask):
     assert len(clean([ring], "EPSG:32650", 500.0, 0)[0].interiors) == 0
 
 
+
+def test_a_village_is_cleaned_the_same_alone_or_with_the_whole_scene(beijing_mask):
+    """Simplified in the pixels it was traced on, a village's outline does not depend on which
+    other villages are cleaned with it (a city cleans thousands at once, a test one)."""
+    from uvsam.polygons import clean_each
+
+    ground_m = 1.194 * np.cos(np.radians(40.0))
+    transform = Affine(1.194, 0, 12942317.6, 0, -1.194, 4882797.4)
+    villages = merge(polygonise(beijing_mask > 0, transform))
+    assert len(villages) >= 2
+    together = clean_each(villages, "EPSG:3857", 100.0, 2 * ground_m, (transform, ground_m))
+    for v, cleaned in zip(villages, together, strict=True):
+        alone = clean_each([v], "EPSG:3857", 100.0, 2 * ground_m, (transform, ground_m))[0]
+        assert [p.wkb for p in alone] == [p.wkb for p in cleaned]
+    kept = [p for ps in together for p in ps]
+    raw = measure(villages, "EPSG:3857")[0].sum()
+    assert 0 < len(kept) <= len(villages)
+    assert measure(kept, "EPSG:3857")[0].sum() == pytest.approx(raw, rel=0.02)  # simplified, not reshaped
+
 def _to_4326(xy):
     from pyproj import Transformer
 
     return np.column_stack(Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform(xy[:, 0], xy[:, 1]))
+
+
+def test_candidates_are_the_same_from_any_block_size_and_lose_only_specks(beijing_mask, tmp_path):
+    """The mosaic is vectorised in square blocks (memory bounded on wide scenes): pieces cut by
+    block edges merge back, and only specks away from any edge are dropped before polygonising."""
+    import rasterio
+
+    from uvsam.predict import candidates_from_mosaic, drop_specks
+
+    prob = np.where(beijing_mask > 0, 0.9, 0.1).astype(np.float32)
+    clear = [(r, c) for r in range(40, 1000, 97) for c in range(40, 1000, 89)
+             if not beijing_mask[r - 20 : r + 20, c - 20 : c + 20].any()]
+    specks = clear[:: max(1, len(clear) // 4)][:4]  # 3 x 3 px specks away from the villages
+    assert len(specks) == 4
+    for r, c in specks:
+        prob[r : r + 3, c : c + 3] = 0.8
+    prob[-2:, :4] = np.nan  # no data never counts as village
+    path = tmp_path / "prob.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=1024, height=1024, count=1, dtype="float32", crs="EPSG:3857",
+                       transform=Affine(1.194, 0, 12942317.6, 0, -1.194, 4882797.4), nodata=float("nan")) as ds:
+        ds.write(prob, 1)
+    whole = candidates_from_mosaic(path, 0.5, 2048)
+    blocks = candidates_from_mosaic(path, 0.5, 300)  # 4 x 4 blocks, villages cut across them
+    assert len(blocks) == len(whole) == len(merge(polygonise(beijing_mask > 0, Affine.identity()))) + len(specks)
+    ua, ub = shapely.union_all(blocks), shapely.union_all(whole)
+    assert ua.symmetric_difference(ub).area < 1e-9 * ub.area  # the same up to rounding
+    kept = candidates_from_mosaic(path, 0.5, 2048, min_pixels=20)
+    assert len(kept) == len(whole) - len(specks)
+    assert shapely.union_all(kept).area == pytest.approx(shapely.union_all(whole).area - len(specks) * 9 * 1.194**2)
+    edge = np.zeros((50, 50), bool)
+    edge[0:2, 10:12] = edge[20:22, 20:22] = True
+    assert drop_specks(edge, 5).sum() == 4  # the one on the edge may go on in the next block: kept
+
+
+def test_execution_runs_in_process_unless_dask_pays_off(monkeypatch):
+    from uvsam.predict import runs_in_process
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert runs_in_process(None) and not runs_in_process(False) and runs_in_process(True, "tcp://h:1")
+    assert not runs_in_process(None, workers=2) and not runs_in_process(None, scheduler="tcp://h:1")
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert not runs_in_process(None) and runs_in_process(True)
 
 
 def test_refinement_windows_hold_their_candidates():

@@ -16,6 +16,7 @@ from uvsam.modeling.registry import ENCODERS
 from uvsam.modeling.sam import build_generalist
 from uvsam.modeling.specialist import Specialist, detect_layout, load_mit_weights, to_original_layout
 from uvsam.modeling.uvsam import UVSAM, UVSAMConfig
+from uvsam.prompts import semantic_prompts
 
 
 def test_specialist_shapes_for_any_input_size():
@@ -219,3 +220,51 @@ def test_local_contrast_input_ignores_brightness_and_contrast(beijing_tile):
     assert a.std() > 0.5  # texture survives
     rgb = specialist_input(x, "rgb", mean, std, sigma_px=4.0)
     assert not torch.allclose(specialist_input(0.6 * x + 40, "rgb", mean, std, 4.0), rgb)
+
+
+def test_boxes_decoded_in_chunks_match_one_box_per_call():
+    """Batched decoding (``decode_chunk`` boxes a call, bounded memory) draws the masks that
+    one call per box, as the official code decodes, draws."""
+    torch.manual_seed(0)
+    model = UVSAM(UVSAMConfig(encoder="mobile_sam", gsd_m=1.0), Specialist("mit_b0"),
+                  build_generalist("mobile_sam")).eval()
+    images, _ = _villages_image()
+    emb = torch.randn(1, 256, 64, 64)
+    logits, feature = model.run_specialist(images)
+    semantic = semantic_prompts(emb, feature)
+    boxes = [np.array([[4, 4, 60, 50], [30, 40, 120, 126], [70, 2, 126, 64], [0, 0, 128, 128], [50, 50, 80, 90]],
+                      np.float32)]
+    with torch.inference_mode():
+        model.decode_chunk = 1
+        (one, iou_one), = model.decode_boxes((128, 128), logits, semantic, emb, boxes, model.dense_prompt(logits))
+        model.decode_chunk = 2  # chunks of 2, 2 and 1
+        (chunked, iou_chunked), = model.decode_boxes((128, 128), logits, semantic, emb, boxes,
+                                                     model.dense_prompt(logits))
+    assert one.shape == chunked.shape == (5, 1, 128, 128)
+    torch.testing.assert_close(chunked, one, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(iou_chunked, iou_one, atol=1e-5, rtol=1e-5)
+    assert ((one > 0) == (chunked > 0)).float().mean() > 0.9999
+
+
+@pytest.mark.parametrize("variant", ["mit_b0", "mit_b2"])
+def test_reordered_segformer_decoder_is_smp_s_decoder(variant):
+    """The specialist fuses its stages at their own resolution (half the FLOPs, no 1024-channel
+    concatenation): the same function as smp's decoder, in training and in evaluation."""
+    from uvsam.modeling.specialist import fuse_features
+
+    torch.manual_seed(0)
+    spec = Specialist(variant)
+    norm = spec.net.decoder.fuse_stage[1]
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2.0)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 3, 96, 160)
+    for mode in (False, True):
+        spec.train(mode)
+        feats = spec.net.encoder(x)
+        ref, ours = spec.net.decoder(feats), fuse_features(spec.net.decoder, feats)
+        assert ours.shape == ref.shape == (2, 256, 24, 40)
+        torch.testing.assert_close(ours, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
+    ours.square().mean().backward()
+    assert all(m.linear.weight.grad is not None for m in spec.net.decoder.mlp_stage)

@@ -54,6 +54,7 @@ class ScenePlan:
     grid: TileGrid
     stretch: Stretch
     tiles: tuple[Tile, ...]
+    valid_fraction: float = 1.0  # of the scene's pixels, measured on the overview
 
     def manifest(self) -> dict:
         g = self.grid
@@ -63,8 +64,10 @@ class ScenePlan:
 
 
 def plan(path: str | Path, config: TilingConfig | None = None, stretch: Stretch | None = None,
-         max_overview_pixels: int = 1_000_000) -> ScenePlan:
-    """Plan the tiling of one scene. Pass ``stretch`` to share a dataset-level normalisation."""
+         max_overview_pixels: int = 1_000_000, overview: tuple[np.ndarray, np.ndarray] | None = None) -> ScenePlan:
+    """Plan the tiling of one scene. Pass ``stretch`` to share a dataset-level normalisation,
+    ``overview`` when the caller has already read :meth:`RasterSource.read_overview` with the same
+    read options (reading it costs a pass over the whole scene where it has no overviews)."""
     config = config or TilingConfig()
     with RasterSource(path, config.read) as src:
         size, overlap, offset = config.pixels(src.ground_res)
@@ -73,13 +76,13 @@ def plan(path: str | Path, config: TilingConfig | None = None, stretch: Stretch 
                             config.edges)
         except ValueError as e:
             raise TilesError(str(e), path) from None
-        data, valid = src.read_overview(max_overview_pixels)
+        data, valid = overview if overview is not None else src.read_overview(max_overview_pixels)
         if not valid.any():
             raise TilesError("raster has no valid pixels (all nodata or NaN)", path)
         if stretch is None:
             stretch = compute_stretch(data, valid, config.normalisation, config.percentiles)
         tiles = tuple(t for t in grid if _may_hold_valid(t, grid, valid))
-        return ScenePlan(src.describe(), config.read, grid, stretch, tiles)
+        return ScenePlan(src.describe(), config.read, grid, stretch, tiles, float(valid.mean()))
 
 
 def dataset_stretch(paths: list[str | Path], config: TilingConfig | None = None,

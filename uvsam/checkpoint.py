@@ -22,6 +22,13 @@ from uvsam.modeling.sam import Generalist, build_generalist
 WRAPPER_KEYS = ("model", "state_dict")
 
 
+def load_tensors(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True``, memory-mapped where the file is a zip archive
+    (torch's format since 1.6): the tensors are read from the page cache as they are copied into
+    a model, not first into a private copy of the whole file."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` dict, or raise :class:`CheckpointError`."""
     path = Path(path)
@@ -32,7 +39,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise CheckpointError("checkpoint file is empty (0 bytes)", path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_tensors(path)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):  # a class or function reference: code
             raise CheckpointError(

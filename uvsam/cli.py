@@ -174,14 +174,16 @@ def predict(
     grid_offset: Annotated[int, typer.Option(help="Shift the tile grid by this many px (invariance checks).")] = 0,
     scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local Dask workers (default: sized to the machine).")] = None,
-    local: Annotated[bool, typer.Option(help="Run in this process, without Dask.")] = False,
+    local: Annotated[bool | None, typer.Option(
+        "--local/--dask", help="In this process, or on Dask (default: Dask with --scheduler/--workers or 8+ cores).",
+    )] = None,
     dry_run: Annotated[bool, typer.Option(help="Print tiles, km2, estimated time and memory; write nothing.")] = False,
 ):
     """Village polygons for whole scenes: specialist mosaic, candidates, generalist refinement.
 
     Resumable: run the same command again after an interruption and finished work is skipped.
     """
-    from uvsam.predict import PredictConfig, model_info, run_prediction
+    from uvsam.predict import PredictConfig, model_info, run_prediction, runs_in_process
 
     cfg = PredictConfig(tile=tile, overlap=overlap, threshold=threshold, refine=refine, min_area_m2=min_area,
                         simplify_m=simplify, acquired=acquired, grid_offset=grid_offset)
@@ -191,7 +193,7 @@ def predict(
         typer.echo(json.dumps(estimate(scenes, model, cfg, checkpoint), indent=2))
         return
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
-    if local:
+    if runs_in_process(local, scheduler, workers):
         summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log)
     else:
         from uvsam.distributed import dask_runner, make_client, register_model

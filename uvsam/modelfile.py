@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from uvsam.checkpoint import load_tensors
 from uvsam.errors import CheckpointError
 from uvsam.files import atomic_path, sha256_file
 from uvsam.modeling.sam import build_generalist
@@ -59,7 +60,7 @@ def read_model_file(path: str | Path) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError("model file is empty (0 bytes)", path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_tensors(path)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):  # a class or function reference: code
             raise CheckpointError("model file holds pickled Python objects; uvsam loads tensors only", path) from None

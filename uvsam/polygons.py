@@ -44,10 +44,12 @@ def local_equal_area(polygons: list, crs) -> CRS:
 
 
 def _projector(src, dst):
+    """A function projecting a geometry or an array of geometries from ``src`` to ``dst`` (one
+    PROJ transformer for all: building one costs tens of milliseconds, a city has thousands)."""
     t = Transformer.from_crs(src, dst, always_xy=True)
 
-    def project(geom):
-        return shapely.transform(geom, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+    def project(geoms):
+        return shapely.transform(geoms, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
 
     return project
 
@@ -57,24 +59,58 @@ def clean(polygons: list, crs, min_area_m2: float, simplify_m: float) -> list[Po
 
     Returns polygons in ``crs``. Work is done in a local equal-area CRS.
     """
-    polygons = merge(polygons)
-    if not polygons:
-        return []
-    laea = local_equal_area(polygons, crs)
-    to_m, back = _projector(crs, laea), _projector(laea, crs)
-    out = []
-    for p in polygons:
-        q = to_m(p)
-        if simplify_m > 0:
-            q = q.simplify(simplify_m, preserve_topology=True)
-        holes = [h for h in q.interiors if Polygon(h).area >= min_area_m2]
-        q = Polygon(q.exterior, holes)
-        if not q.is_valid:
-            q = shapely.make_valid(q)
-        for part in shapely.get_parts(q):
-            if isinstance(part, Polygon) and part.area >= min_area_m2:
-                out.append(back(part))
+    return [p for parts in clean_each(merge(polygons), crs, min_area_m2, simplify_m) for p in parts]
+
+
+def clean_each(geometries: list, crs, min_area_m2: float, simplify_m: float,
+               pixels: tuple[Affine, float] | None = None) -> list[list[Polygon]]:
+    """:func:`clean` of each geometry on its own (its parts merged), all projected at once.
+
+    ``pixels``: (transform, metres per pixel) of the pixel grid the polygons were traced on.
+    Simplification then happens in that grid's pixels, where the vertices are whole numbers:
+    the result is the same whichever other polygons are cleaned with them (in metres, a
+    vertex exactly one tolerance away could go either way with the projection's centre).
+    Returns, per input geometry, the polygons it leaves (none when all are too small).
+    """
+    owner, parts = [], []
+    for i, g in enumerate(geometries):
+        for p in merge([g]) if g is not None and not g.is_empty else []:
+            owner.append(i)
+            parts.append(p)
+    out: list[list[Polygon]] = [[] for _ in geometries]
+    if not parts:
+        return out
+    if simplify_m > 0 and pixels is not None:
+        transform, metres = pixels
+        in_px = _affine(np.asarray(parts, dtype=object), ~transform)
+        parts = list(_affine(shapely.simplify(in_px, simplify_m / metres, preserve_topology=True), transform))
+        simplify_m = 0.0
+    laea = local_equal_area(parts, crs)
+    to_m = _projector(crs, laea)
+    metric = to_m(np.asarray(parts, dtype=object))
+    if simplify_m > 0:
+        metric = shapely.simplify(metric, simplify_m, preserve_topology=True)
+        parts = list(_projector(laea, crs)(metric))
+    # measured in metres, built from the geometry in ``crs`` (a projection round trip would
+    # move every vertex by a few nanometres)
+    for i, g, q in zip(owner, parts, metric, strict=True):
+        if q.is_empty or Polygon(q.exterior).area < min_area_m2:
+            continue  # the outline bounds the area whatever holes are filled
+        holes = [k for k, h in enumerate(q.interiors) if Polygon(h).area >= min_area_m2]
+        g = Polygon(g.exterior, [g.interiors[k] for k in holes])
+        if g.is_valid:
+            if Polygon(q.exterior, [q.interiors[k] for k in holes]).area >= min_area_m2:
+                out[i].append(g)
+            continue
+        for part in shapely.get_parts(shapely.make_valid(g)):
+            if isinstance(part, Polygon) and to_m(part).area >= min_area_m2:
+                out[i].append(part)
     return out
+
+
+def _affine(geoms: np.ndarray, t: Affine) -> np.ndarray:
+    m = np.array([[t.a, t.b], [t.d, t.e]])
+    return shapely.transform(geoms, lambda xy: xy @ m.T + (t.c, t.f))
 
 
 def measure(polygons: list, crs) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +118,5 @@ def measure(polygons: list, crs) -> tuple[np.ndarray, np.ndarray]:
     includes the boundaries of holes (as shapely's and QGIS's do)."""
     if not polygons:
         return np.zeros(0), np.zeros(0)
-    to_m = _projector(crs, local_equal_area(polygons, crs))
-    metric = [to_m(p) for p in polygons]
-    return np.array([g.area for g in metric]), np.array([g.length for g in metric])
+    metric = _projector(crs, local_equal_area(polygons, crs))(np.asarray(polygons, dtype=object))
+    return shapely.area(metric), shapely.length(metric)

@@ -5,8 +5,8 @@
 2. **candidates**: the thresholded mosaic polygonised block by block, pieces merged across
    blocks (they share exact pixel edges);
 3. **refinement**: each candidate large enough for the generalist gets a window centred on it
-   (large candidates several overlapping windows); all candidates of a window are decoded in
-   one batched call; the pieces of a candidate are merged;
+   (large candidates several overlapping windows); the candidates of a window are decoded in
+   batched calls; the pieces of a candidate are merged;
 4. **polygons**: simplified in metres, small villages and holes dropped, measured in a local
    equal-area projection.
 
@@ -22,6 +22,7 @@ import json
 import math
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,7 +48,7 @@ from uvsam.errors import InputError
 from uvsam.files import check_writable
 from uvsam.harmonise import Radiometry, histogram_match, measure
 from uvsam.journal import Journal, scene_identity
-from uvsam.polygons import clean, merge, polygonise
+from uvsam.polygons import clean_each, merge, polygonise
 from uvsam.polygons import measure as measure_polygons
 
 
@@ -57,14 +58,14 @@ class PredictConfig:
 
     tile: int = 512
     overlap: int = 256  # half a tile: measured to halve the disagreement of shifted grids (issue 5 note)
-    batch_size: int = 4
+    batch_size: int = 2  # tiles a specialist call: on CPU as fast per tile as 1 or 4 (docs/benchmarks.md)
     threshold: float = 0.5
     refine: bool = True
     window: int = 512
     window_margin: int = 32
     min_area_m2: float = 2500.0
     simplify_m: float | None = None  # None: the model's GSD
-    block_rows: int = 2048
+    block: int = 2048  # the mosaic is vectorised in square blocks of this many pixels (bounded memory)
     acquired: str | None = None
     grid_offset: int = 0  # shift the tile grid up-left by this many pixels (a grid-invariance check)
 
@@ -80,7 +81,7 @@ class PredictConfig:
             problems.append(f"threshold must be in (0, 1), got {self.threshold}")
         if self.window < 64 or self.window <= 2 * self.window_margin:
             problems.append(f"refinement window {self.window} px too small for its margin {self.window_margin}")
-        if self.batch_size < 1 or self.block_rows < 1:
+        if self.batch_size < 1 or self.block < 1:
             problems.append("batch size and block rows must be positive")
         if self.min_area_m2 < 0 or (self.simplify_m is not None and self.simplify_m < 0):
             problems.append("minimum area and simplification tolerance cannot be negative")
@@ -157,16 +158,45 @@ def model_info(path: str | Path, checkpoint: str | Path | None = None) -> ModelI
                      bool(meta.get("harmonise")), meta["radiometry"], sha256_file(path), config.min_area)
 
 
+_SOURCES = threading.local()
+
+
+def open_source(prep: ScenePrep) -> RasterSource:
+    """The scene, opened once per worker thread and kept open while its tasks run.
+
+    Tiles overlap and refinement windows fall on tiles already read: an open source serves
+    them from GDAL's block cache, where opening it for every task would decode every
+    compressed block four times or more.
+    """
+    stat = Path(prep.path).stat()
+    key = (prep.path, prep.read, stat.st_mtime_ns, stat.st_size)  # a file replaced on disk is reopened
+    cached = getattr(_SOURCES, "open", None)
+    if cached is None or cached[0] != key:
+        if cached is not None:
+            cached[1].close()
+        _SOURCES.open = (key, RasterSource(prep.path, prep.read))
+    return _SOURCES.open[1]
+
+
+def close_sources() -> None:
+    """Close this thread's open scene (the run is over, or the file is about to change)."""
+    cached = getattr(_SOURCES, "open", None)
+    if cached is not None:
+        cached[1].close()
+        _SOURCES.open = None
+
+
 # -- 1. specialist tiles ----------------------------------------------------------------------
 def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
-    """The tiling plan and the per-scene preparation (stretch, radiometry) of one scene."""
+    """The tiling plan and the per-scene preparation (stretch, radiometry) of one scene, from one
+    read of its overview."""
     read = ReadOptions(info.bands, info.gsd_m)
+    with RasterSource(path, read) as src:
+        data, valid = src.read_overview(1_000_000)
     scene = plan(path, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read, offset=cfg.grid_offset,
-                                    edges="inside"))
+                                    edges="inside"), overview=(data, valid))
     source_radiometry = None
     if info.harmonise:
-        with RasterSource(path, read) as src:
-            data, valid = src.read_overview(1_000_000)
         img = to_rgb(scene.stretch.apply(data, valid) * 255.0, path)
         source_radiometry = measure([img], [valid]).to_dict()
     src = scene.source
@@ -202,8 +232,8 @@ def specialist_batch(prep: ScenePrep, info: ModelInfo, windows: list[tuple[int, 
 
     t0 = time.perf_counter()
     model = get_model(info)
-    with RasterSource(prep.path, prep.read) as src:
-        tiles = [read_tile(prep, info, Window(*w), src) for w in windows]
+    src = open_source(prep)
+    tiles = [read_tile(prep, info, Window(*w), src) for w in windows]
     x = torch.from_numpy(np.stack([t[0] for t in tiles]))
     with torch.inference_mode():
         logits, _ = model.run_specialist(x)
@@ -213,16 +243,38 @@ def specialist_batch(prep: ScenePrep, info: ModelInfo, windows: list[tuple[int, 
 
 
 # -- 2. candidates ----------------------------------------------------------------------------
-def candidates_from_mosaic(mosaic: Path, threshold: float, block_rows: int) -> list:
-    """Polygons (scene CRS) of the mosaic's pixels >= threshold, extracted block by block and merged."""
+def candidates_from_mosaic(mosaic: Path, threshold: float, block: int, min_pixels: int = 0) -> list:
+    """Polygons (scene CRS) of the mosaic's pixels >= threshold, extracted in square blocks and merged.
+
+    Connected pieces of fewer than ``min_pixels`` pixels are dropped before polygonising (a
+    mosaic holds thousands of specks no village can grow from), except where they touch a
+    block's edge and may continue in the next block.
+    """
     pieces = []
     with rasterio.open(mosaic) as ds:
-        for r0 in range(0, ds.height, block_rows):
-            win = Window(0, r0, ds.width, min(block_rows, ds.height - r0))
-            prob = ds.read(1, window=win)
-            mask = np.nan_to_num(prob, nan=0.0) >= threshold
-            pieces += polygonise(mask, ds.transform @ Affine.translation(0, r0))
+        for r0 in range(0, ds.height, block):
+            for c0 in range(0, ds.width, block):
+                # one more row and column than the block: pixels touching only by a corner across
+                # a block edge are then in one block together, and their pieces overlap to merge
+                win = Window(c0, r0, min(block + 1, ds.width - c0), min(block + 1, ds.height - r0))
+                mask = ds.read(1, window=win) >= threshold  # NaN (no data) compares False
+                if min_pixels > 1:
+                    mask = drop_specks(mask, min_pixels)
+                pieces += polygonise(mask, ds.transform @ Affine.translation(c0, r0))
     return merge(pieces)
+
+
+def drop_specks(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """``mask`` without its 8-connected pieces of fewer than ``min_pixels`` pixels that do not touch its edge."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_pixels
+    keep[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
+    keep[0] = False
+    return keep[labels]
 
 
 # -- 3. refinement windows --------------------------------------------------------------------
@@ -285,8 +337,7 @@ def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin
 
     model = get_model(info)
     win = Window(window.col, window.row, window.size, window.size)
-    with RasterSource(prep.path, prep.read) as src:
-        img, valid = read_tile(prep, info, win, src)
+    img, valid = read_tile(prep, info, win, open_source(prep))
     with torch.inference_mode():
         (masks, _), = model.refine(torch.from_numpy(img)[None], [np.asarray(window.boxes, np.float32)])
     transform = prep.affine @ Affine.translation(window.col, window.row)
@@ -296,8 +347,8 @@ def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin
         keep = np.zeros_like(mask)
         r0, c0 = max(0, int(y0) - margin), max(0, int(x0) - margin)
         keep[r0 : int(math.ceil(y1)) + margin, c0 : int(math.ceil(x1)) + margin] = True
-        polys = polygonise(mask & keep, transform)
-        out.append(shapely.to_wkb(shapely.union_all(polys)) if polys else b"")
+        polys = polygonise(mask & keep, transform)  # 8-connected pieces: they never touch
+        out.append(shapely.to_wkb(shapely.multipolygons(polys)) if polys else b"")
     return out
 
 
@@ -354,6 +405,23 @@ def batches(items: list, n: int) -> Iterator[list]:
 Runner = Callable[[Callable, Iterable[tuple]], Iterator]
 
 
+LOCAL_CLUSTER_MIN_CORES = 8
+
+
+def runs_in_process(local: bool | None, scheduler: str | None = None, workers: int | None = None) -> bool:
+    """Where a prediction runs when the user did not say (``local`` None): on a named scheduler
+    or a requested number of workers, Dask; otherwise in this process on machines with fewer
+    than ``LOCAL_CLUSTER_MIN_CORES`` cores, where one model's threads already use every core and
+    a local cluster only adds processes and memory (docs/benchmarks.md), else a local cluster."""
+    if local is not None:
+        return local
+    if scheduler or workers:
+        return False
+    import os
+
+    return (os.cpu_count() or 1) < LOCAL_CLUSTER_MIN_CORES
+
+
 def run_local(fn: Callable, arg_list: Iterable[tuple]) -> Iterator:
     """Run tasks in this process, in order (the runner used without a cluster)."""
     for args in arg_list:
@@ -391,14 +459,16 @@ class SceneResult:
 
 
 def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir: Path,
-                  runner: Runner = run_local, progress: Callable[[str, int], None] | None = None) -> SceneResult:
+                  runner: Runner = run_local, progress: Callable[[str, int], None] | None = None,
+                  prepared: tuple | None = None) -> SceneResult:
     """Run the four steps on one scene; the probability mosaic is written into ``workdir``.
 
     Finished tasks are journaled in ``workdir``: an interrupted run, run again, skips them.
-    ``progress(stage, n)`` is called as tiles and windows finish.
+    ``progress(stage, n)`` is called as tiles and windows finish. ``prepared``: the scene's
+    :func:`prepare_scene` when the caller has it already.
     """
     path = Path(path)
-    scene, prep = prepare_scene(path, info, cfg)
+    scene, prep = prepared if prepared is not None else prepare_scene(path, info, cfg)
     journal = Journal(workdir / "journal", scene_identity(path), info.sha256, json.dumps(cfg.to_dict(), sort_keys=True))
     if prep.crs is None:
         raise InputError("raster has no CRS; village polygons need georeferenced imagery", path)
@@ -422,7 +492,8 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
     done = {r["index"] for r in tile_rows}
     tile_rows += [_tile_row(t, scene.grid, "nodata", None, 0.0) for t in scene.grid if t.index not in done]
     tile_rows.sort(key=lambda r: r["index"])
-    candidates = candidates_from_mosaic(mosaic, cfg.threshold, cfg.block_rows)
+    # a speck under half the minimum village area cannot become a village (clean() drops it)
+    candidates = candidates_from_mosaic(mosaic, cfg.threshold, cfg.block, int(0.5 * cfg.min_area_m2 / info.gsd_m**2))
     simplify = info.gsd_m if cfg.simplify_m is None else cfg.simplify_m
     refined_flags = [False] * len(candidates)
     pieces: list[list] = [[] for _ in candidates]
@@ -449,21 +520,20 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
                 refined_flags[m] = True
                 if blob:
                     pieces[m].append(shapely.from_wkb(blob))
-    villages, refined = [], []
-    for c, flag, parts in zip(candidates, refined_flags, pieces, strict=True):
-        if flag:
-            geom = shapely.union_all(parts) if parts else None
-            if geom is None or geom.is_empty:
-                continue  # the generalist found nothing: the candidate is dropped
-        else:
-            geom = c
-        for p in clean([geom], prep.crs, cfg.min_area_m2, simplify):
-            villages.append(p)
-            refined.append(flag)
+    geoms = [(shapely.union_all(parts) if parts else None) if flag else c
+             for c, flag, parts in zip(candidates, refined_flags, pieces, strict=True)]
+    villages, refined = [], []  # a refined candidate the generalist found nothing in is dropped
+    for flag, kept in zip(refined_flags, clean_each(geoms, prep.crs, cfg.min_area_m2, simplify,
+                                                                (prep.affine, info.gsd_m)), strict=True):
+        villages += kept
+        refined += [flag] * len(kept)
     merged = merge(villages)
     if len(merged) != len(villages):  # refined villages that now touch: one village
-        refined = [any(r for v, r in zip(villages, refined, strict=True) if v.intersects(m)) for m in merged]
+        flags = np.asarray(refined)
+        v_idx, m_idx = shapely.STRtree(villages).query(merged, predicate="intersects")[::-1]
+        refined = [bool(flags[v_idx[m_idx == j]].any()) for j in range(len(merged))]
         villages = merged
+    close_sources()  # tasks run in this thread keep the scene open until here
     return SceneResult(villages, refined, candidates, mean_probability(mosaic, villages), tile_rows, prep.crs,
                        mosaic, journal.root)
 
@@ -509,13 +579,14 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     info = model_info(model, checkpoint)
     identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
-    bar = Progress(plan_run(paths, info, cfg))  # every scene opened and checked before any work
+    prepared = [prepare_scene(p, info, cfg) for p in paths]  # every scene opened and checked before any work
+    bar = Progress([scene_row(scene, info) for scene, _ in prepared])
     workdir = out.with_name(out.stem + ".work")
     workdir.mkdir(exist_ok=True)
     frames, cands, tiles, journals = [], [], [], []
     out_crs = crs
-    for path in paths:
-        res = predict_scene(path, info, cfg, workdir, runner, progress=bar.update)
+    for path, prep in zip(paths, prepared, strict=True):
+        res = predict_scene(path, info, cfg, workdir, runner, progress=bar.update, prepared=prep)
         journals.append(res.journal)
         out_crs = out_crs or res.crs
         area, perim = measure_polygons(res.villages, res.crs)
@@ -560,18 +631,15 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
 
 def plan_run(paths: list[Path], info: ModelInfo, cfg: PredictConfig) -> list[dict]:
     """Per scene: tiles to run, km2 of valid ground, pixels at the model's GSD (for --dry-run and progress)."""
-    rows = []
-    for p in paths:
-        read = ReadOptions(info.bands, info.gsd_m)
-        scene = plan(p, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read, offset=cfg.grid_offset,
-                                    edges="inside"))
-        with RasterSource(p, read) as src:
-            _, valid = src.read_overview(1_000_000)
-            px_area = (src.ground_res[0] * src.ground_res[1]) if src.ground_res else info.gsd_m**2
-        km2 = float(valid.mean()) * scene.grid.height * scene.grid.width * px_area / 1e6
-        rows.append({"scene": str(p), "tiles": len(scene.tiles), "km2": round(km2, 3),
-                     "width": scene.grid.width, "height": scene.grid.height})
-    return rows
+    return [scene_row(prepare_scene(p, info, cfg)[0], info) for p in paths]
+
+
+def scene_row(scene, info: ModelInfo) -> dict:
+    """What a scene's plan amounts to: tiles, km2 of valid ground, size in pixels at the model's GSD."""
+    gx, gy = scene.source["ground_res_m"] or (info.gsd_m, info.gsd_m)
+    km2 = scene.valid_fraction * scene.grid.height * scene.grid.width * gx * gy / 1e6
+    return {"scene": scene.source["path"], "tiles": len(scene.tiles), "km2": round(km2, 3),
+            "width": scene.grid.width, "height": scene.grid.height}
 
 
 class Progress:

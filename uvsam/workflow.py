@@ -51,7 +51,7 @@ class Year(Strict):
 class Execution(Strict):
     """Where the work runs: this process, a local Dask cluster, or an existing scheduler."""
 
-    local: bool = False
+    local: bool | None = None  # None: as `uvsam predict` decides (uvsam.predict.runs_in_process)
     workers: int | None = Field(default=None, ge=1)
     scheduler: str | None = Field(default=None, pattern=r"^(tcp|tls|inproc|ws|wss)://")
 
@@ -152,7 +152,7 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     ``local``, ``workers`` and ``scheduler`` override the file's ``execution`` section.
     """
     from uvsam.predict import dry_run as estimate
-    from uvsam.predict import find_scenes, model_info, plan_run, run_prediction
+    from uvsam.predict import find_scenes, model_info, plan_run, run_prediction, runs_in_process
 
     wf, text = load(path)
     found = [find_scenes(y.scenes) for y in wf.years]  # every scene of every year is found,
@@ -162,7 +162,7 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     if dry_run:
         return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint)} for y in wf.years]
     ex = wf.execution
-    local = ex.local if local is None else local
+    local = runs_in_process(ex.local if local is None else local, scheduler or ex.scheduler, workers or ex.workers)
     try:
         if not wf.out.parent.exists():
             wf.out.parent.mkdir(parents=True)  # a workflow names its output folder: create it

@@ -90,7 +90,7 @@ class Generalist(nn.Module):
         Arguments (coordinates in the prompt frame):
           embeddings: (1, 256, 64, 64) or (N, 256, 64, 64).
           boxes: (N, 4) XYXY. points: ((N, P, 2) XY, (N, P) labels 1/0/-1).
-          mask_logits: (N, 1, 256, 256) dense mask prompts.
+          mask_logits: (N, 1, 256, 256) dense mask prompts, or (1, 1, 256, 256) shared by all N.
           sparse_extra: (N, T, 256) extra sparse tokens appended.
           fuse_sparse: maps the (N, T, 256) encoded sparse prompts before decoding (UV-SAM's
             fusion of box tokens with the semantic prompts).
@@ -108,8 +108,10 @@ class Generalist(nn.Module):
             return self.mask_decoder(embeddings, pe, sparse, dense, multimask_output)
         if embeddings.shape[0] != sparse.shape[0]:
             raise ValueError(f"{embeddings.shape[0]} image embeddings for {sparse.shape[0]} prompts")
+        shared = dense.shape[0] == 1  # one dense prompt for all
         outs = [
-            self.mask_decoder(embeddings[i : i + 1], pe, sparse[i : i + 1], dense[i : i + 1], multimask_output)
+            self.mask_decoder(embeddings[i : i + 1], pe, sparse[i : i + 1], dense if shared else dense[i : i + 1],
+                              multimask_output)
             for i in range(embeddings.shape[0])
         ]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

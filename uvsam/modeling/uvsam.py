@@ -7,8 +7,8 @@ Data flow for one batch of (B, 3, H, W) images on the 0..255 scale:
    only on the image), optionally corrected by SAM-LST's ladder side network;
 3. prompts (:mod:`uvsam.prompts`): one box per predicted village, the pooled log-odds as the
    dense mask prompt, and the two semantic prompts;
-4. the box tokens are fused with the semantic prompts (:class:`PromptFusion`) and every large
-   village of an image is decoded in one batched mask-decoder call;
+4. the box tokens are fused with the semantic prompts (:class:`PromptFusion`) and the large
+   villages of an image are decoded in batched mask-decoder calls (``decode_chunk`` a call);
 5. :meth:`UVSAM.combine`: large villages take the generalist's mask, small ones keep the
    specialist's.
 
@@ -189,6 +189,8 @@ class UVSAM(nn.Module):
                     for vb, large, (masks, iou) in zip(found, large_sets, decoded, strict=True)]
         return UVSAMOutput(logits, villages)
 
+    decode_chunk: int = 8  # boxes per mask-decoder call: each box holds ~20 MB of activations
+
     @property
     def uses_mask_prompt(self) -> bool:
         return self.config.mask_prompt and self.generalist.spec.decoder == "sam"
@@ -196,7 +198,7 @@ class UVSAM(nn.Module):
     def decode_boxes(self, size: tuple[int, int], logits: torch.Tensor, semantic: torch.Tensor,
                      emb: torch.Tensor, boxes: list[np.ndarray],
                      dense: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Decode the (M_b, 4) XYXY pixel boxes of each image, all boxes of an image in one call.
+        """Decode the (M_b, 4) XYXY pixel boxes of each image, batched (``decode_chunk`` boxes a call).
 
         Returns per image the (M_b, 1, H, W) mask logits and (M_b,) predicted IoU.
         """
@@ -208,13 +210,17 @@ class UVSAM(nn.Module):
             if len(bx) == 0:
                 out.append((logits.new_zeros((0, 1, h, w)), logits.new_zeros(0)))
                 continue
-            t = torch.as_tensor(np.asarray(bx, np.float32), device=emb.device)
-            low, iou = self.generalist.decode(
-                emb[b : b + 1], boxes=t * scale,
-                mask_logits=None if dense is None else dense[b : b + 1].expand(len(t), -1, -1, -1),
-                fuse_sparse=lambda s, sem=semantic[b : b + 1]: self.fusion(s, sem),
-            )
-            out.append((self.generalist.postprocess_masks(low, h, w), iou[:, 0]))
+            t = torch.as_tensor(np.asarray(bx, np.float32), device=emb.device) * scale
+            masks, ious = [], []
+            for k in range(0, len(t), self.decode_chunk):  # memory grows with the boxes of a call
+                chunk = t[k : k + self.decode_chunk]
+                low, iou = self.generalist.decode(  # one dense prompt per image, broadcast over its boxes
+                    emb[b : b + 1], boxes=chunk, mask_logits=None if dense is None else dense[b : b + 1],
+                    fuse_sparse=lambda s, sem=semantic[b : b + 1]: self.fusion(s, sem),
+                )
+                masks.append(self.generalist.postprocess_masks(low, h, w))
+                ious.append(iou[:, 0])
+            out.append((torch.cat(masks), torch.cat(ious)))
         return out
 
     def refine(self, images: torch.Tensor, boxes: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
