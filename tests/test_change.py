@@ -101,6 +101,20 @@ def test_areas_add_up(villages):
         src.to_crs(src.estimate_utm_crs()).area.sum(), rel=2e-3)
 
 
+def test_events_under_the_minimum_mapping_unit_are_not_reported(villages):
+    years = _years(villages)
+    every = track(years)
+    first = every.changes[every.changes["year_from"] == "2018"]
+    unit = float(np.median(first["area_from_m2"][first["area_from_m2"] > 0]))  # half the events are smaller
+    mapped = track(years, ChangeConfig(min_area_m2=unit)).changes
+    kept = every.changes[[max(a, b) >= unit for a, b in zip(every.changes["area_from_m2"], every.changes["area_to_m2"],
+                                                          strict=True)]]
+    assert 0 < len(mapped) < len(every.changes)
+    assert sorted(zip(mapped["year_from"], mapped["lifecycle"], mapped["uids_from"], strict=True)) == sorted(
+        zip(kept["year_from"], kept["lifecycle"], kept["uids_from"], strict=True))
+    assert len(track(years, ChangeConfig(min_area_m2=unit)).villages) == len(every.villages)  # all still tracked
+
+
 def test_the_same_layers_in_another_crs_give_the_same_changes(villages):
     years = _years(villages)
     a = track(years)

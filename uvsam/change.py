@@ -46,12 +46,15 @@ class ChangeConfig:
     min_overlap: float = 0.1  # share of the smaller village's area two villages must share to be linked
     stable_pct: float = 10.0  # one-to-one changes of area within +-this many percent are "stable"
     crs: str | None = None  # analysis CRS (projected); None: local equal-area on the data
+    min_area_m2: float = 0.0  # minimum mapping unit: events whose villages are all smaller are not reported
 
     def __post_init__(self):
         if not 0 < self.min_overlap <= 1:
             raise InputError(f"min_overlap must be in (0, 1], got {self.min_overlap}")
         if self.stable_pct < 0:
             raise InputError(f"stable_pct cannot be negative, got {self.stable_pct}")
+        if self.min_area_m2 < 0:
+            raise InputError(f"minimum mapping unit cannot be negative, got {self.min_area_m2} m2")
         if self.crs is not None:
             try:
                 crs = CRS.from_user_input(self.crs)
@@ -296,6 +299,8 @@ def track(layers: list[YearLayer], cfg: ChangeConfig = ChangeConfig()) -> Change
                 ids[j] = f"V{counter:04d}"
         uids.append(ids)
         for b_idx, a_idx in comps:
+            if max([areas[t - 1][i] for i in b_idx] + [areas[t][j] for j in a_idx]) < cfg.min_area_m2:
+                continue  # under the minimum mapping unit: villages at the detection limit flicker
             a0, a1 = float(sum(areas[t - 1][i] for i in b_idx)), float(sum(areas[t][j] for j in a_idx))
             event = lifecycle(len(b_idx), len(a_idx), a0, a1, cfg.stable_pct)
             geom = shapely.union_all([before[i] for i in b_idx] + [after[j] for j in a_idx])
@@ -432,11 +437,12 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
     if centre is not None:
         tables["rings"] = by_ring(result.villages, centre, ring_km)
     coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
+    consistency = check_consistency(result, pictures, log)
     counts = result.changes["lifecycle"].value_counts().to_dict() if len(result.changes) else {}
     run = {"years": [ly.year for ly in layers], "sources": [ly.source for ly in layers], "config": cfg.to_dict(),
            "analysis_crs": result.crs.to_wkt(), "districts": str(districts) if districts else None,
            "centre": list(centre) if centre else None, "ring_km": ring_km if centre else None,
-           "images": {y: str(p) for y, p in pictures.items()}, "coregistration": coreg,
+           "images": {y: str(p) for y, p in pictures.items()}, "coregistration": coreg, "consistency": consistency,
            "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     files = write_outputs(out, result, tables, run, crs)
     if report is not None:
@@ -444,4 +450,26 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
 
         files.append(write_report(report, result, tables, run, pictures))
     return {"out": str(out), "files": [str(f) for f in files], "years": run["years"], "coregistration": coreg,
-            "lifecycles": {k: int(counts.get(k, 0)) for k in LIFECYCLES}}
+            "consistency": consistency, "lifecycles": {k: int(counts.get(k, 0)) for k in LIFECYCLES}}
+
+
+def village_area_iou(villages: gpd.GeoDataFrame, before: str, after: str) -> float:
+    """IoU of the areas two years' villages cover (1.0 when neither has any)."""
+    a, b = (shapely.union_all(np.asarray(villages.geometry[villages["year"] == y].values, dtype=object))
+            for y in (before, after))
+    union = shapely.area(shapely.union(a, b))
+    return 1.0 if union == 0 else float(shapely.area(shapely.intersection(a, b)) / union)
+
+
+def check_consistency(result: ChangeResult, images: dict[str, Path], log=print) -> list[dict]:
+    """Per pair of consecutive years: do the villages disagree massively while the imagery
+    changed only in colour? (:mod:`uvsam.consistency`); flagged pairs are logged as warnings."""
+    from uvsam.consistency import assess
+
+    years = list(result.years["year"])
+    ious = [village_area_iou(result.villages, y0, y1) for y0, y1 in zip(years, years[1:], strict=False)]
+    checks = assess(years, ious, images, result.crs)
+    for c in checks:
+        if c.note:
+            log(f"warning: {c.note}")
+    return [c.to_dict() for c in checks]

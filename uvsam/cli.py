@@ -212,6 +212,8 @@ def change_cmd(
     out: Annotated[Path, typer.Option(help="Output GeoPackage (changes, villages_tracked, tables); CSVs beside.")],
     min_overlap: Annotated[float, typer.Option(help="Share of the smaller village two must share to link.")] = 0.1,
     stable_pct: Annotated[float, typer.Option(help="Area change (%) still counted as stable.")] = 10.0,
+    min_area: Annotated[float, typer.Option(
+        help="Minimum mapping unit (m^2): events whose villages are all smaller are not reported.")] = 0.0,
     districts: Annotated[Path | None, typer.Option(help="Polygon layer of districts to sum by.")] = None,
     district_field: Annotated[str | None, typer.Option(help="Districts' name field (default: first text).")] = None,
     centre: Annotated[str | None, typer.Option(help="LON,LAT of the centre for distance rings.")] = None,
@@ -234,7 +236,7 @@ def change_cmd(
         if not (-180 <= lon <= 180 and -90 <= lat <= 90):
             raise InputError(f"--centre {centre!r}: longitude or latitude out of range")
         point = (lon, lat)
-    cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs)
+    cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs, min_area_m2=min_area)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     typer.echo(json.dumps(run_change(years, out, cfg, districts, district_field, point, ring_km, crs, report,
                                      image, max_shift, log)))

@@ -49,19 +49,22 @@ class Shift:
         return float(np.hypot(self.east_m, self.north_m))
 
 
-def _grey(path: Path, crs: CRS, bounds, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+def read_on_grid(path: Path, crs: CRS, bounds, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, height, width) float64 image (its first three bands, or its first) and validity,
+    averaged onto a grid of ``bounds`` in ``crs``."""
     transform = Affine((bounds[2] - bounds[0]) / width, 0, bounds[0], 0, -(bounds[3] - bounds[1]) / height, bounds[3])
     with rasterio.open(path) as src, WarpedVRT(src, crs=crs, transform=transform, width=width, height=height,
                                                resampling=Resampling.average, add_alpha=src.nodata is None) as vrt:
         bands = [1, 2, 3] if src.count >= 3 else [1]
         data = vrt.read(bands).astype(np.float64)
         valid = (vrt.read_masks(bands) > 0).all(axis=0)
-    return data.mean(axis=0), valid
+    return data, valid
 
 
-def estimate_shift(before: str | Path, after: str | Path, crs, max_px: int = 1024) -> Shift | None:
-    """The shift of ``after`` against ``before`` over their common footprint, or None if they
-    share less than 64 x 64 px of it."""
+def common_grid(before: str | Path, after: str | Path, crs, max_px: int = 1024):
+    """``(crs, bounds, width, height)`` of a grid over the two images' common footprint, at the
+    coarser image's resolution and at most ``max_px`` across; None if they share less than
+    64 x 64 px of it."""
     crs = CRS.from_user_input(crs)
     boxes, natives = [], []
     for p in (before, after):
@@ -79,8 +82,20 @@ def estimate_shift(before: str | Path, after: str | Path, crs, max_px: int = 102
     w, h = int((x1 - x0) / pixel), int((y1 - y0) / pixel)
     if w < 64 or h < 64:
         return None
-    a, va = _grey(Path(before), crs, (x0, y0, x1, y1), w, h)
-    b, vb = _grey(Path(after), crs, (x0, y0, x1, y1), w, h)
+    return crs, (x0, y0, x1, y1), w, h
+
+
+def estimate_shift(before: str | Path, after: str | Path, crs, max_px: int = 1024) -> Shift | None:
+    """The shift of ``after`` against ``before`` over their common footprint, or None if they
+    share less than 64 x 64 px of it."""
+    grid = common_grid(before, after, crs, max_px)
+    if grid is None:
+        return None
+    _, (x0, _, x1, _), w, h = grid
+    pixel = (x1 - x0) / w
+    a, va = read_on_grid(Path(before), *grid)
+    b, vb = read_on_grid(Path(after), *grid)
+    a, b = a.mean(axis=0), b.mean(axis=0)  # grey levels
     valid = va & vb
     if valid.mean() < 0.25:
         return None

@@ -167,6 +167,10 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
     """The report's HTML text."""
     years = list(result.years["year"])
     sections = [f"<h1>Urban villages: change {html.escape(years[0])} - {html.escape(years[-1])}</h1>"]
+    warnings = [c["note"] for c in run.get("consistency", []) if c.get("note")]
+    if warnings:  # before any figure: a radiometric change must not be read as mass demolition
+        sections.append("<div class='warn' role='alert'><strong>Check before use:</strong><ul>"
+                        + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>")
     counts = result.changes["lifecycle"].value_counts() if len(result.changes) else pd.Series(dtype=int)
     legend = " ".join(f'<span class="k" style="background:{c}"></span>{name} ({int(counts.get(name, 0))})'
                       for name, c in COLOURS.items())
@@ -228,7 +232,8 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
              "text-align:left}.k{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}"
              ".row{display:flex;gap:16px;flex-wrap:wrap}.cards{display:flex;flex-wrap:wrap;gap:12px}"
              ".card{border:1px solid #ddd;padding:8px}.card h3{font-size:13px;margin:0}"
-             "figure{display:inline-block;margin:4px}figcaption{font-size:11px;text-align:center}")
+             "figure{display:inline-block;margin:4px}figcaption{font-size:11px;text-align:center}"
+             ".warn{border:2px solid #c62828;background:#fff3f3;padding:4px 12px;margin:12px 0}")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>uvsam change report</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
 
