@@ -391,7 +391,8 @@ def write_docs(md: Path, r: dict, argv: list[str]) -> None:
              f"| model GFLOPs per km2 | {r['model_gflops_per_km2']} |",
              f"| machine dense matmul | {r['machine_matmul_gflops']} GFLOP/s |",
              f"| model compute achieved / matmul | {r['compute_bound_fraction']} |",
-             f"| mask IoU, default vs plain fp32 (batch 1, one box a call) | {r['mask_iou_optimised_vs_fp32']} |"]
+             "| mask IoU, default vs plain fp32 (batch 1, one box a call, smp's decoder) | "
+             f"{r['mask_iou_optimised_vs_fp32']} |"]
     block = "\n".join([BEGIN, "", "```bash", "python benchmarks/pipeline.py " + " ".join(argv), "```", "", *rows, "",
                        END])
     text = md.read_text()

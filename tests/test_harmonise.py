@@ -119,3 +119,37 @@ def test_every_tile_of_a_scene_gets_the_same_map(summer, winter_radiometry, tmp_
         a, _ = read_tile(prep, info, Window(0, 0, 160, 160), src)  # the scene is 253 px at 3.7 m
         b, _ = read_tile(prep, info, Window(80, 80, 160, 160), src)
     np.testing.assert_array_equal(a[:, 80:, 80:], b[:, :80, :80])
+
+
+def test_pif_normalisation_ignores_what_changed_between_the_years(summer, winter_radiometry, beijing_tile, tmp_path):
+    """A scene whose left 40 % was rebuilt since the reference year and whose radiometry differs
+    by a known per-band gain and offset: the map fitted on pseudo-invariant pixels recovers the
+    gain and offset, so unchanged ground matches the reference year; whole-scene histogram
+    matching, pulled by the rebuilt part, does worse there. The map is in the run record."""
+    from uvsam.harmonise import histogram_match as match
+
+    reference = _write(tmp_path / "ref.tif", summer, "uint8", None)
+    gains, offsets = np.array([1.25, 0.9, 1.1]), np.array([-30.0, 12.0, -5.0])  # reference = gain * scene + offset
+    scene = (summer.astype(np.float64) - offsets[:, None, None]) / gains[:, None, None]
+    rebuilt = beijing_tile.transpose(2, 0, 1)[:, :, :410].astype(np.float64)  # another place, another season
+    scene[:, :, :410] = rebuilt * 0.8 + 20
+    scene = scene.round().clip(0, 255)
+    path = _write(tmp_path / "scene.tif", scene, "uint8", None)
+    info = _info(winter_radiometry)
+    _, prep = prepare_scene(path, info, PredictConfig(pif_reference=str(reference)))
+    fitted = prep.pif
+    assert fitted["reference"] == str(reference) and fitted["pixels"] > 10_000
+    np.testing.assert_allclose(fitted["gains"], gains, rtol=0.05)
+    np.testing.assert_allclose(fitted["offsets"], offsets, atol=6.0)
+    unchanged = np.s_[:, :, 500:]
+    pif_mapped = (scene * np.asarray(fitted["gains"])[:, None, None] + np.asarray(fitted["offsets"])[:, None, None])
+    pif_error = np.abs(pif_mapped.clip(0, 255)[unchanged] - summer[unchanged]).mean()
+    everything = np.ones(scene.shape[1:], bool)
+    whole_scene, reference_year = measure([scene], [everything]), measure([summer.astype(float)], [everything])
+    hist = match(scene.astype(np.float32), whole_scene, reference_year)
+    hist_error = np.abs(hist[unchanged] - summer[unchanged]).mean()
+    assert pif_error < 3.0 and pif_error < 0.6 * hist_error, (pif_error, hist_error)
+    from uvsam.predict import harmonisation_record
+
+    record = harmonisation_record(prep)
+    assert record["mode"] == "pif" and record["pif"]["gains"] == fitted["gains"]

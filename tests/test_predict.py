@@ -181,7 +181,7 @@ def test_interrupted_prediction_resumes_to_the_same_layers(beijing, model, tmp_p
     from uvsam.predict import PredictConfig, run_local, run_prediction
 
     scene = [str(beijing / "train/images.vrt")]
-    cfg = PredictConfig(tile=256, overlap=128)  # 4 x 4 tiles in batches of 4, then the refinement windows
+    cfg = PredictConfig(tile=256, overlap=128, batch_size=4)  # 4 x 4 tiles in batches of 4, then the windows
     quiet = lambda m: None  # noqa: E731
     def counting(into: list):
         def run(fn, arg_list):
@@ -260,7 +260,7 @@ def _layers_equal(a_path, b_path, layer="villages", b_layer=None):
     assert all(x.equals_exact(y, 1e-9) for x, y in zip(a.geometry, b.geometry, strict=True))
 
 
-KILL_ARGS = ["--local", "--tile", "128", "--overlap", "64"]  # 36 tiles in 9 batches, then the windows
+KILL_ARGS = ["--local", "--tile", "128", "--overlap", "64"]  # 36 tiles in 18 batches, then the windows
 
 
 @pytest.fixture(scope="module")

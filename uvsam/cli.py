@@ -172,6 +172,8 @@ def predict(
     simplify: Annotated[float | None, typer.Option(help="Simplification tolerance (m); default: the GSD.")] = None,
     acquired: Annotated[str | None, typer.Option(help="Acquisition date of the imagery (YYYY-MM-DD).")] = None,
     grid_offset: Annotated[int, typer.Option(help="Shift the tile grid by this many px (invariance checks).")] = 0,
+    pif_reference: Annotated[Path | None, typer.Option(
+        help="A reference year's raster: normalise each scene onto it on pseudo-invariant pixels.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local Dask workers (default: sized to the machine).")] = None,
     local: Annotated[bool | None, typer.Option(
@@ -186,7 +188,8 @@ def predict(
     from uvsam.predict import PredictConfig, model_info, run_prediction, runs_in_process
 
     cfg = PredictConfig(tile=tile, overlap=overlap, threshold=threshold, refine=refine, min_area_m2=min_area,
-                        simplify_m=simplify, acquired=acquired, grid_offset=grid_offset)
+                        simplify_m=simplify, acquired=acquired, grid_offset=grid_offset,
+                        pif_reference=str(pif_reference) if pif_reference else None)
     if dry_run:
         from uvsam.predict import dry_run as estimate
 

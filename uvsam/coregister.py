@@ -49,13 +49,16 @@ class Shift:
         return float(np.hypot(self.east_m, self.north_m))
 
 
-def read_on_grid(path: Path, crs: CRS, bounds, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bands, height, width) float64 image (its first three bands, or its first) and validity,
-    averaged onto a grid of ``bounds`` in ``crs``."""
+def read_on_grid(path: Path, crs: CRS, bounds, width: int, height: int,
+                 bands: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, height, width) float64 image (``bands``; default its red, green and blue, or
+    its first) and validity, averaged onto a grid of ``bounds`` in ``crs``."""
+    from tiles.reader import default_bands
+
     transform = Affine((bounds[2] - bounds[0]) / width, 0, bounds[0], 0, -(bounds[3] - bounds[1]) / height, bounds[3])
     with rasterio.open(path) as src, WarpedVRT(src, crs=crs, transform=transform, width=width, height=height,
                                                resampling=Resampling.average, add_alpha=src.nodata is None) as vrt:
-        bands = [1, 2, 3] if src.count >= 3 else [1]
+        bands = list(bands or (default_bands(src.colorinterp)[:3] if src.count >= 3 else [1]))
         data = vrt.read(bands).astype(np.float64)
         valid = (vrt.read_masks(bands) > 0).all(axis=0)
     return data, valid

@@ -81,3 +81,107 @@ def histogram_match(image: np.ndarray, source: Radiometry, reference: Radiometry
     if valid is not None:
         out[:, ~valid] = 0
     return out
+
+
+# -- relative normalisation on pseudo-invariant features --------------------------------------
+PIF_FRACTION = 0.2  # the share of common valid pixels that changed least, taken as invariant
+MIN_PIF_PIXELS = 1000
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """Per-band ``gain * x + offset`` taking a scene's values onto a reference year's, fitted on
+    pseudo-invariant pixels (PIFs); ``pixels`` of them were used, ``rmse`` is the fit's residual
+    on them (0..255 levels)."""
+
+    gains: tuple[float, ...]
+    offsets: tuple[float, ...]
+    pixels: int
+    rmse: float
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        g = np.asarray(self.gains, np.float32)[:, None, None]
+        o = np.asarray(self.offsets, np.float32)[:, None, None]
+        return (image.astype(np.float32) * g + o).clip(0.0, 255.0)
+
+    def to_dict(self) -> dict:
+        return {"gains": list(self.gains), "offsets": list(self.offsets), "pixels": self.pixels, "rmse": self.rmse}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinearMap:
+        return cls(tuple(d["gains"]), tuple(d["offsets"]), int(d["pixels"]), float(d["rmse"]))
+
+
+def fit_pif(image: np.ndarray, reference: np.ndarray, valid: np.ndarray, fraction: float = PIF_FRACTION,
+            rounds: int = 3) -> LinearMap:
+    """The per-band linear map from ``image`` onto ``reference`` (both (bands, H, W) on one grid,
+    0..255), fitted on the pixels that changed least between them.
+
+    Pixels are ranked by how far they sit from the current fit (at first: from the per-band
+    standardised values, so a radiometric difference alone does not rank them), the least
+    changed ``fraction`` is kept, and each band is fitted by major-axis regression (both years
+    carry noise, so neither is the exact predictor of the other); repeated ``rounds`` times.
+    Houses built or demolished between the years stay out of the fit, unlike in whole-scene
+    histogram matching, where they pull every level.
+    """
+    if image.shape != reference.shape:
+        raise ValueError(f"image {image.shape} and reference {reference.shape} are not on one grid")
+    a = image[:, valid].astype(np.float64)
+    b = reference[:, valid].astype(np.float64)
+    if a.shape[1] < MIN_PIF_PIXELS / fraction:
+        raise ValueError(f"{a.shape[1]} common valid pixels: too few to find invariant ones")
+    za = (a - a.mean(1, keepdims=True)) / np.maximum(a.std(1, keepdims=True), 1e-9)
+    zb = (b - b.mean(1, keepdims=True)) / np.maximum(b.std(1, keepdims=True), 1e-9)
+    distance = np.square(za - zb).sum(0)
+    gains = np.ones(a.shape[0])
+    offsets = np.zeros(a.shape[0])
+    for _ in range(rounds):
+        keep = distance <= np.quantile(distance, fraction)
+        for k in range(a.shape[0]):
+            x, y = a[k, keep], b[k, keep]
+            sxx, syy, sxy = x.var(), y.var(), np.mean((x - x.mean()) * (y - y.mean()))
+            gain = (syy - sxx + np.hypot(syy - sxx, 2 * sxy)) / (2 * sxy) if abs(sxy) > 1e-12 else 1.0
+            gains[k], offsets[k] = gain, y.mean() - gain * x.mean()
+        distance = np.square(a * gains[:, None] + offsets[:, None] - b).sum(0)
+    rmse = float(np.sqrt(distance[keep].mean() / a.shape[0]))
+    return LinearMap(tuple(float(g) for g in gains), tuple(float(o) for o in offsets), int(keep.sum()), round(rmse, 3))
+
+
+def pif_against(path, reference, read, stretch, normalisation: str, max_pixels: int = 1_000_000):
+    """(:class:`LinearMap` from the scene at ``path`` onto the ``reference`` raster, the
+    reference's :class:`Radiometry` on their common ground), both read as the model reads them
+    (``read`` options and the scene's ``stretch``; the reference gets its own stretch of
+    ``normalisation``), averaged onto one grid of at most ``max_pixels`` over the scene."""
+    import math
+    from pathlib import Path
+
+    from tiles.radiometry import compute_stretch
+    from tiles.reader import RasterSource
+    from uvsam.coregister import read_on_grid
+    from uvsam.errors import InputError
+
+    with RasterSource(path, read) as src:
+        f = max(1.0, math.sqrt(src.width * src.height / max_pixels))
+        w, h = max(1, round(src.width / f)), max(1, round(src.height / f))
+        t = src.transform
+        bounds = (t.c, t.f + t.e * src.height, t.c + t.a * src.width, t.f)
+        crs, bands = src.crs, list(src.bands)
+    a, va = read_on_grid(Path(path), crs, bounds, w, h, bands)
+    b, vb = read_on_grid(Path(reference), crs, bounds, w, h)
+    with RasterSource(reference) as ref_src:  # stretched as it would be read itself: by its own data type
+        kind = ref_src.dtype
+    if kind.kind in "iu":
+        a_kind = np.iinfo(kind)
+        b = b.round().clip(a_kind.min, a_kind.max).astype(kind)
+    if a.shape[0] != b.shape[0]:
+        raise InputError(f"the PIF reference has {b.shape[0]} bands to compare, the scene {a.shape[0]}", reference)
+    valid = va & vb
+    img = stretch.apply(a, va) * 255.0
+    ref = compute_stretch(b, vb, normalisation).apply(b, vb) * 255.0
+    try:
+        linear = fit_pif(img, ref, valid)
+    except ValueError as e:
+        raise InputError(f"cannot normalise against the PIF reference ({e})", reference) from None
+    from uvsam.datasets import to_rgb
+
+    return linear, measure([to_rgb(ref, reference)], [valid])

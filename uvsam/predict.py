@@ -46,7 +46,7 @@ from tiles.stitch import Stitcher
 from uvsam.datasets import to_rgb
 from uvsam.errors import InputError
 from uvsam.files import check_writable
-from uvsam.harmonise import Radiometry, histogram_match, measure
+from uvsam.harmonise import LinearMap, Radiometry, histogram_match, measure, pif_against
 from uvsam.journal import Journal, scene_identity
 from uvsam.polygons import clean_each, merge, polygonise
 from uvsam.polygons import measure as measure_polygons
@@ -68,6 +68,7 @@ class PredictConfig:
     block: int = 2048  # the mosaic is vectorised in square blocks of this many pixels (bounded memory)
     acquired: str | None = None
     grid_offset: int = 0  # shift the tile grid up-left by this many pixels (a grid-invariance check)
+    pif_reference: str | None = None  # a reference year's raster: normalise each scene on pseudo-invariant pixels
 
     def __post_init__(self):
         problems = []
@@ -92,6 +93,8 @@ class PredictConfig:
                 problems.append(f"acquired must be a date YYYY-MM-DD, got {self.acquired!r}")
         if problems:
             raise InputError("; ".join(problems))
+        if self.pif_reference is not None and not Path(self.pif_reference).is_file():
+            raise InputError("PIF reference raster does not exist", self.pif_reference)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +127,7 @@ class ScenePrep:
     transform: tuple[float, ...]
     width: int
     height: int
+    pif: dict | None = None  # LinearMap onto the PIF reference year (with its path), applied first
 
     @property
     def affine(self) -> Affine:
@@ -195,13 +199,17 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
         data, valid = src.read_overview(1_000_000)
     scene = plan(path, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read, offset=cfg.grid_offset,
                                     edges="inside"), overview=(data, valid))
-    source_radiometry = None
-    if info.harmonise:
+    source_radiometry = pif = None
+    if cfg.pif_reference:  # onto the reference year by its invariant pixels, then as the reference year
+        linear, ref_radiometry = pif_against(path, cfg.pif_reference, read, scene.stretch, info.normalisation)
+        pif = {"reference": str(cfg.pif_reference), **linear.to_dict()}
+        source_radiometry = ref_radiometry.to_dict() if info.harmonise else None
+    elif info.harmonise:
         img = to_rgb(scene.stretch.apply(data, valid) * 255.0, path)
         source_radiometry = measure([img], [valid]).to_dict()
     src = scene.source
     prep = ScenePrep(str(path), read, scene.stretch.to_dict(), source_radiometry, src["crs"],
-                     tuple(src["transform"]), src["width"], src["height"])
+                     tuple(src["transform"]), src["width"], src["height"], pif)
     return scene, prep
 
 
@@ -212,7 +220,10 @@ def read_tile(prep: ScenePrep, info: ModelInfo, window: Window, src: RasterSourc
     flat, neutral fill, the same in every tile, instead of black edges the model would react to.
     """
     data, valid = src.read(window)
-    img = to_rgb(Stretch.from_dict(prep.stretch).apply(data, valid) * 255.0, prep.path)
+    img = Stretch.from_dict(prep.stretch).apply(data, valid) * 255.0
+    if prep.pif is not None:
+        img = LinearMap.from_dict(prep.pif).apply(img)
+    img = to_rgb(img, prep.path)
     reference = Radiometry.from_dict(info.radiometry)
     if prep.source_radiometry is not None:
         img = histogram_match(img, Radiometry.from_dict(prep.source_radiometry), reference, valid)
@@ -614,6 +625,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
            "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
            "model_gsd_m": info.gsd_m, "normalisation": info.normalisation, "harmonise": info.harmonise,
+           "harmonisation": json.dumps([harmonisation_record(prep) for _, prep in prepared]),
            "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            **(run_extra or {})}
     if fmt == "gpkg":
@@ -627,6 +639,15 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     for j in journals:  # the layers are written: the journal has served its purpose
         shutil.rmtree(j, ignore_errors=True)
     return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id}
+
+
+def harmonisation_record(prep: ScenePrep) -> dict:
+    """How a scene's radiometry was brought to the model's (for the runs table): ``pif`` (a
+    linear map onto a reference year fitted on invariant pixels, then histogram matching of the
+    reference year), ``histogram`` (the scene's own histogram onto the training radiometry) or
+    ``none``."""
+    mode = "pif" if prep.pif else ("histogram" if prep.source_radiometry else "none")
+    return {"scene": prep.path, "mode": mode, "pif": prep.pif, "source_radiometry": prep.source_radiometry}
 
 
 def plan_run(paths: list[Path], info: ModelInfo, cfg: PredictConfig) -> list[dict]:

@@ -67,6 +67,7 @@ class PredictOptions(Strict):
     window: int = PredictConfig.window
     min_area_m2: float = PredictConfig.min_area_m2
     simplify_m: float | None = PredictConfig.simplify_m
+    pif_reference: str | None = PredictConfig.pif_reference  # relative to the workflow file
 
 
 class Workflow(Strict):
@@ -123,11 +124,14 @@ def load(path: str | Path) -> tuple[Workflow, str]:
             where = ".".join(str(x) for x in err["loc"]) or "workflow"
             problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
         raise InputError("; ".join(problems), path) from None
+    base = path.parent
+    ref = wf.predict.pif_reference
+    if ref is not None and not Path(ref).is_absolute():
+        wf = wf.model_copy(update={"predict": wf.predict.model_copy(update={"pif_reference": str(base / ref)})})
     try:
         [wf.config(y) for y in wf.years]  # the prediction options checked together
     except InputError as e:
-        raise InputError(f"predict: {e.problem}", path) from None
-    base = path.parent
+        raise InputError(f"predict: {e}", path) from None  # with the file it names, if any
 
     def resolve(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else base / p)
