@@ -2,13 +2,13 @@
 
 1. **specialist** over overlapping tiles of the scene at the model's GSD (read, normalised and
    harmonised as in training), its village probabilities blended into a mosaic (a COG);
-2. **candidates**: the thresholded mosaic polygonised block by block, pieces merged across
-   blocks (they share exact pixel edges);
+2. **candidates**: the thresholded mosaic polygonised in square blocks (specks too small to
+   become a village dropped first), pieces merged across blocks;
 3. **refinement**: each candidate large enough for the generalist gets a window centred on it
    (large candidates several overlapping windows); the candidates of a window are decoded in
    batched calls; the pieces of a candidate are merged;
-4. **polygons**: simplified in metres, small villages and holes dropped, measured in a local
-   equal-area projection.
+4. **polygons**: simplified by the GSD in the mosaic's pixels, small villages and holes
+   dropped, measured in a local equal-area projection.
 
 Work runs as plain functions on a Dask cluster (:mod:`uvsam.distributed`): tile batches and
 refinement windows are tasks; each worker loads the model once. The same functions run in
@@ -83,7 +83,7 @@ class PredictConfig:
         if self.window < 64 or self.window <= 2 * self.window_margin:
             problems.append(f"refinement window {self.window} px too small for its margin {self.window_margin}")
         if self.batch_size < 1 or self.block < 1:
-            problems.append("batch size and block rows must be positive")
+            problems.append("batch size and block must be positive")
         if self.min_area_m2 < 0 or (self.simplify_m is not None and self.simplify_m < 0):
             problems.append("minimum area and simplification tolerance cannot be negative")
         if self.acquired is not None:
