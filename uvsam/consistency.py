@@ -117,6 +117,8 @@ def assess(years: list[str], village_iou: list[float], imagery: dict[str, Path],
         structure, colour = measured if measured is not None else (None, None)
         flag = (measured is not None and iou < MAX_VILLAGE_IOU and np.isfinite(structure)
                 and structure >= MIN_STRUCTURE and colour >= MIN_COLOUR)
+        if structure is not None and not np.isfinite(structure):
+            structure = colour = None  # too little common ground left after the edges: not measured
         out.append(Consistency(y0, y1, round(float(iou), 4), None if structure is None else round(structure, 3),
                                None if colour is None else round(colour, 2), bool(flag)))
     return out
