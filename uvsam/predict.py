@@ -565,13 +565,14 @@ def find_scenes(specs: list[str]) -> list[Path]:
 def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: PredictConfig = PredictConfig(),
                    layer: str = "villages", fmt: str = "gpkg", crs: str | None = None,
                    checkpoint: str | Path | None = None, runner: Runner = run_local, log=print,
-                   run_extra: dict | None = None) -> dict:
+                   run_extra: dict | None = None, prepared: list[tuple] | None = None) -> dict:
     """Predict every scene and write the layers; returns a summary.
 
     Resumable: finished tasks are journaled beside the output (``OUT.work/journal``), so the
     same command run again after an interruption skips them and writes the same layers. The
     run id is derived from the inputs, model and configuration, so it too is the same.
-    ``run_extra`` adds columns to the ``runs`` table (a workflow stores its name and text).
+    ``run_extra`` adds columns to the ``runs`` table (a workflow stores its name and text);
+    ``prepared``: :func:`prepare_scene` of each scene found, when the caller has it already.
     """
     import shutil
 
@@ -590,7 +591,8 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     info = model_info(model, checkpoint)
     identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
-    prepared = [prepare_scene(p, info, cfg) for p in paths]  # every scene opened and checked before any work
+    if prepared is None:  # every scene opened and checked before any work (a workflow did it for all years)
+        prepared = [prepare_scene(p, info, cfg) for p in paths]
     bar = Progress([scene_row(scene, info) for scene, _ in prepared])
     workdir = out.with_name(out.stem + ".work")
     workdir.mkdir(exist_ok=True)

@@ -156,13 +156,13 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     ``local``, ``workers`` and ``scheduler`` override the file's ``execution`` section.
     """
     from uvsam.predict import dry_run as estimate
-    from uvsam.predict import find_scenes, model_info, plan_run, run_prediction, runs_in_process
+    from uvsam.predict import find_scenes, model_info, prepare_scene, run_prediction, runs_in_process
 
     wf, text = load(path)
     found = [find_scenes(y.scenes) for y in wf.years]  # every scene of every year is found,
     info = model_info(wf.model, wf.checkpoint)
-    for y, paths in zip(wf.years, found, strict=True):  # then opened and checked, before any year runs
-        plan_run(paths, info, wf.config(y))
+    prepared = [[prepare_scene(p, info, wf.config(y)) for p in paths]  # then opened and checked, before any
+                for y, paths in zip(wf.years, found, strict=True)]  # year runs (and not prepared again)
     if dry_run:
         return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint)} for y in wf.years]
     ex = wf.execution
@@ -177,11 +177,11 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
 
     def each(runner=None) -> list[dict]:
         out = []
-        for y in wf.years:
+        for y, scenes in zip(wf.years, prepared, strict=True):
             log(f"{wf.name}: {y.layer} ({len(y.scenes)} scene spec(s))")
             kwargs = {"runner": runner} if runner is not None else {}
             out.append(run_prediction(y.scenes, wf.model, wf.out, wf.config(y), y.layer, wf.format, wf.crs,
-                                      wf.checkpoint, log=log, run_extra=extra, **kwargs))
+                                      wf.checkpoint, log=log, run_extra=extra, prepared=scenes, **kwargs))
         return out
 
     if local:
