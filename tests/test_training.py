@@ -69,12 +69,13 @@ def test_model_file_reproduces_preprocessing_and_evaluate_cli(beijing, tmp_path,
         ["train", "--images", beijing / "train/images", "--labels", beijing / "train/masks", "--out", out,
          "--val-images", beijing / "val/images", "--val-labels", beijing / "val/masks", "--epochs", 1,
          "--steps", 2, "--sam-epochs", 1, "--crop", 64, "--batch-size", 2, "--gsd", GSD,
-         "--views-per-scene", 1], capsys)
+         "--views-per-scene", 1, "--photometric"], capsys)
     assert code == 0, err
     assert "random weights" in err  # the user is told the generalist is not a published one
     model, meta = load_model(out)
     assert meta["gsd_m"] == GSD and meta["generalist"]["source"] == "random"
     assert meta["train_config"]["crop"] == 64 and len(meta["radiometry"]["quantiles"]) == 3
+    assert meta["train_config"]["photometric"] is True  # the opt-in augmentation is recorded
     with open(tmp_path / "m.metrics.csv") as f:
         row = next(csv.DictReader(f))
     assert 0 <= float(row["val_uvsam_iou"]) <= 1

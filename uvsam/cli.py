@@ -98,6 +98,9 @@ def train(
     sam_weight: Annotated[float, typer.Option(help="Weight of the UV-SAM path loss.")] = 1.0,
     ema: Annotated[float, typer.Option(help="Decay of the weight average kept (0: last weights).")] = 0.98,
     harmonise: Annotated[bool, typer.Option(help="Match every scene to the training radiometry.")] = True,
+    photometric: Annotated[bool, typer.Option(
+        help="Random colour, band-mixing, grey, gamma and blur changes of the specialist's views "
+        "(off by default: it measured worse across seasons, docs/results.md).")] = False,
     band: Annotated[list[int], typer.Option(help="Band to read (1-based); repeatable.")] = [],  # noqa: B006
     labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -125,8 +128,8 @@ def train(
         ladder=ladder, min_area_m2=min_village_area, gsd_m=gsd_m, crop=crop,
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
         sam_epochs=sam_epochs, views_per_scene=views_per_scene, lr=lr, weight_decay=weight_decay,
-        warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise, bands=tuple(band) or None,
-        labels_crs=labels_crs, seed=seed,
+        warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise, photometric=photometric,
+        bands=tuple(band) or None, labels_crs=labels_crs, seed=seed,
     )
     last = run_training(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
     typer.echo(json.dumps(last))

@@ -77,6 +77,9 @@ class TrainConfig:
     warmup_steps: int = 20
     sam_weight: float = 1.0
     ema: float = 0.98  # decay of the weight average the model file keeps (0: keep the last weights)
+    # Random colour, band mixing, grey, gamma and blur of the specialist's views: off by default, it
+    # lowered both the cross- and the same-season IoU over three seeds (docs/results.md, issue 9).
+    photometric: bool = False
     harmonise: bool = True
     normalisation: str = "auto"
     bands: tuple[int, ...] | None = None
@@ -387,7 +390,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
             rendered = [render(v, data.train, cfg.crop) for v in views]
             images = torch.stack([r[0] for r in rendered])
             labels = torch.stack([r[1] for r in rendered])
-            spec_images = photometric(images, gen)
+            spec_images = photometric(images, gen) if cfg.photometric else images
             if sam_on:
                 emb = store.get(model, views, images)
                 parts = uvsam_loss(model(images, frozen_embeddings=emb, specialist_images=spec_images), labels, weights)
