@@ -183,7 +183,8 @@ def main() -> None:
         cells = []
         for test in ("cross_season", "same_season"):
             t = r.get(test)
-            cells.append(f"{t['mean']:.3f} ({t['min']:.3f}-{t['max']:.3f})" if t else "-")
+            cells.append("-" if not t else f"{t['mean']:.3f}" if t["min"] == t["max"]
+                         else f"{t['mean']:.3f} ({t['min']:.3f}-{t['max']:.3f})")
         print(f"| {r['config']} | {len(r['seeds'])} | {cells[0]} | {cells[1]} | {r['train_s'] or '-'} |")
 
 
