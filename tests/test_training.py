@@ -121,6 +121,15 @@ def test_labels_without_a_crs_member_are_refused_clearly(data_dir):
     assert (scene.labels == 1).any()
 
 
+def test_a_config_recorded_before_a_setting_existed_reads_as_it_ran(tmp_path):
+    """Model files written before `photometric` was a setting trained with the augmentation on:
+    resuming one must not silently switch it off."""
+    cfg = TrainConfig(images="a", labels="b", out=str(tmp_path / "m.ckpt"))
+    old = {k: v for k, v in cfg.to_dict().items() if k != "photometric"}
+    assert TrainConfig.from_dict(old).photometric is True
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_pairing_by_stem_and_missing_labels(beijing, tmp_path):
     pairs = pair_scenes(beijing / "train/images", beijing / "train/masks")
     assert len(pairs) == 6 and all(p.image.stem == p.labels.stem for p in pairs)

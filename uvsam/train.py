@@ -112,6 +112,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        known.setdefault("photometric", True)  # recorded before it was a setting: it was always on
         if known.get("bands"):
             known["bands"] = tuple(known["bands"])
         return cls(**known)
