@@ -652,11 +652,6 @@ def harmonisation_record(prep: ScenePrep) -> dict:
     return {"scene": prep.path, "mode": mode, "pif": prep.pif, "source_radiometry": prep.source_radiometry}
 
 
-def plan_run(paths: list[Path], info: ModelInfo, cfg: PredictConfig) -> list[dict]:
-    """Per scene: tiles to run, km2 of valid ground, pixels at the model's GSD (for --dry-run and progress)."""
-    return [scene_row(prepare_scene(p, info, cfg)[0], info) for p in paths]
-
-
 def scene_row(scene, info: ModelInfo) -> dict:
     """What a scene's plan amounts to: tiles, km2 of valid ground, size in pixels at the model's GSD."""
     gx, gy = scene.source["ground_res_m"] or (info.gsd_m, info.gsd_m)
@@ -696,15 +691,17 @@ class Progress:
 
 
 def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictConfig(),
-            checkpoint: str | Path | None = None) -> dict:
+            checkpoint: str | Path | None = None, prepared: list[tuple] | None = None) -> dict:
     """What a prediction would do: tiles and km2 per scene, and time and memory estimated from
-    one specialist batch and one refinement window measured on this machine."""
+    one specialist batch and one refinement window measured on this machine. ``prepared``:
+    :func:`prepare_scene` of each scene found, when the caller has it already."""
     import torch
 
-    paths = find_scenes(scenes)
     info = model_info(model, checkpoint)
-    rows = plan_run(paths, info, cfg)
-    scene, prep = prepare_scene(paths[0], info, cfg)
+    if prepared is None:
+        prepared = [prepare_scene(p, info, cfg) for p in find_scenes(scenes)]
+    rows = [scene_row(scene, info) for scene, _ in prepared]
+    scene, prep = prepared[0]
     windows = [w for _, w in tile_windows(scene)][: cfg.batch_size]
     t = time.perf_counter()
     specialist_batch(prep, info, windows)

@@ -164,7 +164,8 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     prepared = [[prepare_scene(p, info, wf.config(y)) for p in paths]  # then opened and checked, before any
                 for y, paths in zip(wf.years, found, strict=True)]  # year runs (and not prepared again)
     if dry_run:
-        return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint)} for y in wf.years]
+        return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint, prepared=scenes)}
+                for y, scenes in zip(wf.years, prepared, strict=True)]
     ex = wf.execution
     local = runs_in_process(ex.local if local is None else local, scheduler or ex.scheduler, workers or ex.workers)
     try:
