@@ -181,7 +181,8 @@ def test_interrupted_prediction_resumes_to_the_same_layers(beijing, model, tmp_p
     from uvsam.predict import PredictConfig, run_local, run_prediction
 
     scene = [str(beijing / "train/images.vrt")]
-    cfg = PredictConfig(tile=256, overlap=128, batch_size=4)  # 4 x 4 tiles in batches of 4, then the windows
+    # 4 x 4 tiles in batches of 4, then the windows (forced: the test model's generalist is random)
+    cfg = PredictConfig(tile=256, overlap=128, batch_size=4, force_refine=True)
     quiet = lambda m: None  # noqa: E731
     def counting(into: list):
         def run(fn, arg_list):
@@ -225,7 +226,7 @@ def test_polygons_do_not_depend_on_where_the_tile_grid_falls(beijing, model, tmp
 
     scene = beijing / "train/images.vrt"
     info = model_info(model)
-    cfg = PredictConfig(tile=128, overlap=64)  # tiles of 474 m
+    cfg = PredictConfig(tile=128, overlap=64, force_refine=True)  # tiles of 474 m; the random generalist runs
     tasks: list[str] = []
 
     def counting(fn, arg_list):

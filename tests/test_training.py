@@ -32,12 +32,14 @@ def _cfg(beijing, out, **kw) -> TrainConfig:
 
 
 def test_training_loss_falls(beijing, tmp_path):
-    """A few specialist steps on small crops of the real tiles: the loss falls."""
+    """A few specialist steps on small crops of the real tiles: the loss falls. All eight tiles, a
+    fifth held out: the held-out share is a whole group of overlapping tiles (the two summer ones)."""
     cfg = _cfg(beijing, tmp_path / "m.ckpt", epochs=1, steps_per_epoch=30, sam_epochs=0, lr=2e-3, warmup_steps=3,
-               val_fraction=0.2)
+               val_fraction=0.2, images=str(beijing / "*/images/*.tif"), labels=str(beijing / "*/masks/*.tif"))
     messages = []
     last = train(cfg, log=messages.append)
-    assert any("held out: " in m for m in messages) and "training on 5 scenes" in messages[1]
+    held = next(m for m in messages if "held out: " in m)
+    assert "49554_107968" in held and "49554_107970" in held and "training on 6 scenes" in messages[1]
     assert 0 <= last["val_specialist_iou"] <= 1
     with open(tmp_path / "m.steps.csv") as f:
         losses = [float(r["loss_total"]) for r in csv.DictReader(f)]
@@ -46,15 +48,15 @@ def test_training_loss_falls(beijing, tmp_path):
 
 
 def test_resume_equals_an_uninterrupted_run(beijing, tmp_path):
-    full = _cfg(beijing, tmp_path / "full.ckpt")
+    full = _cfg(beijing, tmp_path / "full.ckpt", force_refine=True)  # the UV-SAM path trains (random generalist)
     train(full, log=lambda m: None)
-    part = _cfg(beijing, tmp_path / "part.ckpt")
+    part = _cfg(beijing, tmp_path / "part.ckpt", force_refine=True)
     train(part, log=lambda m: None, stop_after=1)  # as if killed after the first epoch
     with pytest.raises(InputError, match="exists"):
         train(part, log=lambda m: None)  # never overwrites an existing model silently
     with pytest.raises(InputError, match="different settings.*lr"):
-        train(_cfg(beijing, tmp_path / "part.ckpt", lr=5e-4), resume=True, log=lambda m: None)
-    train(_cfg(beijing, tmp_path / "part.ckpt"), resume=True, log=lambda m: None)
+        train(_cfg(beijing, tmp_path / "part.ckpt", lr=5e-4, force_refine=True), resume=True, log=lambda m: None)
+    train(_cfg(beijing, tmp_path / "part.ckpt", force_refine=True), resume=True, log=lambda m: None)
     a, b = read_model_file(tmp_path / "full.ckpt"), read_model_file(tmp_path / "part.ckpt")
     assert a["meta"]["epoch"] == b["meta"]["epoch"] == 2
     for k in a["state"]:
@@ -69,7 +71,7 @@ def test_model_file_reproduces_preprocessing_and_evaluate_cli(beijing, tmp_path,
         ["train", "--images", beijing / "train/images", "--labels", beijing / "train/masks", "--out", out,
          "--val-images", beijing / "val/images", "--val-labels", beijing / "val/masks", "--epochs", 1,
          "--steps", 2, "--sam-epochs", 1, "--crop", 64, "--batch-size", 2, "--gsd", GSD,
-         "--views-per-scene", 1, "--photometric"], capsys)
+         "--views-per-scene", 1, "--photometric", "--force-refine"], capsys)
     assert code == 0, err
     assert "random weights" in err  # the user is told the generalist is not a published one
     model, meta = load_model(out)
@@ -83,8 +85,9 @@ def test_model_file_reproduces_preprocessing_and_evaluate_cli(beijing, tmp_path,
                                  "--labels", beijing / "val/masks"], capsys)
     assert code == 0, err
     res = json.loads(stdout)
-    for path in ("specialist", "uvsam"):
+    for path in ("specialist", "uvsam", "polygons"):
         assert set(res[path]) >= {"iou", "f1", "precision", "recall", "object_f1"}
+    assert res["refinement"].startswith("off: the mobile_sam generalist has random weights")
     village_share = res["baselines"]["all_village_iou"]
     assert 0.2 < village_share < 0.3  # the val tiles are 24-28 % village
     # a generalist checkpoint is not a model file: one clear line, exit 2

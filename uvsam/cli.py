@@ -23,7 +23,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Urban-villag
 weights_app = typer.Typer(no_args_is_help=True, help="List, download, import and verify generalist weights.")
 app.add_typer(weights_app, name="weights")
 
-_STATE = {"debug": False}
+_STATE: dict = {"debug": False, "resume": None}
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT, exit 130) or SIGTERM (a scheduler's kill, ``timeout``; exit 143).
+
+    Raised by uvsam's own handlers rather than as KeyboardInterrupt, which typer turns into a
+    return value that a caller could mistake for success."""
+
+    def __init__(self, name: str, code: int):
+        super().__init__(name)
+        self.name, self.code = name, code
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    raise Interrupted("SIGTERM", 143) if signum == signal.SIGTERM else Interrupted("Ctrl-C", 130)
+
+
+def _interrupted(name: str, code: int) -> int:
+    hint = _STATE.get("resume")
+    sys.stderr.write(f"uvsam: interrupted ({name}); " + (hint or "nothing was written") + "\n")
+    return code
 
 
 @app.callback()
@@ -76,6 +99,9 @@ def train(
     val_images: Annotated[str | None, typer.Option(help="Validation rasters.")] = None,
     val_labels: Annotated[str | None, typer.Option(help="Validation labels.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Without --val-images: share of scenes held out.")] = 0.0,
+    folds: Annotated[int, typer.Option(
+        help="Spatial cross-validation: train one model per fold (OUT.foldK.ckpt), folds of whole groups of "
+        "overlapping or touching scenes, and score each on its held-out fold (OUT.cv.json).")] = 0,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
     steps: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 40,
     sam_epochs: Annotated[int, typer.Option(help="Last epochs that train the full UV-SAM path.")] = 2,
@@ -101,6 +127,8 @@ def train(
     photometric: Annotated[bool, typer.Option(
         help="Random colour, band-mixing, grey, gamma and blur changes of the specialist's views "
         "(off by default: it measured worse across seasons, docs/results.md).")] = False,
+    force_refine: Annotated[bool, typer.Option(
+        help="Train the UV-SAM path even when the generalist's weights are not verified official ones.")] = False,
     band: Annotated[list[int], typer.Option(help="Band to read (1-based); repeatable.")] = [],  # noqa: B006
     labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -108,6 +136,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the training saved in --out.")] = False,
 ):
     """Train the specialist and fusion head of UV-SAM (the generalist stays frozen)."""
+    _STATE["resume"] = (f"every finished epoch is kept in {out}: run the same command with --resume to continue"
+                        if not folds else f"finished fold models are kept beside {out}: run the same command with "
+                        "--resume to continue")
     from uvsam.train import TrainConfig
     from uvsam.train import train as run_training
 
@@ -121,7 +152,7 @@ def train(
         gsd_m = _parse_floats(gsd, (1,), "--gsd")[0]
     cfg = TrainConfig(
         images=images, labels=labels, out=str(out), val_images=val_images, val_labels=val_labels,
-        val_fraction=val_fraction,
+        val_fraction=val_fraction, folds=folds, fold=1 if folds else 0,
         encoder=_known_encoder(encoder), checkpoint=str(checkpoint) if checkpoint else None, specialist=specialist,
         mit_weights=str(mit_weights) if mit_weights else None, fusion=fusion,
         specialist_input=specialist_input, lcn_sigma_m=lcn_sigma, tune_decoder=tune_decoder,
@@ -129,27 +160,50 @@ def train(
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
         sam_epochs=sam_epochs, views_per_scene=views_per_scene, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise, photometric=photometric,
+        force_refine=force_refine,
         bands=tuple(band) or None, labels_crs=labels_crs, seed=seed,
     )
-    last = run_training(cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    if folds:
+        from uvsam.crossval import cross_validate
+
+        typer.echo(json.dumps(cross_validate(cfg, log, resume=resume)["summary"]))
+        return
+    last = run_training(cfg, resume=resume, log=log)
     typer.echo(json.dumps(last))
 
 
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
-    images: Annotated[str, typer.Option(help="Rasters: a file, a folder or a glob.")],
-    labels: Annotated[str, typer.Option(help="Masks named like the images, or a vector file.")],
+    images: Annotated[str | None, typer.Option(help="Rasters: a file, a folder or a glob.")] = None,
+    labels: Annotated[str | None, typer.Option(help="Masks named like the images, or a vector file.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
     window: Annotated[int, typer.Option(help="Inference window (px at the model's GSD).")] = 512,
     labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = None,
-    specialist_only: Annotated[bool, typer.Option(help="Skip the UV-SAM path.")] = False,
+    specialist_only: Annotated[bool, typer.Option(help="Skip the in-memory UV-SAM path.")] = False,
+    force_refine: Annotated[bool, typer.Option(
+        help="Refine even with a generalist whose weights are not verified official ones.")] = False,
+    cv: Annotated[bool, typer.Option(
+        help="Score the fold models of MODEL (from `train --folds`) on their held-out folds.")] = False,
 ):
-    """Pixel IoU/F1/precision/recall and object F1 of the specialist and the UV-SAM path (JSON)."""
+    """IoU/F1/precision/recall and object F1 of what `uvsam predict` ships (polygons), its specialist
+    mosaic and the in-memory UV-SAM path, on the label grid (JSON)."""
+    from uvsam.predict import PredictConfig
+
+    cfg = PredictConfig(force_refine=force_refine)
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    if cv:
+        from uvsam.crossval import evaluate_cv
+
+        typer.echo(json.dumps(evaluate_cv(model, checkpoint, log, cfg), indent=2))
+        return
+    if images is None or labels is None:
+        raise InputError("--images and --labels are needed (or --cv with fold models)")
     from uvsam.evaluate import evaluate as run_evaluation
 
-    typer.echo(json.dumps(run_evaluation(model, images, labels, checkpoint, window, labels_crs, specialist_only),
-                          indent=2))
+    typer.echo(json.dumps(run_evaluation(model, images, labels, checkpoint, window, labels_crs, specialist_only,
+                                         cfg, log), indent=2))
 
 
 def _known_encoder(name: str) -> str:
@@ -168,6 +222,8 @@ def predict(
     crs: Annotated[str | None, typer.Option(help="Reproject the layers to this CRS (default: the scene's).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
     refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = True,
+    force_refine: Annotated[bool, typer.Option(
+        help="Refine even with a generalist whose weights are not verified official ones.")] = False,
     tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = 512,
     overlap: Annotated[int, typer.Option(help="Tile overlap (px).")] = 256,
     threshold: Annotated[float, typer.Option(help="Village probability threshold.")] = 0.5,
@@ -177,6 +233,8 @@ def predict(
     grid_offset: Annotated[int, typer.Option(help="Shift the tile grid by this many px (invariance checks).")] = 0,
     pif_reference: Annotated[Path | None, typer.Option(
         help="A reference year's raster: normalise each scene onto it on pseudo-invariant pixels.")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Run scenes the suitability check refuses (resolution far from the model's, too small).")] = False,
     scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local Dask workers (default: sized to the machine).")] = None,
     local: Annotated[bool | None, typer.Option(
@@ -190,15 +248,18 @@ def predict(
     """
     from uvsam.predict import PredictConfig, model_info, run_prediction, runs_in_process
 
-    cfg = PredictConfig(tile=tile, overlap=overlap, threshold=threshold, refine=refine, min_area_m2=min_area,
+    cfg = PredictConfig(tile=tile, overlap=overlap, threshold=threshold, refine=refine, force_refine=force_refine,
+                        min_area_m2=min_area,
                         simplify_m=simplify, acquired=acquired, grid_offset=grid_offset,
-                        pif_reference=str(pif_reference) if pif_reference else None)
+                        pif_reference=str(pif_reference) if pif_reference else None, force=force)
     if dry_run:
         from uvsam.predict import dry_run as estimate
 
         typer.echo(json.dumps(estimate(scenes, model, cfg, checkpoint), indent=2))
         return
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    _STATE["resume"] = (f"finished tiles and windows are kept in {out.with_name(out.stem + '.work')}: run the same "
+                        f"command again to resume; {out} was not changed")
     if runs_in_process(local, scheduler, workers):
         summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log)
     else:
@@ -273,6 +334,7 @@ def run_cmd(
     from uvsam.workflow import run
 
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    _STATE["resume"] = "finished years, tiles and windows are kept: run the same command again to resume"
     typer.echo(json.dumps(run(workflow, log, dry_run, local, workers, scheduler), indent=2 if dry_run else None))
 
 
@@ -409,8 +471,17 @@ def main(argv: list[str] | None = None) -> int:
         # GDAL's error messages reach Python's logging; uvsam's one line carries what matters
         for name in ("rasterio", "pyogrio"):
             logging.getLogger(name).addHandler(logging.NullHandler())
+    import signal
+    import threading
+
+    previous = ({s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
-        app(args=args, prog_name="uvsam", standalone_mode=False)
+        code = app(args=args, prog_name="uvsam", standalone_mode=False)
+        if isinstance(code, int) and code == 130:  # typer's answer to a KeyboardInterrupt it caught
+            return _interrupted("Ctrl-C", 130)
+        if isinstance(code, int) and code:
+            return code
     except (UvsamError, TilesError) as e:
         if debug:
             raise
@@ -422,15 +493,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         sys.stderr.write(f"uvsam: error: {where}{e.strerror or e}\n")
         return 2
-    except click.exceptions.Abort:
-        sys.stderr.write("uvsam: interrupted\n")
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return _interrupted("Ctrl-C", 130)
+    except Interrupted as e:
+        return _interrupted(e.name, e.code)
     except click.ClickException as e:
         e.show()
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("uvsam: interrupted\n")
-        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _STATE["resume"] = None
     return 0
 
 

@@ -1,44 +1,131 @@
-"""``uvsam evaluate``: a trained model on labelled scenes, the specialist and the UV-SAM path side by side.
+"""``uvsam evaluate``: a trained model on labelled scenes, scored on what ``uvsam predict`` ships.
 
-Scenes go through the default inference path: read at the model's GSD with its normalisation,
-harmonised to its training radiometry, predicted in overlapping windows. The JSON also gives
-the two trivial baselines (all background, all village) on the same pixels.
+Each scene goes through predict's own scene pipeline (:func:`uvsam.predict.predict_scene`:
+specialist mosaic -> candidates -> refinement -> polygons, with the same tiling, reading,
+normalisation and harmonisation), and three things are scored on the label grid (the image's
+own pixels, labels rasterised or resampled onto it):
+
+- ``polygons``: the village polygons predict writes, rasterised;
+- ``specialist``: predict's probability mosaic, resampled bilinearly, at predict's threshold;
+- ``uvsam``: the model's own in-memory UV-SAM path at its training GSD (training's validation
+  path; equal to its specialist when the generalist does not refine).
+
+The JSON also gives the two trivial baselines (all background, all village) on the same pixels.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from uvsam.datasets import load_scene, pair_scenes
+import numpy as np
+
+from uvsam.datasets import LabelledScene, load_scene, pair_scenes, rasterise_labels, read_image
+from uvsam.errors import InputError
 from uvsam.harmonise import Radiometry
-from uvsam.inference import predict_scene
 from uvsam.losses import IGNORE
 from uvsam.metrics import SegmentationCounts
-from uvsam.modelfile import load_model
-from uvsam.train import harmonise_scene
 
 
 def evaluate(model_path: str | Path, images: str | Path, labels: str | Path, checkpoint: str | Path | None = None,
-             window: int = 512, labels_crs: str | None = None, specialist_only: bool = False) -> dict:
+             window: int = 512, labels_crs: str | None = None, specialist_only: bool = False,
+             predict_config=None, log=None) -> dict:
+    """Scores of a model on labelled scenes (see the module docstring); ``specialist_only``
+    skips the in-memory UV-SAM path. ``predict_config``: predict's settings (default: its defaults)."""
+    return evaluate_pairs(model_path, pair_scenes(images, labels), checkpoint, window, labels_crs, specialist_only,
+                          predict_config, log)
+
+
+def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoint: str | Path | None = None,
+                   window: int = 512, labels_crs: str | None = None, specialist_only: bool = False,
+                   predict_config=None, log=None) -> dict:
+    """:func:`evaluate` on scenes already paired with their labels."""
+    from uvsam.modelfile import load_model
+    from uvsam.predict import PredictConfig, model_info, refines
+
+    cfg = predict_config or PredictConfig()
+    info = model_info(model_path, checkpoint)
     model, meta = load_model(model_path, checkpoint)
-    bands = tuple(meta["bands"]) if meta.get("bands") else None
-    reference = Radiometry.from_dict(meta["radiometry"])
-    names = ["specialist"] + ([] if specialist_only else ["uvsam"])
+    refine = refines(cfg, info)
+    if log is not None and cfg.refine and not refine:
+        log(f"note: {info.generalist_note}: villages keep the specialist's outlines (not refined)")
+    names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])
     counts = {k: SegmentationCounts() for k in names + ["all_village"]}
-    pairs = pair_scenes(images, labels)
+    per_scene = []
     for pair in pairs:
-        scene = load_scene(pair, meta["gsd_m"], bands, meta["normalisation"], labels_crs)
-        if meta.get("harmonise"):
-            harmonise_scene(scene, reference)
-        valid = scene.labels != IGNORE
-        pred = predict_scene(model, scene.image, valid, window=window, full=not specialist_only)
-        counts["specialist"].update(pred.specialist, scene.labels)
+        scores = score_scene(pair, info, cfg, labels_crs)
+        for k in ("specialist", "polygons", "all_village"):
+            counts[k].update(scores[k], scores["labels"])
+        row = {"image": pair.image.name, "polygons_iou": _iou(scores["polygons"], scores["labels"]),
+               "specialist_iou": _iou(scores["specialist"], scores["labels"]), "villages": scores["villages"]}
         if not specialist_only:
-            counts["uvsam"].update(pred.uvsam, scene.labels)
-        counts["all_village"].update(valid, scene.labels)
+            counts["uvsam"].update(*in_memory_uvsam(model, meta, pair, window, labels_crs, refine, cfg))
+        per_scene.append(row)
     result = {k: counts[k].summary() for k in names}
     result["baselines"] = {"all_background_iou": 0.0, "all_village_iou": counts["all_village"].summary()["iou"]}
     result["scenes"] = len(pairs)
+    result["per_scene"] = per_scene
+    result["refinement"] = "on" if refine else ("off" if not cfg.refine else f"off: {info.generalist_note}")
+    result["predict_config"] = cfg.to_dict()
     result["model"] = {"file": str(model_path), "encoder": model.config.encoder, "specialist": model.config.specialist,
                        "gsd_m": meta["gsd_m"], "generalist": meta["generalist"], "epoch": meta.get("epoch")}
     return result
+
+
+def _iou(pred: np.ndarray, labels: np.ndarray) -> float:
+    c = SegmentationCounts()
+    c.update(pred, labels)
+    return c.summary()["iou"]
+
+
+def score_scene(pair: LabelledScene, info, cfg, labels_crs: str | None = None) -> dict:
+    """Predict one labelled scene as ``uvsam predict`` does and put its outputs on the label grid.
+
+    Returns ``labels`` (H, W) uint8 (0, 1, IGNORE) on the image's native grid, and boolean
+    ``polygons`` (the shipped villages, rasterised), ``specialist`` (the mosaic at the threshold)
+    and ``all_village`` on the same grid, with ``villages`` the number of polygons.
+    """
+    import rasterio
+    from rasterio.features import rasterize
+    from rasterio.warp import Resampling, reproject
+
+    from uvsam.predict import close_sources, predict_scene, prepare_scene
+
+    with tempfile.TemporaryDirectory(prefix="uvsam-evaluate-") as tmp:
+        prepared = prepare_scene(pair.image, info, cfg)
+        res = predict_scene(pair.image, info, cfg, Path(tmp), prepared=prepared)
+        close_sources()
+        _, valid, src = read_image(pair.image, None, info.bands, info.normalisation)
+        labels = rasterise_labels(pair.labels, src, labels_crs)
+        labels[~valid] = IGNORE
+        if not (labels != IGNORE).any():
+            raise InputError("no labelled pixel overlaps the image", pair.labels)
+        shape = (src.height, src.width)
+        villages = res.villages
+        if villages and src.crs is not None and str(src.crs) != str(res.crs):
+            import geopandas as gpd
+
+            villages = list(gpd.GeoSeries(villages, crs=res.crs).to_crs(src.crs))
+        polygons = (rasterize(((g, 1) for g in villages), out_shape=shape, transform=src.transform, fill=0,
+                              dtype="uint8").astype(bool) if villages else np.zeros(shape, bool))
+        prob = np.full(shape, np.nan, np.float32)
+        with rasterio.open(res.mosaic) as ds:
+            reproject(ds.read(1), prob, src_transform=ds.transform, src_crs=ds.crs, dst_transform=src.transform,
+                      dst_crs=src.crs, src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.bilinear)
+    return {"labels": labels, "polygons": polygons, "specialist": np.nan_to_num(prob, nan=0.0) >= cfg.threshold,
+            "all_village": labels != IGNORE, "villages": len(res.villages)}
+
+
+def in_memory_uvsam(model, meta: dict, pair: LabelledScene, window: int, labels_crs: str | None, refine: bool,
+                    cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, labels) of the model's in-memory UV-SAM path at its training GSD."""
+    from uvsam.inference import predict_scene
+    from uvsam.train import harmonise_scene
+
+    bands = tuple(meta["bands"]) if meta.get("bands") else None
+    scene = load_scene(pair, meta["gsd_m"], bands, meta["normalisation"], labels_crs)
+    if meta.get("harmonise"):
+        harmonise_scene(scene, Radiometry.from_dict(meta["radiometry"]))
+    valid = scene.labels != IGNORE
+    pred = predict_scene(model, scene.image, valid, window=window, full=refine, rule=cfg.rule)
+    return (pred.uvsam if refine else pred.specialist), scene.labels

@@ -52,9 +52,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def check_writable(path: str | Path, folder: bool = False) -> Path:
     """Refuse an output location before any work is done: its folder must exist and take a new
     file (a write test, which also catches read-only mounts and permissions that ``os.access``
-    misjudges for root). ``folder``: the output is itself a folder (created if missing)."""
+    misjudges for root). ``folder``: the output is itself a folder (created if missing, with
+    its missing parents)."""
     path = Path(path)
     parent = path.parent
+    if folder and not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the output folder ({e.strerror})", parent) from None
     if parent.exists() and not parent.is_dir():
         raise OutputError("is a file, not a folder", parent)
     if not parent.is_dir():

@@ -4,7 +4,9 @@ Used by validation during training and by ``uvsam evaluate``. (City-scale predic
 disk, with object-aware refinement, is ``uvsam predict``.) Windows come from the tiles
 engine's :class:`~tiles.grid.TileGrid` and are blended with its linear ramps
 (:func:`~tiles.stitch.blend_weights`): the specialist's village probability and the UV-SAM
-path's final mask are both averaged over overlaps, then thresholded at 0.5.
+path's final mask are both averaged over overlaps, then thresholded at 0.5. A window reaching
+past a scene smaller than it mirrors the scene, as ``uvsam predict`` does. The UV-SAM path takes
+a generalist mask only where :func:`uvsam.generalist.judge` accepts it (:func:`combine`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch.nn.functional as F
 
 from tiles.grid import TileGrid
 from tiles.stitch import blend_weights
-from uvsam.modeling.uvsam import UVSAM
+from uvsam.generalist import RefineRule, judge, stability_score
+from uvsam.modeling.uvsam import UVSAMOutput
 
 
 @dataclass
@@ -30,10 +33,39 @@ class ScenePrediction:
     uvsam: np.ndarray | None
 
 
+def combine(out: UVSAMOutput, rule: RefineRule | None = None) -> torch.Tensor:
+    """(B, H, W) bool village masks: the specialist's, with each large village's outline replaced
+    by the generalist's mask where ``rule`` accepts it (confident, stable, consistent with the
+    village); ``rule=None`` always replaces it (the paper's combination, :meth:`UVSAM.combine`)."""
+    spec = out.specialist_logits.argmax(1).bool()
+    final = []
+    for b, v in enumerate(out.villages):
+        m = spec[b].clone()
+        for k, vid in enumerate(np.flatnonzero(v.large) + 1):
+            logits = v.mask_logits[k, 0]
+            mask = logits > 0
+            if rule is not None:
+                region = torch.from_numpy(v.labels == vid).to(m.device)
+                union = int((mask | region).sum())
+                overlap = int((mask & region).sum()) / union if union else 0.0
+                ok, _ = judge(rule, overlap, float(v.iou_pred[k]), stability_score(logits.cpu().numpy(),
+                              rule.stability_offset), not bool(mask.any()))
+                if not ok:
+                    continue
+                m &= ~region
+            else:
+                m &= ~torch.from_numpy(v.labels == vid).to(m.device)
+            m |= mask
+        final.append(m)
+    return torch.stack(final)
+
+
 @torch.inference_mode()
-def predict_scene(model: UVSAM, image: np.ndarray, valid: np.ndarray, window: int = 512, overlap: int = 64,
-                  batch_size: int = 2, full: bool = True) -> ScenePrediction:
-    """Predict a (3, H, W) 0..255 image at the model's GSD; ``full=False`` runs the specialist only."""
+def predict_scene(model, image: np.ndarray, valid: np.ndarray, window: int = 512, overlap: int = 64,
+                  batch_size: int = 2, full: bool = True, rule: RefineRule | None = None) -> ScenePrediction:
+    """Predict a (3, H, W) 0..255 image at the model's GSD; ``full=False`` runs the specialist only.
+    ``rule``: when a generalist mask replaces a village's outline (default :class:`RefineRule`)."""
+    rule = rule or RefineRule()
     model.eval()
     h, w = image.shape[1:]
     size = min(window, max(h, w))
@@ -48,11 +80,11 @@ def predict_scene(model: UVSAM, image: np.ndarray, valid: np.ndarray, window: in
         for j, t in enumerate(chunk):
             r0, c0, r1, c1 = t.bounds_px
             part = image[:, r0:min(r1, h), c0:min(c1, w)]
-            batch[j, :, : part.shape[1], : part.shape[2]] = part
+            batch[j] = np.pad(part, ((0, 0), (0, size - part.shape[1]), (0, size - part.shape[2])), mode="symmetric")
         x = torch.from_numpy(batch)
         if full:
             out = model(x)
-            layers = [F.softmax(out.specialist_logits, 1)[:, 1], UVSAM.combine(out).float()]
+            layers = [F.softmax(out.specialist_logits, 1)[:, 1], combine(out, rule).float()]
         else:
             logits, _ = model.run_specialist(x)
             layers = [F.softmax(logits, 1)[:, 1]]

@@ -18,7 +18,7 @@ import numpy as np
 
 from uvsam.files import atomic_path
 
-FORMAT = 2  # of the stored results; part of every journal's identity, so older ones are never misread
+FORMAT = 3  # of the stored results; part of every journal's identity, so older ones are never misread
 
 
 class Journal:
@@ -49,16 +49,17 @@ class Journal:
         with atomic_path(self._path("tiles", key, ".npz")) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    def load_blobs(self, key: str) -> list[bytes] | None:
+    def load_blobs(self, key: str) -> list | None:
+        """A task's JSON-able result (a refinement window's records)."""
         p = self._path("window", key, ".json")
         if not p.exists():
             return None
         self.hits += 1
-        return [bytes.fromhex(h) for h in json.loads(p.read_text())]
+        return json.loads(p.read_text())
 
-    def save_blobs(self, key: str, blobs: list[bytes]) -> None:
+    def save_blobs(self, key: str, records: list) -> None:
         with atomic_path(self._path("window", key, ".json")) as tmp:
-            tmp.write_text(json.dumps([b.hex() for b in blobs]))
+            tmp.write_text(json.dumps(records))
 
 
 def scene_identity(path: str | Path) -> str:

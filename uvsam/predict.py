@@ -46,10 +46,12 @@ from tiles.stitch import Stitcher
 from uvsam.datasets import to_rgb
 from uvsam.errors import InputError
 from uvsam.files import check_writable
+from uvsam.generalist import OFF, REFINED, SMALL, UNVERIFIED, RefineRule, generalist_status, judge, stability_score
 from uvsam.harmonise import LinearMap, Radiometry, histogram_match, measure, pif_against
 from uvsam.journal import Journal, scene_identity
 from uvsam.polygons import clean_each, merge, polygonise
 from uvsam.polygons import measure as measure_polygons
+from uvsam.suitability import check_radiometry, check_resolution
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class PredictConfig:
     batch_size: int = 2  # tiles a specialist call: on CPU as fast per tile as 1 or 4 (docs/benchmarks.md)
     threshold: float = 0.5
     refine: bool = True
+    force_refine: bool = False  # refine even with a generalist whose weights are not verified official ones
+    refine_min_iou: float = 0.88  # the generalist's predicted IoU a refined outline needs (uvsam.generalist)
+    refine_min_stability: float = 0.95
+    refine_min_overlap: float = 0.5  # IoU of the refined outline with the specialist's candidate
     window: int = 512
     window_margin: int = 32
     min_area_m2: float = 2500.0
@@ -69,6 +75,7 @@ class PredictConfig:
     acquired: str | None = None
     grid_offset: int = 0  # shift the tile grid up-left by this many pixels (a grid-invariance check)
     pif_reference: str | None = None  # a reference year's raster: normalise each scene on pseudo-invariant pixels
+    force: bool = False  # run scenes the suitability check refuses (uvsam.suitability)
 
     def __post_init__(self):
         problems = []
@@ -93,11 +100,16 @@ class PredictConfig:
                 problems.append(f"acquired must be a date YYYY-MM-DD, got {self.acquired!r}")
         if problems:
             raise InputError("; ".join(problems))
+        self.rule  # noqa: B018 - validates the refinement thresholds
         if self.pif_reference is not None and not Path(self.pif_reference).is_file():
             raise InputError("PIF reference raster does not exist", self.pif_reference)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def rule(self) -> RefineRule:
+        return RefineRule(self.refine_min_iou, self.refine_min_stability, self.refine_min_overlap)
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,9 @@ class ModelInfo:
     radiometry: dict
     sha256: str
     min_area_m2: float
+    generalist_verified: bool = False
+    generalist_note: str = ""
+    training_gsd_m: float | None = None  # native resolution of the training imagery (None: recorded before it was)
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,7 @@ class ScenePrep:
     width: int
     height: int
     pif: dict | None = None  # LinearMap onto the PIF reference year (with its path), applied first
+    suitability: dict | None = None  # uvsam.suitability.Suitability of the scene
 
     @property
     def affine(self) -> Affine:
@@ -157,9 +173,16 @@ def model_info(path: str | Path, checkpoint: str | Path | None = None) -> ModelI
     generalist_file(payload, path, checkpoint)  # the right weights are there, before any work
     meta = payload["meta"]
     config = UVSAMConfig.from_dict(payload["config"])
+    status = generalist_status(meta, config.encoder)
     return ModelInfo(str(path), str(checkpoint) if checkpoint else None, float(meta["gsd_m"]),
                      meta.get("normalisation", "auto"), tuple(meta["bands"]) if meta.get("bands") else None,
-                     bool(meta.get("harmonise")), meta["radiometry"], sha256_file(path), config.min_area)
+                     bool(meta.get("harmonise")), meta["radiometry"], sha256_file(path), config.min_area,
+                     status.verified, status.note, meta.get("source_gsd_m"))
+
+
+def refines(cfg: PredictConfig, info: ModelInfo) -> bool:
+    """Whether the generalist redraws candidates: asked for, and verified weights or forced."""
+    return cfg.refine and (info.generalist_verified or cfg.force_refine)
 
 
 _SOURCES = threading.local()
@@ -195,9 +218,15 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
     """The tiling plan and the per-scene preparation (stretch, radiometry) of one scene, from one
     read of its overview."""
     read = ReadOptions(info.bands, info.gsd_m)
+    with RasterSource(path, ReadOptions(info.bands)) as native:  # the header only: nothing resampled yet
+        scene_gsd = float(np.mean(native.ground_res)) if native.ground_res else None
+        suit = check_resolution(path, scene_gsd, native.height, native.width, info.training_gsd_m or info.gsd_m,
+                                info.gsd_m, len(native.bands), cfg.force)
+    suit.raise_if_unsuitable()
     with RasterSource(path, read) as src:
         data, valid = src.read_overview(1_000_000)
-    scene = plan(path, TilingConfig(cfg.tile, cfg.overlap, "px", info.normalisation, read=read, offset=cfg.grid_offset,
+        tile, overlap, offset = scene_tiling(cfg, src.height, src.width)
+    scene = plan(path, TilingConfig(tile, overlap, "px", info.normalisation, read=read, offset=offset,
                                     edges="inside"), overview=(data, valid))
     source_radiometry = pif = None
     if cfg.pif_reference:  # onto the reference year by its invariant pixels, then as the reference year
@@ -207,17 +236,32 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
     elif info.harmonise:
         img = to_rgb(scene.stretch.apply(data, valid) * 255.0, path)
         source_radiometry = measure([img], [valid]).to_dict()
+    if source_radiometry is not None and not pif:
+        check_radiometry(suit, source_radiometry["quantiles"], info.radiometry["quantiles"])
     src = scene.source
     prep = ScenePrep(str(path), read, scene.stretch.to_dict(), source_radiometry, src["crs"],
-                     tuple(src["transform"]), src["width"], src["height"], pif)
+                     tuple(src["transform"]), src["width"], src["height"], pif, suit.to_dict())
     return scene, prep
+
+
+def scene_tiling(cfg: PredictConfig, height: int, width: int) -> tuple[int, int, int]:
+    """(tile, overlap, grid offset) for a scene of ``height`` x ``width`` px at the model's GSD.
+
+    A scene smaller than the tile gets one tile of its own longer side: the specialist then sees
+    the scene and nothing else, as in training and evaluation (a 1024 px XYZ tile at 0.92 m is
+    ~330 px at 3.7 m; a 512 px tile would be two thirds synthetic fill).
+    """
+    tile = max(32, min(cfg.tile, max(height, width)))
+    return tile, min(cfg.overlap, tile // 2), min(cfg.grid_offset, tile - 1)
 
 
 def read_tile(prep: ScenePrep, info: ModelInfo, window: Window, src: RasterSource) -> tuple[np.ndarray, np.ndarray]:
     """(3, h, w) 0..255 harmonised image and (h, w) validity of a window.
 
-    Invalid pixels (nodata, outside the scene) take the training imagery's median colour: a
-    flat, neutral fill, the same in every tile, instead of black edges the model would react to.
+    Nodata inside the scene takes the training imagery's median colour (a neutral fill, the
+    same in every tile, instead of black edges the model would react to); the part of a window
+    beyond the scene's edge mirrors the scene (no flat area the model could call village).
+    Both stay invalid: they never reach the mosaic.
     """
     data, valid = src.read(window)
     img = Stretch.from_dict(prep.stretch).apply(data, valid) * 255.0
@@ -230,6 +274,11 @@ def read_tile(prep: ScenePrep, info: ModelInfo, window: Window, src: RasterSourc
     if not valid.all():
         median = np.array([q[len(q) // 2] for q in reference.quantiles[:3]], np.float32)
         img[:, ~valid] = median[:, None]
+        h, w = valid.shape
+        r0, c0 = max(0, -int(window.row_off)), max(0, -int(window.col_off))
+        r1, c1 = min(h, prep.height - int(window.row_off)), min(w, prep.width - int(window.col_off))
+        if r1 > r0 and c1 > c0 and (r0, c0, r1, c1) != (0, 0, h, w):
+            img = np.pad(img[:, r0:r1, c0:c1], ((0, 0), (r0, h - r1), (c0, w - c1)), mode="symmetric")
     return img, valid
 
 
@@ -337,12 +386,13 @@ def plan_windows(boxes_px: np.ndarray, size: int, margin: int) -> list[RefineWin
     return windows
 
 
-def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin: int) -> list[bytes]:
-    """The generalist's mask of each member candidate, as WKB polygons (scene CRS).
+def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin: int) -> list[dict]:
+    """The generalist's mask of each member candidate: ``wkb`` (hex WKB multipolygon, scene CRS;
+    empty when the mask is empty), its ``predicted_iou`` and ``stability`` score.
 
     A candidate's piece is kept within its box grown by ``margin`` pixels (the generalist
     draws the boundary, it does not annex the neighbourhood); pieces from several windows are
-    merged by the caller.
+    merged, and judged against the candidate, by the caller.
     """
     import torch
 
@@ -350,16 +400,18 @@ def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin
     win = Window(window.col, window.row, window.size, window.size)
     img, valid = read_tile(prep, info, win, open_source(prep))
     with torch.inference_mode():
-        (masks, _), = model.refine(torch.from_numpy(img)[None], [np.asarray(window.boxes, np.float32)])
+        (masks, ious), = model.refine(torch.from_numpy(img)[None], [np.asarray(window.boxes, np.float32)])
     transform = prep.affine @ Affine.translation(window.col, window.row)
     out = []
     for k, (x0, y0, x1, y1) in enumerate(window.boxes):
-        mask = (masks[k, 0] > 0).numpy() & valid
+        logits = masks[k, 0].numpy()
+        mask = (logits > 0) & valid
         keep = np.zeros_like(mask)
         r0, c0 = max(0, int(y0) - margin), max(0, int(x0) - margin)
         keep[r0 : int(math.ceil(y1)) + margin, c0 : int(math.ceil(x1)) + margin] = True
         polys = polygonise(mask & keep, transform)  # 8-connected pieces: they never touch
-        out.append(shapely.to_wkb(shapely.multipolygons(polys)) if polys else b"")
+        out.append({"wkb": shapely.to_wkb(shapely.multipolygons(polys), hex=True) if polys else "",
+                    "predicted_iou": float(ious[k]), "stability": stability_score(logits[keep])})
     return out
 
 
@@ -467,6 +519,9 @@ class SceneResult:
     crs: str
     mosaic: Path
     journal: Path
+    reasons: list[str] = field(default_factory=list)  # per village: why it was or was not refined
+    predicted_iou: list[float | None] = field(default_factory=list)  # the generalist's, where it ran
+    refine_on: bool = False
 
 
 def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir: Path,
@@ -506,9 +561,12 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
     # a speck under half the minimum village area cannot become a village (clean() drops it)
     candidates = candidates_from_mosaic(mosaic, cfg.threshold, cfg.block, int(0.5 * cfg.min_area_m2 / info.gsd_m**2))
     simplify = info.gsd_m if cfg.simplify_m is None else cfg.simplify_m
-    refined_flags = [False] * len(candidates)
-    pieces: list[list] = [[] for _ in candidates]
-    if cfg.refine and candidates:
+    n = len(candidates)
+    refine_on = refines(cfg, info)
+    reasons = [OFF if not cfg.refine else UNVERIFIED] * n
+    scores: list[float | None] = [None] * n
+    records: list[list[dict]] = [[] for _ in candidates]
+    if refine_on and candidates:
         inv = ~prep.affine
         boxes = []
         for c in candidates:
@@ -518,6 +576,7 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
         boxes_px = np.asarray(boxes, np.float32)
         areas, _ = measure_polygons(candidates, prep.crs)
         large = np.flatnonzero(areas >= info.min_area_m2)
+        reasons = [SMALL] * n
         windows = plan_windows(boxes_px[large], cfg.window, cfg.window_margin)
         for w in windows:
             w.members = [int(large[m]) for m in w.members]
@@ -527,26 +586,54 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
         for w, out in zip(windows, results, strict=True):
             if progress is not None:
                 progress("windows", 1)
-            for m, blob in zip(w.members, out, strict=True):
-                refined_flags[m] = True
-                if blob:
-                    pieces[m].append(shapely.from_wkb(blob))
-    geoms = [(shapely.union_all(parts) if parts else None) if flag else c
-             for c, flag, parts in zip(candidates, refined_flags, pieces, strict=True)]
-    villages, refined = [], []  # a refined candidate the generalist found nothing in is dropped
-    for flag, kept in zip(refined_flags, clean_each(geoms, prep.crs, cfg.min_area_m2, simplify,
-                                                                (prep.affine, info.gsd_m)), strict=True):
+            for m, record in zip(w.members, out, strict=True):
+                records[m].append(record)
+    geoms = list(candidates)
+    for i, recs in enumerate(records):
+        if not recs:
+            continue
+        geoms[i], reasons[i], scores[i] = judge_candidate(candidates[i], recs, cfg.rule)
+    # refinement never deletes a candidate: an accepted outline that cleaning removes falls back
+    # to the specialist's, which is cleaned the same way
+    cleaned = clean_each(geoms, prep.crs, cfg.min_area_m2, simplify, (prep.affine, info.gsd_m))
+    lost = [i for i, (g, kept) in enumerate(zip(geoms, cleaned, strict=True)) if not kept and g is not candidates[i]]
+    for i, kept in zip(lost, clean_each([candidates[i] for i in lost], prep.crs, cfg.min_area_m2, simplify,
+                                        (prep.affine, info.gsd_m)), strict=True):
+        cleaned[i], reasons[i] = kept, "refined outline too small"
+    villages, refined, why, ious = [], [], [], []
+    for i, kept in enumerate(cleaned):
         villages += kept
-        refined += [flag] * len(kept)
+        refined += [reasons[i] == REFINED] * len(kept)
+        why += [reasons[i]] * len(kept)
+        ious += [scores[i]] * len(kept)
     merged = merge(villages)
     if len(merged) != len(villages):  # refined villages that now touch: one village
-        flags = np.asarray(refined)
         v_idx, m_idx = shapely.STRtree(villages).query(merged, predicate="intersects")[::-1]
-        refined = [bool(flags[v_idx[m_idx == j]].any()) for j in range(len(merged))]
+        groups = [v_idx[m_idx == j] for j in range(len(merged))]
+        refined = [any(refined[k] for k in g) for g in groups]
+        why = ["; ".join(sorted({why[k] for k in g})) for g in groups]
+        ious = [min((ious[k] for k in g if ious[k] is not None), default=None) for g in groups]
         villages = merged
     close_sources()  # tasks run in this thread keep the scene open until here
     return SceneResult(villages, refined, candidates, mean_probability(mosaic, villages), tile_rows, prep.crs,
-                       mosaic, journal.root)
+                       mosaic, journal.root, why, ious, refine_on)
+
+
+def judge_candidate(candidate, records: list[dict], rule: RefineRule) -> tuple[object, str, float | None]:
+    """(outline, reason, predicted IoU) of one candidate from its refinement windows' records:
+    the generalist's outline when :func:`uvsam.generalist.judge` accepts it, else the candidate.
+    Across windows the least confident one speaks (lowest predicted IoU and stability)."""
+    pieces = [shapely.from_wkb(r["wkb"]) for r in records if r["wkb"]]
+    outline = shapely.union_all(pieces) if pieces else None
+    predicted_iou = min(float(r["predicted_iou"]) for r in records)
+    stability = min(float(r["stability"]) for r in records)
+    empty = outline is None or outline.is_empty
+    overlap = 0.0
+    if not empty:
+        union = shapely.union(outline, candidate).area
+        overlap = shapely.intersection(outline, candidate).area / union if union > 0 else 0.0
+    ok, reason = judge(rule, overlap, predicted_iou, stability, empty)
+    return (outline if ok else candidate), reason, round(predicted_iou, 4)
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -593,6 +680,15 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     if prepared is None:  # every scene opened and checked before any work (a workflow did it for all years)
         prepared = [prepare_scene(p, info, cfg) for p in paths]
+    if cfg.refine and not refines(cfg, info):
+        log(f"note: {info.generalist_note}: villages keep the specialist's outlines (not refined); "
+            "bring the official weights, or give --force-refine to refine anyway")
+    for _, prep in prepared:
+        for line in (prep.suitability or {}).get("warnings", []):
+            log(f"warning: {Path(prep.path).name}: {line}")
+        if (prep.suitability or {}).get("problems"):
+            log(f"warning: {Path(prep.path).name}: run with --force despite: "
+                + "; ".join(prep.suitability["problems"]))
     bar = Progress([scene_row(scene, info) for scene, _ in prepared])
     workdir = out.with_name(out.stem + ".work")
     workdir.mkdir(exist_ok=True)
@@ -606,7 +702,9 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
         v = gpd.GeoDataFrame({
             "village_id": [village_id(path.name, p, res.crs) for p in res.villages],
             "area_m2": area.round(1), "perimeter_m": perim.round(1), "mean_prob": res.mean_prob.round(4),
-            "refined": res.refined, "scene": path.name, "acquired": cfg.acquired, "model_sha256": info.sha256,
+            "refined": res.refined, "refine_reason": res.reasons,
+            "predicted_iou": pd.array([None if v is None else round(v, 4) for v in res.predicted_iou], dtype="Float64"),
+            "scene": path.name, "acquired": cfg.acquired, "model_sha256": info.sha256,
             "run_id": run_id}, geometry=res.villages, crs=res.crs)
         frames.append(v.to_crs(out_crs))
         cands.append(gpd.GeoDataFrame({"scene": [path.name] * len(res.candidates)}, geometry=res.candidates,
@@ -617,8 +715,8 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
             tiles.append(t.to_crs(out_crs))
         log(f"{path.name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
             f"{len(res.candidates)} candidates, {sum(r['status'] == 'done' for r in res.tiles)} tiles")
-    columns = ["village_id", "area_m2", "perimeter_m", "mean_prob", "refined", "scene", "acquired", "model_sha256",
-               "run_id"]
+    columns = ["village_id", "area_m2", "perimeter_m", "mean_prob", "refined", "refine_reason", "predicted_iou",
+               "scene", "acquired", "model_sha256", "run_id"]
     if frames:
         villages = gpd.GeoDataFrame(pd_concat(frames), geometry="geometry", crs=out_crs)
     else:  # no village anywhere: an empty layer with the full schema
@@ -626,8 +724,11 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
                                     geometry=gpd.GeoSeries([], crs=out_crs))
     run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
            "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
-           "model_gsd_m": info.gsd_m, "normalisation": info.normalisation, "harmonise": info.harmonise,
+           "model_gsd_m": info.gsd_m, "generalist": info.generalist_note,
+           "refinement": "on" if refines(cfg, info) else ("off" if not cfg.refine else "off: generalist not verified"),
+           "normalisation": info.normalisation, "harmonise": info.harmonise,
            "harmonisation": json.dumps([harmonisation_record(prep) for _, prep in prepared]),
+           "suitability": json.dumps([prep.suitability for _, prep in prepared]),
            "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            **(run_extra or {})}
     if fmt == "gpkg":

@@ -55,6 +55,8 @@ class TrainConfig:
     val_images: str | None = None
     val_labels: str | None = None
     val_fraction: float = 0.0  # without --val-images: hold out this share of the training scenes
+    folds: int = 0  # spatial cross-validation: the scenes in this many folds of whole footprint groups...
+    fold: int = 0  # ...and this one (1-based) held out for validation (uvsam.folds)
     encoder: str = "mobile_sam"
     checkpoint: str | None = None  # the generalist's official weights; None: random (tests, demos)
     specialist: str = "mit_b0"
@@ -80,6 +82,9 @@ class TrainConfig:
     # Random colour, band mixing, grey, gamma and blur of the specialist's views: off by default, it
     # lowered both the cross- and the same-season IoU over three seeds (docs/results.md, issue 9).
     photometric: bool = False
+    # Train the UV-SAM path's epochs even with a generalist whose weights are not verified official
+    # ones (random, or an unknown SHA-256): without it those epochs train the specialist alone.
+    force_refine: bool = False
     harmonise: bool = True
     normalisation: str = "auto"
     bands: tuple[int, ...] | None = None
@@ -96,6 +101,10 @@ class TrainConfig:
                   (self.views_per_scene >= 1, "--views-per-scene must be at least 1"),
                   (0 <= self.ema < 1, "--ema must be in [0, 1)"),
                   (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+                  (self.folds == 0 or (self.folds >= 2 and 1 <= self.fold <= self.folds),
+                   f"fold {self.fold} of --folds {self.folds}: need 2 or more folds and a fold in 1..folds"),
+                  (not (self.folds and (self.val_images or self.val_fraction)),
+                   "--folds chooses the validation scenes itself: leave out --val-images and --val-fraction"),
                   (self.gsd_m is None or self.gsd_m > 0, "--gsd must be positive"),
                   (self.fusion in ("mlp", "add"), f"--fusion {self.fusion!r}: use mlp or add"),
                   (self.specialist_input in INPUTS, f"--specialist-input {self.specialist_input!r}: use "
@@ -113,6 +122,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         known.setdefault("photometric", True)  # recorded before it was a setting: it was always on
+        known.setdefault("force_refine", True)  # likewise: the UV-SAM path always trained
         if known.get("bands"):
             known["bands"] = tuple(known["bands"])
         return cls(**known)
@@ -133,7 +143,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def phase_lr_factor(step: int, warmup: int, total: int, sam_steps: int) -> float:
     """:func:`lr_factor` over the specialist steps, then again (warm restart) over the last ``sam_steps``."""
     first = total - sam_steps
-    if step < first:
+    if step < first or sam_steps == 0:
         return lr_factor(step, warmup, first)
     return lr_factor(step - first, min(warmup, max(1, sam_steps // 4)), sam_steps)
 
@@ -153,6 +163,37 @@ def harmonise_scene(scene: SceneArrays, reference: Radiometry) -> None:
     scene.image = histogram_match(scene.image, source, reference, valid)
 
 
+def split_scenes(cfg: TrainConfig, pairs: list[LabelledScene], log=print) -> tuple[list, list]:
+    """(training, validation) scenes; validation never overlaps or touches training (uvsam.folds)."""
+    from uvsam.folds import check_leakage, group_scenes, make_folds
+
+    if cfg.folds:
+        held = set(make_folds([p.image for p in pairs], cfg.folds)[cfg.fold - 1])
+    elif cfg.val_images:
+        if not cfg.val_labels:
+            raise InputError("--val-images needs --val-labels")
+        val_pairs = pair_scenes(cfg.val_images, cfg.val_labels)
+        check_leakage([p.image for p in pairs], [p.image for p in val_pairs])
+        return pairs, val_pairs
+    elif cfg.val_fraction > 0:
+        groups = group_scenes([p.image for p in pairs])
+        if len(groups) < 2:
+            raise InputError("--val-fraction: every training scene overlaps or touches another; no scene can be "
+                             "held out without leakage (give --val-images from elsewhere)", cfg.images)
+        n_val = min(len(pairs) - 1, max(1, round(cfg.val_fraction * len(pairs))))
+        held: set[int] = set()
+        for g in np.random.default_rng([cfg.seed, 11]).permutation(len(groups)).tolist():
+            if len(held) + len(groups[g]) <= n_val:  # whole groups, never more scenes than asked
+                held.update(groups[g])
+        if not held:  # every group is larger than the share asked: the smallest one
+            held.update(min(groups, key=len))
+    else:
+        return pairs, []
+    val_pairs = [p for i, p in enumerate(pairs) if i in held]
+    log("validation scenes held out: " + ", ".join(p.image.name for p in val_pairs))
+    return [p for i, p in enumerate(pairs) if i not in held], val_pairs
+
+
 def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
     pairs = pair_scenes(cfg.images, cfg.labels)
     gsd = cfg.gsd_m or native_gsd(pairs[0].image)
@@ -160,19 +201,7 @@ def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
     def load(ps: list[LabelledScene]) -> list[SceneArrays]:
         return [load_scene(p, gsd, cfg.bands, cfg.normalisation, cfg.labels_crs) for p in ps]
 
-    val_pairs: list[LabelledScene] = []
-    if cfg.val_images:
-        if not cfg.val_labels:
-            raise InputError("--val-images needs --val-labels")
-        val_pairs = pair_scenes(cfg.val_images, cfg.val_labels)
-    elif cfg.val_fraction > 0:
-        if len(pairs) < 2:
-            raise InputError("--val-fraction needs at least two training scenes", cfg.images)
-        n_val = min(len(pairs) - 1, max(1, round(cfg.val_fraction * len(pairs))))
-        held = set(np.random.default_rng([cfg.seed, 11]).choice(len(pairs), n_val, replace=False).tolist())
-        val_pairs = [p for i, p in enumerate(pairs) if i in held]
-        pairs = [p for i, p in enumerate(pairs) if i not in held]
-        log("validation scenes held out: " + ", ".join(p.image.name for p in val_pairs))
+    pairs, val_pairs = split_scenes(cfg, pairs, log)
     train = load(pairs)
     val = load(val_pairs)
     radiometry = measure([s.image for s in train], [s.labels != IGNORE for s in train])
@@ -339,10 +368,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
         generalist = load_generalist(cfg.encoder, cfg.checkpoint)
     data = prepare_data(cfg, log)
     model, generalist_meta = build_model(cfg, data.gsd_m, log, generalist)
+    sam_epochs = uvsam_path_epochs(cfg, generalist_meta, log)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
-    sam_steps = (cfg.sam_epochs if cfg.sam_weight > 0 else 0) * cfg.steps_per_epoch
+    sam_steps = sam_epochs * cfg.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: phase_lr_factor(s, cfg.warmup_steps, total, sam_steps))
     history: list[dict] = []
     step_rows: list[dict] = []
@@ -370,7 +400,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
         average.shadow = dict(payload["training"]["average"])
     weights = LossWeights(sam=cfg.sam_weight)
     progress = _Progress(total, start * cfg.steps_per_epoch)
-    meta = {"generalist": generalist_meta, "gsd_m": data.gsd_m, "radiometry": data.radiometry.to_dict(),
+    meta = {"generalist": generalist_meta, "gsd_m": data.gsd_m,
+            "source_gsd_m": float(np.median([native_gsd(s.path) for s in data.train])),
+            "radiometry": data.radiometry.to_dict(),
             "harmonise": cfg.harmonise, "normalisation": cfg.normalisation, "stretch": data.stretch,
             "bands": list(cfg.bands) if cfg.bands else None, "uvsam_version": __version__,
             "torch_version": str(torch.__version__), "train_config": cfg.to_dict()}
@@ -379,7 +411,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
         rng = np.random.default_rng([cfg.seed, epoch])
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path
-        sam_on = cfg.sam_weight > 0 and epoch >= cfg.epochs - cfg.sam_epochs
+        sam_on = epoch >= cfg.epochs - sam_epochs
         model.train()
         t0 = time.monotonic()
         sums: dict[str, float] = {}
@@ -449,6 +481,22 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     if tb is not None:
         tb.close()
     return history[-1] if history else {}
+
+
+def uvsam_path_epochs(cfg: TrainConfig, generalist_meta: dict, log=print) -> int:
+    """How many of the last epochs train the whole UV-SAM path: ``cfg.sam_epochs``, or none when
+    the generalist has no verified official weights (they would cost most of the training time
+    and teach the fusion head to prompt noise) unless ``cfg.force_refine``; none without a loss."""
+    if cfg.sam_weight <= 0 or cfg.sam_epochs == 0:
+        return 0
+    from uvsam.generalist import generalist_status
+
+    status = generalist_status({"generalist": generalist_meta}, cfg.encoder)
+    if status.verified or cfg.force_refine:
+        return cfg.sam_epochs
+    log(f"note: {status.note}: the last {cfg.sam_epochs} epochs train the specialist alone instead of the "
+        "UV-SAM path (--force-refine trains it anyway)")
+    return 0
 
 
 def _tensorboard(out: Path):

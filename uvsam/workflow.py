@@ -64,6 +64,8 @@ class PredictOptions(Strict):
     batch_size: int = PredictConfig.batch_size
     threshold: float = PredictConfig.threshold
     refine: bool = PredictConfig.refine
+    force_refine: bool = PredictConfig.force_refine
+    force: bool = PredictConfig.force
     window: int = PredictConfig.window
     min_area_m2: float = PredictConfig.min_area_m2
     simplify_m: float | None = PredictConfig.simplify_m
