@@ -25,11 +25,14 @@ BAD_CHECKPOINTS = ("ckpt_wrong_family", "ckpt_truncated", "ckpt_pickled_model", 
 
 
 def _rgb(data_dir: Path, size: int = 512) -> tuple[np.ndarray, Affine]:
-    """A real Beijing tile, its top-left ``size`` px, with its real Web Mercator transform."""
+    """A real Beijing tile, its bottom-right ``size`` px (mostly village: the test model finds villages
+    there), with its real Web Mercator transform."""
     from tiles.xyz import xyz_transform
 
     img = np.asarray(Image.open(data_dir / "beijing-uv/image/train/49566_107866.png").convert("RGB"))
-    return img[:size, :size].transpose(2, 0, 1).copy(), xyz_transform(107866, 49566, 17)
+    h, w = img.shape[:2]
+    return (img[h - size :, w - size :].transpose(2, 0, 1).copy(),
+            xyz_transform(107866, 49566, 17) @ Affine.translation(w - size, h - size))
 
 
 def _write(path: Path, data: np.ndarray, transform: Affine | None, crs: str | None = "EPSG:3857",

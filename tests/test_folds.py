@@ -32,6 +32,22 @@ def test_overlapping_and_touching_tiles_stay_in_one_group(tiles):
     assert [len(g) for g in group_scenes(winter, buffer_m=0)] == [6]
 
 
+def test_val_fraction_holds_out_whole_groups(beijing):
+    from uvsam.datasets import pair_scenes
+    from uvsam.train import TrainConfig, split_scenes
+
+    every = TrainConfig(images=str(beijing / "*/images/*.tif"), labels=str(beijing / "*/masks/*.tif"), out="m.ckpt",
+                        val_fraction=0.2)
+    messages: list[str] = []
+    train, val = split_scenes(every, pair_scenes(every.images, every.labels), messages.append)
+    assert sorted(p.image.stem for p in val) == ["49554_107968", "49554_107970"] and len(train) == 6
+    assert "held out: 49554_107968.tif, 49554_107970.tif" in messages[0]
+    winter = TrainConfig(images=str(beijing / "train/images"), labels=str(beijing / "train/masks"), out="m.ckpt",
+                         val_fraction=0.2)
+    with pytest.raises(InputError, match="every training scene overlaps or touches another"):
+        split_scenes(winter, pair_scenes(winter.images, winter.labels))
+
+
 def test_a_validation_scene_overlapping_training_is_refused(tiles, beijing, tmp_path):
     winter = [t for t in tiles if not t.stem.startswith("49554")]
     held = [t for t in winter if t.stem == "49572_107868"]

@@ -225,3 +225,12 @@ def test_a_signal_exits_non_zero_and_says_how_to_resume(beijing, model, tmp_path
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"uvsam: interrupted ({name})") and "run the same command again" in last
     assert "Traceback" not in err and not out.exists() and any(journal.rglob("tiles-*"))
+
+
+def test_import_xyz_creates_missing_parent_folders(data_dir, tmp_path, capsys):
+    """The documented commands work on a fresh machine: `--out /tmp/bj/val` with no /tmp/bj yet."""
+    out = tmp_path / "fresh" / "bj" / "val"
+    code, stdout, err = run_cli(["import-xyz", data_dir / "beijing-uv/image/val", "--zoom", 17, "--out", out,
+                                 "--masks", data_dir / "beijing-uv/mask/val"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["images"] == 2 and len(list((out / "masks").glob("*.tif"))) == 2

@@ -107,11 +107,15 @@ def train(
     sam_epochs: Annotated[int, typer.Option(help="Last epochs that train the full UV-SAM path.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Views per step.")] = 8,
     crop: Annotated[int, typer.Option(help="View side in pixels at the training GSD.")] = 128,
+    scale_aug: Annotated[str, typer.Option(
+        help="MIN,MAX: a view covers crop x a random factor in this range of the scene (scale augmentation).")]
+    = "0.75,1.33",
     gsd: Annotated[str, typer.Option(help="Training ground resolution in m/px, or 'native'.")] = "3.7",
     specialist: Annotated[str, typer.Option(help="SegFormer encoder: mit_b0 .. mit_b5.")] = "mit_b0",
     mit_weights: Annotated[Path | None, typer.Option(help="Pretrained MiT weights (mmseg or HF layout).")] = None,
     fusion: Annotated[str, typer.Option(help="mlp or add.")] = "mlp",
-    specialist_input: Annotated[str, typer.Option(help="lcn (grey local contrast), lcn_rgb or rgb.")] = "lcn",
+    specialist_input: Annotated[str, typer.Option(
+        help="lcn_rgb (local contrast of each band), lcn (grey local contrast) or rgb.")] = "lcn_rgb",
     lcn_sigma: Annotated[float, typer.Option(help="Local contrast scale, metres on the ground.")] = 15.0,
     tune_decoder: Annotated[bool, typer.Option(help="Also train the generalist's mask decoder.")] = False,
     ladder: Annotated[bool, typer.Option(help="Add SAM-LST's ladder side network.")] = False,
@@ -157,6 +161,7 @@ def train(
         mit_weights=str(mit_weights) if mit_weights else None, fusion=fusion,
         specialist_input=specialist_input, lcn_sigma_m=lcn_sigma, tune_decoder=tune_decoder,
         ladder=ladder, min_area_m2=min_village_area, gsd_m=gsd_m, crop=crop,
+        scale=_parse_floats(scale_aug, (2,), "--scale-aug"),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
         sam_epochs=sam_epochs, views_per_scene=views_per_scene, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise, photometric=photometric,

@@ -29,10 +29,12 @@ def fold_path(out: str | Path, fold: int) -> Path:
 def cross_validate(cfg, log=print, resume: bool = False, predict_config=None) -> dict:
     """Train the ``cfg.folds`` fold models of ``cfg`` (a :class:`uvsam.train.TrainConfig` with
     ``folds`` set) and score them; returns (and writes beside ``cfg.out``) the summary."""
-    from uvsam.train import train
+    from uvsam.datasets import pair_scenes
+    from uvsam.train import split_scenes, train
 
     if cfg.folds < 2:
         raise InputError(f"--folds {cfg.folds}: cross-validation needs at least 2 folds")
+    split_scenes(replace(cfg, fold=1), pair_scenes(cfg.images, cfg.labels), log=lambda m: None)  # folds possible?
     for k in range(1, cfg.folds + 1):
         path = fold_path(cfg.out, k)
         if path.exists() and resume:

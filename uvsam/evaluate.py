@@ -47,8 +47,6 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     info = model_info(model_path, checkpoint)
     model, meta = load_model(model_path, checkpoint)
     refine = refines(cfg, info)
-    if log is not None and cfg.refine and not refine:
-        log(f"note: {info.generalist_note}: villages keep the specialist's outlines (not refined)")
     names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])
     counts = {k: SegmentationCounts() for k in names + ["all_village"]}
     per_scene = []
@@ -61,6 +59,8 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
         if not specialist_only:
             counts["uvsam"].update(*in_memory_uvsam(model, meta, pair, window, labels_crs, refine, cfg))
         per_scene.append(row)
+    if log is not None and cfg.refine and not refine:  # after the inputs were all read: errors come alone
+        log(f"note: {info.generalist_note}: villages kept the specialist's outlines (not refined)")
     result = {k: counts[k].summary() for k in names}
     result["baselines"] = {"all_background_iou": 0.0, "all_village_iou": counts["all_village"].summary()["iou"]}
     result["scenes"] = len(pairs)
@@ -91,15 +91,15 @@ def score_scene(pair: LabelledScene, info, cfg, labels_crs: str | None = None) -
 
     from uvsam.predict import close_sources, predict_scene, prepare_scene
 
+    _, valid, src = read_image(pair.image, None, info.bands, info.normalisation)  # the labels first: cheap
+    labels = rasterise_labels(pair.labels, src, labels_crs)
+    labels[~valid] = IGNORE
+    if not (labels != IGNORE).any():
+        raise InputError("no labelled pixel overlaps the image", pair.labels)
     with tempfile.TemporaryDirectory(prefix="uvsam-evaluate-") as tmp:
         prepared = prepare_scene(pair.image, info, cfg)
         res = predict_scene(pair.image, info, cfg, Path(tmp), prepared=prepared)
         close_sources()
-        _, valid, src = read_image(pair.image, None, info.bands, info.normalisation)
-        labels = rasterise_labels(pair.labels, src, labels_crs)
-        labels[~valid] = IGNORE
-        if not (labels != IGNORE).any():
-            raise InputError("no labelled pixel overlaps the image", pair.labels)
         shape = (src.height, src.width)
         villages = res.villages
         if villages and src.crs is not None and str(src.crs) != str(res.crs):

@@ -702,7 +702,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
         v = gpd.GeoDataFrame({
             "village_id": [village_id(path.name, p, res.crs) for p in res.villages],
             "area_m2": area.round(1), "perimeter_m": perim.round(1), "mean_prob": res.mean_prob.round(4),
-            "refined": res.refined, "refine_reason": res.reasons,
+            "refined": np.asarray(res.refined, bool), "refine_reason": pd.array(res.reasons, dtype=object),
             "predicted_iou": pd.array([None if v is None else round(v, 4) for v in res.predicted_iou], dtype="Float64"),
             "scene": path.name, "acquired": cfg.acquired, "model_sha256": info.sha256,
             "run_id": run_id}, geometry=res.villages, crs=res.crs)
