@@ -45,7 +45,7 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
 
     cfg = predict_config or PredictConfig()
     info = model_info(model_path, checkpoint)
-    model, meta = load_model(model_path, checkpoint)
+    model, meta = load_model(model_path, checkpoint) if not specialist_only else (None, None)
     refine = refines(cfg, info)
     names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])
     counts = {k: SegmentationCounts() for k in names + ["all_village"]}
@@ -67,7 +67,14 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     result["per_scene"] = per_scene
     result["refinement"] = "on" if refine else ("off" if not cfg.refine else f"off: {info.generalist_note}")
     result["predict_config"] = cfg.to_dict()
-    result["model"] = {"file": str(model_path), "encoder": model.config.encoder, "specialist": model.config.specialist,
+    if meta is None:  # the in-memory path did not run: the model file's record, without building the model
+        from uvsam.modelfile import read_model_file
+
+        payload = read_model_file(model_path)
+        config, meta = payload["config"], payload["meta"]
+    else:
+        config = model.config.to_dict()
+    result["model"] = {"file": str(model_path), "encoder": config["encoder"], "specialist": config["specialist"],
                        "gsd_m": meta["gsd_m"], "generalist": meta["generalist"], "epoch": meta.get("epoch")}
     return result
 

@@ -49,10 +49,11 @@ def footprint(path: str | Path) -> Footprint:
     return Footprint(Path(path), shapely.transform(outline, lambda xy: np.column_stack(to_m.transform(*xy.T))))
 
 
-def group_scenes(paths: list[Path], buffer_m: float = 0.0) -> list[list[int]]:
+def group_scenes(paths: list[Path], buffer_m: float = 0.0, prints: list[Footprint] | None = None) -> list[list[int]]:
     """Indices of ``paths`` in spatially separate groups (overlapping, touching or within
-    ``buffer_m`` of each other, transitively), largest group first, then by first index."""
-    prints = [footprint(p) for p in paths]
+    ``buffer_m`` of each other, transitively), largest group first, then by first index.
+    ``prints``: their footprints, when the caller has them."""
+    prints = prints if prints is not None else [footprint(p) for p in paths]
     parent = list(range(len(paths)))
 
     def find(i: int) -> int:
@@ -77,7 +78,8 @@ def group_scenes(paths: list[Path], buffer_m: float = 0.0) -> list[list[int]]:
 def make_folds(paths: list[Path], k: int, buffer_m: float = 0.0) -> list[list[int]]:
     """``k`` folds of scene indices, each a union of whole groups, balanced by ground area
     (greedy: the largest group goes to the fold with the least area so far)."""
-    groups = group_scenes(paths, buffer_m)
+    prints = [footprint(p) for p in paths]
+    groups = group_scenes(paths, buffer_m, prints)
     if k < 2:
         raise InputError(f"--folds {k}: cross-validation needs at least 2 folds")
     if k > len(groups):
@@ -87,7 +89,7 @@ def make_folds(paths: list[Path], k: int, buffer_m: float = 0.0) -> list[list[in
                          f"{len(groups)} or fewer" if len(groups) >= 2 else
                          f"--folds {k}: all {len(paths)} scenes overlap or touch one another ({names}); "
                          "no fold could be validated without leakage")
-    areas = [footprint(p).area for p in paths]
+    areas = [f.area for f in prints]
     weight = sorted(((sum(areas[i] for i in g), g) for g in groups), key=lambda t: -t[0])
     folds: list[list[int]] = [[] for _ in range(k)]
     load = [0.0] * k
