@@ -9,14 +9,16 @@
 2. The machine: dense fp32 matmul GFLOP/s (torch.mm 2048 x 2048, best of 5).
 3. Default: `uvsam predict` as it runs on this machine (in process below 8 cores) on each scene
    with the model (default: one trained briefly on the Beijing train tiles, cached), each in a
-   child process so its peak RSS is its own. Seconds per stage are taken with forward hooks and
-   wrappers, without changing the code measured: read (window reads + radiometry), specialist,
-   encoder, decoder (prompt encoder + mask decoder), vectorise (candidates, polygons, cleaning),
-   write (mosaic and GeoPackage). Model FLOPs by torch's FlopCounterMode, times what ran.
+   child process so its peak RSS is its own. Seconds per stage: the model's parts by PyTorch
+   forward hooks (specialist, encoder, decoder = prompt encoder + mask decoder), the others as the
+   step modules of uvsam.predict time themselves (uvsam.progress.stage): read (window reads and
+   preprocessing), vectorise (candidates, refined outlines, cleaning), write (mosaic tiles and
+   the GeoPackage). Nothing is wrapped or patched. Model FLOPs by torch's FlopCounterMode,
+   times what ran.
 4. Plain fp32: the same prediction of the smaller scene without batching (one tile per
-   specialist call, one box per decoder call) and with smp's own SegFormer decoder instead of
-   the reordered one; ``mask_iou_optimised_vs_fp32`` is the IoU of the village areas of the two
-   runs.
+   specialist call, one box per decoder call) and with smp's own SegFormer decoder order
+   (``Specialist.reordered = False``) instead of the reordered one;
+   ``mask_iou_optimised_vs_fp32`` is the IoU of the village areas of the two runs.
 5. Reference, as the official code does it, on the first --reference-tiles 1024 px tiles of the
    largest scene: SegFormer-B0 at 1024 px on the native grid, a SAM ViT-L image encoder on every
    tile, one decoder call per village box, fp32, eager, no batching, no caching.
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from uvsam.progress import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "beijing-uv"
@@ -114,9 +117,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-# -- stage timing without touching the code measured ----------------------------------------------
+# -- stage timing: the step modules time themselves, the model's parts by forward hooks --------------
 class Stages:
-    """Seconds per stage: forward hooks on modules, wrappers around module-level functions.
+    """Seconds per stage: the model's parts by PyTorch forward hooks (specialist, encoder, decoder);
+    read, vectorise and write by the step modules themselves (:data:`uvsam.progress.STAGES`).
 
     ``rss_mb``: the process's peak RSS when each stage last raised it (which stage sets the peak).
     """
@@ -127,12 +131,7 @@ class Stages:
         self.items: dict[str, int] = defaultdict(int)
         self.rss_mb: dict[str, float] = {}
         self._t0: dict[int, float] = {}
-        self._peak = self.rss_mb["before"] = _peak_rss_mb()
-
-    def _note_rss(self, stage: str) -> None:
-        peak = _peak_rss_mb()
-        if peak > self._peak:
-            self._peak = self.rss_mb[stage] = peak
+        self._peak = self.rss_mb["before"] = peak_rss_mb()
 
     def hook(self, module, stage: str, items=None) -> None:
         """Time ``module``'s forward as ``stage``; ``items(args)`` counts what one call processed."""
@@ -144,38 +143,29 @@ class Stages:
             self.calls[stage] += 1
             if items is not None:
                 self.items[stage] += int(items(args))
-            self._note_rss(stage)
+            peak = peak_rss_mb()
+            if peak > self._peak:
+                self._peak = self.rss_mb[stage] = peak
 
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
 
-    def wrap(self, owner, name: str, stage: str) -> None:
-        fn = getattr(owner, name)
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.seconds[stage] += time.perf_counter() - t
-                self._note_rss(stage)
-
-        setattr(owner, name, timed)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def merge(self, steps: dict) -> None:
+        """Add the step modules' own timings (a :meth:`uvsam.progress.StageTimes.snapshot`)."""
+        for name, seconds in steps["seconds"].items():
+            self.seconds[name] += seconds
+            self.calls[name] += steps["calls"][name]
+        self.rss_mb.update(steps["rss_mb"])
 
 
 def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, plain: bool = False) -> dict:
     """``uvsam predict --local`` on ``scene``, timed by stage. ``plain``: without the batching
-    (one tile per specialist call, one box per decoder call), the fp32 eager path to compare with."""
+    (one tile per specialist call, one box per decoder call) and with smp's own SegFormer decoder
+    order, the fp32 eager path to compare with."""
     import torch
 
-    import tiles.stitch
-    import uvsam.layers
-    import uvsam.predict as P
     from uvsam.predict import PredictConfig, get_model, model_info, run_prediction
+    from uvsam.progress import STAGES
 
     stages = Stages()
     net = get_model(model_info(model))  # the instance predict will use (loaded once per process)
@@ -183,23 +173,18 @@ def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, pl
     stages.hook(net.generalist.image_encoder, "encoder", lambda a: a[0].shape[0])
     stages.hook(net.generalist.prompt_encoder, "decoder")
     stages.hook(net.generalist.mask_decoder, "decoder", lambda a: a[2].shape[0])  # boxes decoded
-    stages.wrap(P, "read_tile", "read")
-    for name in ("candidates_from_mosaic", "clean_each", "merge", "mean_probability", "polygonise"):
-        stages.wrap(P, name, "vectorise")
-    stages.wrap(tiles.stitch.Stitcher, "add", "write")
-    stages.wrap(uvsam.layers, "write_geopackage", "write")
     cfg = PredictConfig(tile=tile, overlap=overlap)
-    if plain:  # and smp's own SegFormer decoder instead of the reordered one
-        import uvsam.modeling.specialist as S
-
+    if plain:
         cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=1)
         net.decode_chunk = 1
-        S.fuse_features = lambda decoder, features: decoder(features)
+        net.specialist.reordered = False
+    STAGES.reset()
     t = time.perf_counter()
     summary = run_prediction([str(scene)], model, out, cfg, log=lambda m: None)
     wall = time.perf_counter() - t
+    stages.merge(STAGES.snapshot())
     res = {"wall_s": wall, "stages_s": dict(stages.seconds), "calls": dict(stages.calls), "items": dict(stages.items),
-           "rss_mb_by_stage": dict(stages.rss_mb), "peak_rss_mb": _peak_rss_mb(), "villages": summary["villages"],
+           "rss_mb_by_stage": dict(stages.rss_mb), "peak_rss_mb": peak_rss_mb(), "villages": summary["villages"],
            "threads": torch.get_num_threads()}
     res["flops"] = model_flops(net, cfg.tile, cfg.window)  # after the timings: the counter's runs are not the run's
     return res
@@ -236,8 +221,8 @@ def run_reference(scene: Path, tiles: int) -> dict:
 
     from tiles.reader import ground_resolution
     from uvsam.modeling import build_generalist
+    from uvsam.modeling.prompts import village_boxes
     from uvsam.modeling.specialist import Specialist
-    from uvsam.prompts import village_boxes
 
     torch.manual_seed(0)
     spec, gen = Specialist("mit_b0").eval(), build_generalist("sam_vit_l").eval()
@@ -270,7 +255,7 @@ def _child(args) -> None:
                           plain=args.child == "plain")
     else:
         res = run_reference(Path(args.scene), args.reference_tiles)
-    res.setdefault("peak_rss_mb", _peak_rss_mb())
+    res.setdefault("peak_rss_mb", peak_rss_mb())
     print(json.dumps(res))
 
 

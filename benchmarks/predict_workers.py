@@ -77,8 +77,8 @@ def main() -> None:
                 if mode == "local":
                     summary = run_prediction(args.scenes, args.model, out, cfg, log=lambda m: None)
                 else:
-                    from uvsam.distributed import dask_runner, make_client, register_model
                     from uvsam.predict import model_info
+                    from uvsam.predict.distributed import dask_runner, make_client, register_model
 
                     with make_client(workers=mode[0], threads=mode[1]) as client:
                         register_model(client, model_info(args.model))

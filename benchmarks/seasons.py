@@ -72,7 +72,9 @@ def run(name: str, overrides: dict, seed: int, every: Path, work: Path) -> dict:
     row = {"config": name, "seed": seed, "seconds": round(time.perf_counter() - t)}
     for fold in cv["folds"]:
         season = "summer" if any(s.startswith("49554_") for s in fold["scenes"]) else "winter"
-        row[season] = {k: round(fold["polygons"][k], 3) for k in ("iou", "precision", "recall")}
+        row[season] = {k: round(fold["polygons"][k], 3) for k in ("iou", "precision", "recall", "object_precision",
+                                                                  "object_recall", "object_f1")}
+        row[season].update({k: fold["polygons"][k] for k in ("boundary_mean_m", "boundary_p95_m")})
         row[season]["specialist_iou"] = round(fold["specialist"]["iou"], 3)
     row["mean_iou"] = round((row["winter"]["iou"] + row["summer"]["iou"]) / 2, 3)
     return row

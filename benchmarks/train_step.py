@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from uvsam.augment import photometric
-from uvsam.losses import IGNORE, uvsam_loss
+from uvsam.labels import IGNORE
+from uvsam.losses import uvsam_loss
 from uvsam.modeling.sam import build_generalist
 from uvsam.modeling.specialist import Specialist
 from uvsam.modeling.uvsam import UVSAM, UVSAMConfig

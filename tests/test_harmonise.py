@@ -14,6 +14,7 @@ from rasterio.windows import Window
 from tiles.reader import RasterSource
 from uvsam.harmonise import Radiometry, measure
 from uvsam.predict import ModelInfo, PredictConfig, prepare_scene, read_tile
+from uvsam.preprocess import InputSpec
 
 TRANSFORM = from_origin(12942317.6, 4882797.4, 1.194, 1.194)  # the Beijing grid, EPSG:3857
 
@@ -50,7 +51,8 @@ def _write(path, bands: np.ndarray, dtype: str, nodata, colorinterp=None):
 
 
 def _info(radiometry: dict) -> ModelInfo:
-    return ModelInfo("m.ckpt", None, 3.7, "auto", None, True, radiometry, "0" * 64, 8390.0)
+    return ModelInfo("m.ckpt", None, "0" * 64, InputSpec(3.7, None, "auto", True, Radiometry.from_dict(radiometry)),
+                     8390.0)
 
 
 def _harmonised(path, info, window=Window(0, 0, 256, 256)):

@@ -334,8 +334,8 @@ def test_a_killed_dask_worker_loses_nothing(beijing, model, reference, tmp_path)
     import os
     import signal
 
-    from uvsam.distributed import dask_runner, make_client, register_model
     from uvsam.predict import PredictConfig, model_info, run_prediction
+    from uvsam.predict.distributed import dask_runner, make_client, register_model
 
     scene = [str(beijing / "train/images.vrt")]
     cfg = PredictConfig(tile=128, overlap=64)  # as KILL_ARGS

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from uvsam.prompts import mask_prompt, min_area_m2, semantic_prompts, village_boxes
+from uvsam.modeling.prompts import mask_prompt, min_area_m2, semantic_prompts, village_boxes
 
 
 def _mask() -> np.ndarray:

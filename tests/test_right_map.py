@@ -164,13 +164,11 @@ def test_predict_scores_what_evaluate_scores(beijing, model, tmp_path, capsys):
     with rasterio.open(mosaic) as ds:
         prob = ds.read(1)
     from uvsam.datasets import LabelledScene, load_scene
-    from uvsam.harmonise import Radiometry
     from uvsam.inference import predict_scene as in_memory
-    from uvsam.train import harmonise_scene
+    from uvsam.modelfile import ModelFile
 
     net, meta = load_model(model)
-    scene = load_scene(LabelledScene(image, cases[0][1]), meta["gsd_m"])
-    harmonise_scene(scene, Radiometry.from_dict(meta["radiometry"]))
+    scene = load_scene(LabelledScene(image, cases[0][1]), ModelFile.read(model).inputs)
     ref = in_memory(net, scene.image, np.ones(scene.shape, bool), full=False).specialist
     assert prob.shape == ref.shape
     assert abs(float((prob >= 0.5).mean()) - float(ref.mean())) < 0.02

@@ -15,9 +15,10 @@ from tests.conftest import run_cli
 from uvsam.datasets import LabelledScene, load_scene, pair_scenes
 from uvsam.errors import InputError
 from uvsam.harmonise import histogram_match, measure
-from uvsam.losses import IGNORE
+from uvsam.labels import IGNORE
 from uvsam.metrics import SegmentationCounts, match_objects
-from uvsam.modelfile import load_model, read_model_file
+from uvsam.modelfile import ModelFile, load_model, read_model_file
+from uvsam.preprocess import InputSpec
 from uvsam.train import TrainConfig, lr_factor, phase_lr_factor, train
 
 GSD = 3.7  # metres: the 1024 px Beijing tiles become ~256 px, so CPU steps are quick
@@ -73,7 +74,8 @@ def test_model_file_reproduces_preprocessing_and_evaluate_cli(beijing, tmp_path,
     assert code == 0, err
     assert "random weights" in err  # the user is told the generalist is not a published one
     model, meta = load_model(out)
-    assert meta["gsd_m"] == GSD and meta["generalist"]["source"] == "random"
+    assert model.config.gsd_m == GSD and "gsd_m" not in meta  # stored once, in the config
+    assert ModelFile.read(out).gsd_m == GSD and meta["generalist"]["source"] == "random"
     assert meta["train_config"]["crop"] == 64 and len(meta["radiometry"]["quantiles"]) == 3
     assert meta["train_config"]["photometric"] is True  # the opt-in augmentation is recorded
     with open(tmp_path / "m.metrics.csv") as f:
@@ -103,8 +105,8 @@ def test_vector_labels_in_another_crs_rasterise_like_the_native_ones(data_dir, t
     gdf = gpd.read_file(native)
     other = tmp_path / "buildings_3857.gpkg"
     gdf.to_crs("EPSG:3857").to_file(other)
-    a = load_scene(LabelledScene(image, native), None)
-    b = load_scene(LabelledScene(image, other), None)
+    a = load_scene(LabelledScene(image, native), InputSpec(None))
+    b = load_scene(LabelledScene(image, other), InputSpec(None))
     assert a.image.shape == (3, 900, 900) and a.image.max() <= 255  # 16-bit panchromatic, stretched
     assert (a.labels == 1).sum() > 1000
     agree = (a.labels == b.labels).mean()
@@ -115,10 +117,10 @@ def test_labels_without_a_crs_member_are_refused_clearly(data_dir):
     image = data_dir / "odd-inputs/landsat_albers_int16.tif"
     labels = data_dir / "odd-inputs/fields_albers_no_crs_member.geojson"
     with pytest.raises(InputError, match="not longitude/latitude.*--labels-crs"):
-        load_scene(LabelledScene(image, labels), None)
+        load_scene(LabelledScene(image, labels), InputSpec(None))
     with rasterio.open(image) as src:
         crs = src.crs.to_wkt()
-    scene = load_scene(LabelledScene(image, labels), None, labels_crs=crs)
+    scene = load_scene(LabelledScene(image, labels), InputSpec(None), labels_crs=crs)
     assert (scene.labels == 1).any()
 
 

@@ -12,11 +12,11 @@ import torch
 from uvsam.errors import CheckpointError
 from uvsam.losses import IGNORE, dice_loss, focal_loss, uvsam_loss, village_targets
 from uvsam.modeling.fusion import LadderSideNetwork, PromptFusion
+from uvsam.modeling.prompts import semantic_prompts
 from uvsam.modeling.registry import ENCODERS
 from uvsam.modeling.sam import build_generalist
 from uvsam.modeling.specialist import Specialist, detect_layout, load_mit_weights, to_original_layout
 from uvsam.modeling.uvsam import UVSAM, UVSAMConfig
-from uvsam.prompts import semantic_prompts
 
 
 def test_specialist_shapes_for_any_input_size():

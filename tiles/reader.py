@@ -243,6 +243,31 @@ class RasterSource:
             valid &= np.isfinite(data).all(axis=0)
         return data, valid
 
+    def read_on_grid(self, crs, transform: Affine, width: int, height: int,
+                     resampling: str = "average") -> tuple[np.ndarray, np.ndarray]:
+        """(bands, height, width) float64 data and (height, width) validity of the source's
+        bands (chosen as for every read), resampled onto an arbitrary grid (``crs``,
+        ``transform``, size): how two years are compared on common ground.
+
+        Validity follows the source's own mask (nodata, internal mask, alpha) and the edges of
+        its footprint, as in :meth:`read`.
+        """
+        src = self._src
+        nan_nodata = src.nodata is None and np.dtype(src.dtypes[0]).kind == "f"
+        extra = {"src_nodata": np.nan, "nodata": np.nan} if nan_nodata else {}
+        alpha = src.nodata is None and not nan_nodata and ColorInterp.alpha not in src.colorinterp
+        try:
+            with WarpedVRT(src, crs=CRS.from_user_input(crs), transform=transform, width=width, height=height,
+                           resampling=Resampling[resampling], add_alpha=alpha, **extra) as vrt:
+                data = vrt.read(list(self.bands)).astype(np.float64)
+                if alpha:
+                    valid = vrt.read(vrt.count) > 0
+                else:
+                    valid = (vrt.read_masks(list(self.bands)) > 0).all(axis=0)
+        except rasterio.errors.RasterioIOError as e:
+            raise TilesError(f"cannot resample onto the common grid ({_first_line(e)})", self.path) from None
+        return data, valid & np.isfinite(data).all(axis=0)
+
     def describe(self) -> dict:
         """What the model sees, for manifests."""
         return {
@@ -252,6 +277,16 @@ class RasterSource:
             "bands": list(self.bands), "dtype": self.dtype.name, "nodata": self.nodata,
             "ground_res_m": list(self.ground_res) if self.ground_res else None,
         }
+
+
+def read_on_grid(path: str | Path, crs, bounds, width: int, height: int,
+                 bands: tuple[int, ...] | list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, height, width) float64 image (``bands``; default :func:`default_bands`) and
+    validity of the raster at ``path``, averaged onto a grid of ``bounds`` in ``crs``."""
+    x0, y0, x1, y1 = bounds
+    transform = Affine((x1 - x0) / width, 0, x0, 0, -(y1 - y0) / height, y1)
+    with RasterSource(path, ReadOptions(tuple(bands) if bands else None)) as src:
+        return src.read_on_grid(crs, transform, width, height)
 
 
 def default_bands(colorinterp) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from uvsam.datasets import SceneArrays
-from uvsam.losses import IGNORE
+from uvsam.labels import IGNORE
 from uvsam.modeling.specialist import gaussian_blur
 
 

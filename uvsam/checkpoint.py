@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from uvsam.errors import CheckpointError
+from uvsam.files import atomic_path, sha256_file
 from uvsam.modeling.registry import EncoderSpec
 from uvsam.modeling.sam import Generalist, build_generalist
 
@@ -87,16 +88,12 @@ def load_generalist(spec: EncoderSpec | str, path: str | Path, strict: bool = Tr
         raise CheckpointError(
             f"checkpoint does not fit encoder {model.spec.name!r} (wrong family or variant?): {msg}", path
         ) from None
-    from uvsam.files import sha256_file
-
     model.weights_sha256 = sha256_file(path)
     return model.eval()
 
 
 def save_official(model: Generalist, path: str | Path) -> None:
     """Save ``model`` as a flat state dict in its family's official key layout (atomically)."""
-    from uvsam.files import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save(model.official_state_dict(), tmp)
 

@@ -17,6 +17,7 @@ import click
 import typer
 
 from tiles.errors import TilesError
+from uvsam.config import FORMATS, ChangeConfig, PredictConfig, TrainConfig, default
 from uvsam.errors import InputError, UvsamError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Urban-village mapping with UV-SAM.")
@@ -24,6 +25,18 @@ weights_app = typer.Typer(no_args_is_help=True, help="List, download, import and
 app.add_typer(weights_app, name="weights")
 
 _STATE: dict = {"debug": False, "resume": None}
+
+
+def TD(name: str):  # noqa: N802 - the defaults of the options: TrainConfig's, PredictConfig's, ChangeConfig's
+    return default(TrainConfig, name)
+
+
+def PD(name: str):  # noqa: N802
+    return default(PredictConfig, name)
+
+
+def CD(name: str):  # noqa: N802
+    return default(ChangeConfig, name)
 
 
 class Interrupted(BaseException):
@@ -52,6 +65,26 @@ def _interrupted(name: str, code: int) -> int:
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
     _STATE["debug"] = debug
+
+
+# Where a command's flag is not the config field's name (``--`` + the field with dashes).
+FLAGS = {
+    "train": {"steps_per_epoch": "--steps", "scale": "--scale-aug", "gsd_m": "--gsd", "lcn_sigma_m": "--lcn-sigma",
+              "min_area_m2": "--min-village-area", "warmup_steps": "--warmup", "bands": "--band",
+              "steps": "--steps"},
+    "predict": {"min_area_m2": "--min-area", "simplify_m": "--simplify", "format": "--format"},
+    "evaluate": {},
+    "change": {"crs": "--analysis-crs", "min_area_m2": "--min-area"},
+}
+
+
+def flag_for(command: str | None, field: str) -> str:
+    """The flag of ``command`` that sets config field ``field``."""
+    return FLAGS.get(command or "", {}).get(field, "--" + field.replace("_", "-"))
+
+
+def _command(args: list[str]) -> str | None:
+    return next((a for a in args if not a.startswith("-")), None)
 
 
 def _parse_floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]:
@@ -94,48 +127,53 @@ def train(
     images: Annotated[str, typer.Option(help="Training rasters: a file, a folder or a glob.")],
     labels: Annotated[str, typer.Option(help="Masks named like the images (folder/glob) or a vector file.")],
     out: Annotated[Path, typer.Option(help="Model file to write (.ckpt); rewritten after every epoch.")],
-    encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")] = "mobile_sam",
+    encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")] = TD("encoder"),
     checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
     val_images: Annotated[str | None, typer.Option(help="Validation rasters.")] = None,
     val_labels: Annotated[str | None, typer.Option(help="Validation labels.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Without --val-images: share of scenes held out.")] = 0.0,
+    val_fraction: Annotated[float, typer.Option(
+        help="Without --val-images: share of scenes held out.")] = TD("val_fraction"),
     folds: Annotated[int, typer.Option(
         help="Spatial cross-validation: train one model per fold (OUT.foldK.ckpt), folds of whole groups of "
-        "overlapping or touching scenes, and score each on its held-out fold (OUT.cv.json).")] = 0,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
-    steps: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 40,
-    sam_epochs: Annotated[int, typer.Option(help="Last epochs that train the full UV-SAM path.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Views per step.")] = 8,
-    crop: Annotated[int, typer.Option(help="View side in pixels at the training GSD.")] = 128,
+        "overlapping or touching scenes, and score each on its held-out fold (OUT.cv.json).")] = TD("folds"),
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = TD("epochs"),
+    steps: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = TD("steps_per_epoch"),
+    sam_epochs: Annotated[int, typer.Option(help="Last epochs that train the full UV-SAM path.")] = TD("sam_epochs"),
+    batch_size: Annotated[int, typer.Option(help="Views per step.")] = TD("batch_size"),
+    crop: Annotated[int, typer.Option(help="View side in pixels at the training GSD.")] = TD("crop"),
     scale_aug: Annotated[str, typer.Option(
         help="MIN,MAX: a view covers crop x a random factor in this range of the scene (scale augmentation).")]
-    = "0.75,1.33",
-    gsd: Annotated[str, typer.Option(help="Training ground resolution in m/px, or 'native'.")] = "3.7",
-    specialist: Annotated[str, typer.Option(help="SegFormer encoder: mit_b0 .. mit_b5.")] = "mit_b0",
+    = ",".join(map(str, TD("scale"))),
+    gsd: Annotated[str, typer.Option(help="Training ground resolution in m/px, or 'native'.")] = str(
+        TD("gsd_m")),
+    specialist: Annotated[str, typer.Option(help="SegFormer encoder: mit_b0 .. mit_b5.")] = TD("specialist"),
     mit_weights: Annotated[Path | None, typer.Option(help="Pretrained MiT weights (mmseg or HF layout).")] = None,
-    fusion: Annotated[str, typer.Option(help="mlp or add.")] = "mlp",
+    fusion: Annotated[str, typer.Option(help="mlp or add.")] = TD("fusion"),
     specialist_input: Annotated[str, typer.Option(
-        help="lcn_rgb (local contrast of each band), lcn (grey local contrast) or rgb.")] = "lcn_rgb",
-    lcn_sigma: Annotated[float, typer.Option(help="Local contrast scale, metres on the ground.")] = 15.0,
-    tune_decoder: Annotated[bool, typer.Option(help="Also train the generalist's mask decoder.")] = False,
-    ladder: Annotated[bool, typer.Option(help="Add SAM-LST's ladder side network.")] = False,
+        help="lcn_rgb (local contrast of each band), lcn (grey local contrast) or rgb.")] = TD("specialist_input"),
+    lcn_sigma: Annotated[float, typer.Option(help="Local contrast scale, metres on the ground.")] = TD("lcn_sigma_m"),
+    tune_decoder: Annotated[bool, typer.Option(help="Also train the generalist's mask decoder.")] = TD("tune_decoder"),
+    ladder: Annotated[bool, typer.Option(help="Add SAM-LST's ladder side network.")] = TD("ladder"),
     min_village_area: Annotated[float | None, typer.Option(
-        help="m^2; smaller villages keep the specialist's mask (default: official 100 px at 0.916 m).")] = None,
-    views_per_scene: Annotated[int, typer.Option(help="Fixed views per scene for the UV-SAM path.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 5e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-2,
-    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 20,
-    sam_weight: Annotated[float, typer.Option(help="Weight of the UV-SAM path loss.")] = 1.0,
-    ema: Annotated[float, typer.Option(help="Decay of the weight average kept (0: last weights).")] = 0.98,
-    harmonise: Annotated[bool, typer.Option(help="Match every scene to the training radiometry.")] = True,
+        help="m^2; smaller villages keep the specialist's mask "
+        "(default: official 100 px at 0.916 m).")] = TD("min_area_m2"),
+    views_per_scene: Annotated[int, typer.Option(
+        help="Fixed views per scene for the UV-SAM path.")] = TD("views_per_scene"),
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = TD("lr"),
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = TD("weight_decay"),
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = TD("warmup_steps"),
+    sam_weight: Annotated[float, typer.Option(help="Weight of the UV-SAM path loss.")] = TD("sam_weight"),
+    ema: Annotated[float, typer.Option(help="Decay of the weight average kept (0: last weights).")] = TD("ema"),
+    harmonise: Annotated[bool, typer.Option(help="Match every scene to the training radiometry.")] = TD("harmonise"),
     photometric: Annotated[bool, typer.Option(
         help="Random colour, band-mixing, grey, gamma and blur changes of the specialist's views "
-        "(off by default: it measured worse across seasons, docs/results.md).")] = False,
+        "(off by default: it measured worse across seasons, docs/results.md).")] = TD("photometric"),
     force_refine: Annotated[bool, typer.Option(
-        help="Train the UV-SAM path even when the generalist's weights are not verified official ones.")] = False,
+        help="Train the UV-SAM path even when the generalist's "
+        "weights are not verified official ones.")] = TD("force_refine"),
     band: Annotated[list[int], typer.Option(help="Band to read (1-based); repeatable.")] = [],  # noqa: B006
-    labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = TD("labels_crs"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = TD("seed"),
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the training saved in --out.")] = False,
 ):
@@ -143,7 +181,6 @@ def train(
     _STATE["resume"] = (f"every finished epoch is kept in {out}: run the same command with --resume to continue"
                         if not folds else f"finished fold models are kept beside {out}: run the same command with "
                         "--resume to continue")
-    from uvsam.train import TrainConfig
     from uvsam.train import train as run_training
 
     if threads:
@@ -188,14 +225,12 @@ def evaluate(
     labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = None,
     specialist_only: Annotated[bool, typer.Option(help="Skip the in-memory UV-SAM path.")] = False,
     force_refine: Annotated[bool, typer.Option(
-        help="Refine even with a generalist whose weights are not verified official ones.")] = False,
+        help="Refine even with a generalist whose weights are not verified official ones.")] = PD("force_refine"),
     cv: Annotated[bool, typer.Option(
         help="Score the fold models of MODEL (from `train --folds`) on their held-out folds.")] = False,
 ):
     """IoU/F1/precision/recall and object F1 of what `uvsam predict` ships (polygons), its specialist
     mosaic and the in-memory UV-SAM path, on the label grid (JSON)."""
-    from uvsam.predict import PredictConfig
-
     cfg = PredictConfig(force_refine=force_refine)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     if cv:
@@ -221,25 +256,40 @@ def _known_encoder(name: str) -> str:
 def predict(
     scenes: Annotated[list[str], typer.Argument(help="Rasters, VRTs, folders or globs.")],
     model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
-    out: Annotated[Path, typer.Option(help="Output: villages.gpkg (or .geojson/.parquet/.fgb with --format).")],
+    out: Annotated[Path, typer.Option(help="Output: villages.gpkg (or another format with --format).")],
     layer: Annotated[str, typer.Option(help="Villages layer name (one per year); other layers are kept.")] = "villages",
-    fmt: Annotated[str, typer.Option("--format", help="gpkg, geojson, parquet or fgb.")] = "gpkg",
+    fmt: Annotated[str, typer.Option("--format", help="; ".join(f"{f.name}: {f.holds}" for f in FORMATS.values())
+                                     + ".")] = "gpkg",
     crs: Annotated[str | None, typer.Option(help="Reproject the layers to this CRS (default: the scene's).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
-    refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = True,
+    refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = PD("refine"),
     force_refine: Annotated[bool, typer.Option(
-        help="Refine even with a generalist whose weights are not verified official ones.")] = False,
-    tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = 512,
-    overlap: Annotated[int, typer.Option(help="Tile overlap (px).")] = 256,
-    threshold: Annotated[float, typer.Option(help="Village probability threshold.")] = 0.5,
-    min_area: Annotated[float, typer.Option(help="Smallest village or hole kept (m^2).")] = 2500.0,
-    simplify: Annotated[float | None, typer.Option(help="Simplification tolerance (m); default: the GSD.")] = None,
-    acquired: Annotated[str | None, typer.Option(help="Acquisition date of the imagery (YYYY-MM-DD).")] = None,
-    grid_offset: Annotated[int, typer.Option(help="Shift the tile grid by this many px (invariance checks).")] = 0,
+        help="Refine even with a generalist whose weights are not verified official ones.")] = PD("force_refine"),
+    tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = PD("tile"),
+    batch_size: Annotated[int, typer.Option(help="Tiles per specialist call.")] = PD("batch_size"),
+    window: Annotated[int, typer.Option(help="Refinement window (px at the model's GSD).")] = PD("window"),
+    window_margin: Annotated[int, typer.Option(
+        help="Margin (px) a refined outline may grow past its box.")] = PD("window_margin"),
+    refine_min_iou: Annotated[float, typer.Option(
+        help="The generalist's predicted IoU a refined outline needs.")] = PD("refine_min_iou"),
+    refine_min_stability: Annotated[float, typer.Option(
+        help="Stability score a refined outline needs.")] = PD("refine_min_stability"),
+    refine_min_overlap: Annotated[float, typer.Option(
+        help="IoU a refined outline must share with its candidate.")] = PD("refine_min_overlap"),
+    block: Annotated[int, typer.Option(help="Vectorise the mosaic in square blocks of this many px.")] = PD("block"),
+    overlap: Annotated[int, typer.Option(help="Tile overlap (px).")] = PD("overlap"),
+    threshold: Annotated[float, typer.Option(help="Village probability threshold.")] = PD("threshold"),
+    min_area: Annotated[float, typer.Option(help="Smallest village or hole kept (m^2).")] = PD("min_area_m2"),
+    simplify: Annotated[float | None, typer.Option(
+        help="Simplification tolerance (m); default: the GSD.")] = PD("simplify_m"),
+    acquired: Annotated[str | None, typer.Option(
+        help="Acquisition date of the imagery (YYYY-MM-DD).")] = PD("acquired"),
+    grid_offset: Annotated[int, typer.Option(
+        help="Shift the tile grid by this many px (invariance checks).")] = PD("grid_offset"),
     pif_reference: Annotated[Path | None, typer.Option(
         help="A reference year's raster: normalise each scene onto it on pseudo-invariant pixels.")] = None,
     force: Annotated[bool, typer.Option(
-        help="Run scenes the suitability check refuses (resolution far from the model's, too small).")] = False,
+        help="Run scenes the suitability check refuses (resolution far from the model's, too small).")] = PD("force"),
     scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local Dask workers (default: sized to the machine).")] = None,
     local: Annotated[bool | None, typer.Option(
@@ -251,11 +301,13 @@ def predict(
 
     Resumable: run the same command again after an interruption and finished work is skipped.
     """
-    from uvsam.predict import PredictConfig, model_info, run_prediction, runs_in_process
+    from uvsam.predict import model_info, run_prediction, runs_in_process
 
-    cfg = PredictConfig(tile=tile, overlap=overlap, threshold=threshold, refine=refine, force_refine=force_refine,
-                        min_area_m2=min_area,
-                        simplify_m=simplify, acquired=acquired, grid_offset=grid_offset,
+    cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, threshold=threshold, refine=refine,
+                        force_refine=force_refine, refine_min_iou=refine_min_iou,
+                        refine_min_stability=refine_min_stability, refine_min_overlap=refine_min_overlap,
+                        window=window, window_margin=window_margin, min_area_m2=min_area, simplify_m=simplify,
+                        block=block, acquired=acquired, grid_offset=grid_offset,
                         pif_reference=str(pif_reference) if pif_reference else None, force=force)
     if dry_run:
         from uvsam.predict import dry_run as estimate
@@ -268,7 +320,7 @@ def predict(
     if runs_in_process(local, scheduler, workers):
         summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log)
     else:
-        from uvsam.distributed import dask_runner, make_client, register_model
+        from uvsam.predict.distributed import dask_runner, make_client, register_model
 
         info = model_info(model, checkpoint)
         with make_client(scheduler, workers) as client:
@@ -282,10 +334,12 @@ def predict(
 def change_cmd(
     years: Annotated[list[str], typer.Argument(help="YEAR=FILE[:LAYER], oldest first (e.g. 2018=v.gpkg:y2018).")],
     out: Annotated[Path, typer.Option(help="Output GeoPackage (changes, villages_tracked, tables); CSVs beside.")],
-    min_overlap: Annotated[float, typer.Option(help="Share of the smaller village two must share to link.")] = 0.1,
-    stable_pct: Annotated[float, typer.Option(help="Area change (%) still counted as stable.")] = 10.0,
+    min_overlap: Annotated[float, typer.Option(
+        help="Share of the smaller village two must share to link.")] = CD("min_overlap"),
+    stable_pct: Annotated[float, typer.Option(help="Area change (%) still counted as stable.")] = CD("stable_pct"),
     min_area: Annotated[float, typer.Option(
-        help="Minimum mapping unit (m^2): events whose villages are all smaller are not reported.")] = 0.0,
+        help="Minimum mapping unit (m^2): events whose villages "
+        "are all smaller are not reported.")] = CD("min_area_m2"),
     districts: Annotated[Path | None, typer.Option(help="Polygon layer of districts to sum by.")] = None,
     district_field: Annotated[str | None, typer.Option(help="Districts' name field (default: first text).")] = None,
     centre: Annotated[str | None, typer.Option(help="LON,LAT of the centre for distance rings.")] = None,
@@ -293,11 +347,12 @@ def change_cmd(
     analysis_crs: Annotated[str | None, typer.Option(help="Projected analysis CRS (default: equal-area).")] = None,
     crs: Annotated[str | None, typer.Option(help="CRS of the output layers (default: the analysis CRS).")] = None,
     report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
-    image: Annotated[list[str], typer.Option(help="YEAR=RASTER imagery (co-registration, report); repeatable.")] = [],  # noqa: B006
+    image: Annotated[list[str], typer.Option(
+        help="YEAR=RASTER imagery (co-registration, report); repeatable.")] = [],  # noqa: B006
     max_shift: Annotated[float, typer.Option(help="Warn when years' imagery is shifted more (m).")] = 5.0,
 ):
     """Village lifecycles across years (new, demolished, stable, expanded, shrunk, split, merged)."""
-    from uvsam.change import ChangeConfig, run_change
+    from uvsam.change import run_change
 
     point = None
     if centre is not None:
@@ -490,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UvsamError, TilesError) as e:
         if debug:
             raise
-        sys.stderr.write(f"uvsam: error: {e}\n")
+        line = e.line(flag_for(_command(args), e.field)) if getattr(e, "field", None) else str(e)
+        sys.stderr.write(f"uvsam: error: {line}\n")
         return getattr(e, "exit_code", 2)
     except OSError as e:  # what no check foresaw: a folder that vanished, a mount that went read-only
         if debug:

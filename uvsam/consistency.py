@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from uvsam.coregister import common_grid, read_on_grid
+from tiles.reader import read_on_grid
+from uvsam.coregister import common_grid
 
 MAX_VILLAGE_IOU = 0.5  # village areas of two years overlapping less than this: a massive disagreement
 MIN_STRUCTURE = 0.5  # gradient correlation at or above which the houses are the same

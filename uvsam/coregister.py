@@ -14,14 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import rasterio
-from affine import Affine
 from pyproj import CRS
-from rasterio.enums import Resampling
-from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from scipy.ndimage import gaussian_filter
 
+from tiles.reader import RasterSource, read_on_grid
 from uvsam.errors import InputError
 
 MIN_PSR = 8.0  # noise alone peaks near 5 sigma on a 256 x 256 surface
@@ -49,21 +46,6 @@ class Shift:
         return float(np.hypot(self.east_m, self.north_m))
 
 
-def read_on_grid(path: Path, crs: CRS, bounds, width: int, height: int,
-                 bands: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(bands, height, width) float64 image (``bands``; default its red, green and blue, or
-    its first) and validity, averaged onto a grid of ``bounds`` in ``crs``."""
-    from tiles.reader import default_bands
-
-    transform = Affine((bounds[2] - bounds[0]) / width, 0, bounds[0], 0, -(bounds[3] - bounds[1]) / height, bounds[3])
-    with rasterio.open(path) as src, WarpedVRT(src, crs=crs, transform=transform, width=width, height=height,
-                                               resampling=Resampling.average, add_alpha=src.nodata is None) as vrt:
-        bands = list(bands or (default_bands(src.colorinterp)[:3] if src.count >= 3 else [1]))
-        data = vrt.read(bands).astype(np.float64)
-        valid = (vrt.read_masks(bands) > 0).all(axis=0)
-    return data, valid
-
-
 def common_grid(before: str | Path, after: str | Path, crs, max_px: int = 1024):
     """``(crs, bounds, width, height)`` of a grid over the two images' common footprint, at the
     coarser image's resolution and at most ``max_px`` across; None if they share less than
@@ -71,10 +53,11 @@ def common_grid(before: str | Path, after: str | Path, crs, max_px: int = 1024):
     crs = CRS.from_user_input(crs)
     boxes, natives = [], []
     for p in (before, after):
-        with rasterio.open(p) as ds:
+        with RasterSource(p) as ds:  # the one reader: integrity checked, bands by colour interpretation
             if ds.crs is None:
                 raise InputError("image has no CRS", p)
-            box = transform_bounds(ds.crs, crs, *ds.bounds)
+            t = ds.transform
+            box = transform_bounds(ds.crs, crs, *_bounds(t, ds.width, ds.height))
             boxes.append(box)
             natives.append((box[2] - box[0]) / ds.width)  # pixel size in the analysis CRS
     x0, y0 = max(boxes[0][0], boxes[1][0]), max(boxes[0][1], boxes[1][1])
@@ -121,6 +104,11 @@ def estimate_shift(before: str | Path, after: str | Path, crs, max_px: int = 102
     dy = sub(py, h, lambda i: r[i % h, px])
     return Shift(east_m=float(dx * pixel), north_m=float(-dy * pixel), pixel_m=float(pixel), peak=float(r.max()),
                  psr=_psr(r, py, px))
+
+
+def _bounds(t, width: int, height: int) -> tuple[float, float, float, float]:
+    (xa, ya), (xb, yb) = t @ (0, 0), t @ (width, height)
+    return min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)
 
 
 def _psr(r: np.ndarray, py: int, px: int, guard: int = 3) -> float:

@@ -15,8 +15,12 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from uvsam.errors import InputError
+from uvsam.datasets import pair_scenes
+from uvsam.errors import ConfigError, InputError
+from uvsam.evaluate import evaluate_pairs
 from uvsam.files import atomic_path
+from uvsam.modelfile import read_model_file
+from uvsam.train import TrainConfig, split_scenes, train
 
 KEYS = ("specialist", "polygons", "uvsam")
 
@@ -29,11 +33,8 @@ def fold_path(out: str | Path, fold: int) -> Path:
 def cross_validate(cfg, log=print, resume: bool = False, predict_config=None) -> dict:
     """Train the ``cfg.folds`` fold models of ``cfg`` (a :class:`uvsam.train.TrainConfig` with
     ``folds`` set) and score them; returns (and writes beside ``cfg.out``) the summary."""
-    from uvsam.datasets import pair_scenes
-    from uvsam.train import split_scenes, train
-
     if cfg.folds < 2:
-        raise InputError(f"--folds {cfg.folds}: cross-validation needs at least 2 folds")
+        raise ConfigError(f"{cfg.folds}: cross-validation needs at least 2 folds", field="folds")
     split_scenes(replace(cfg, fold=1), pair_scenes(cfg.images, cfg.labels), log=lambda m: None)  # folds possible?
     for k in range(1, cfg.folds + 1):
         path = fold_path(cfg.out, k)
@@ -48,8 +49,6 @@ def cross_validate(cfg, log=print, resume: bool = False, predict_config=None) ->
 
 
 def _epochs_done(path: Path) -> int:
-    from uvsam.modelfile import read_model_file
-
     return int(read_model_file(path)["meta"].get("epoch") or 0)
 
 
@@ -67,11 +66,6 @@ def fold_models(out: str | Path) -> list[Path]:
 
 def evaluate_cv(out: str | Path, checkpoint: str | Path | None = None, log=print, predict_config=None) -> dict:
     """Score every fold model of ``out`` on the scenes its training held out; write ``OUT.cv.json``."""
-    from uvsam.datasets import pair_scenes
-    from uvsam.evaluate import evaluate_pairs
-    from uvsam.modelfile import read_model_file
-    from uvsam.train import TrainConfig, split_scenes
-
     rows = []
     for path in fold_models(out):
         cfg = TrainConfig.from_dict(read_model_file(path)["meta"]["train_config"])

@@ -1,7 +1,8 @@
 """Labelled scenes for training and evaluation: rasters paired with village labels.
 
 Images are any GDAL raster (a file, a folder or a glob), read through :mod:`tiles` at the
-model's ground resolution with the scene-level normalisation. Labels are either masks (any
+model's ground resolution and preprocessed exactly as ``uvsam predict`` reads them
+(:mod:`uvsam.preprocess`). Labels are either masks (any
 raster; values > 0 are village, the mask's nodata is "unlabelled") or vector files
 (GeoPackage, GeoJSON, Shapefile, FlatGeobuf, GeoParquet) in any CRS, reprojected to the
 image and rasterised on the fly. A folder of labels is paired with the images by file stem
@@ -22,10 +23,11 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from tiles.radiometry import Stretch, compute_stretch
+from tiles.radiometry import Stretch
 from tiles.reader import RasterSource, ReadOptions
 from uvsam.errors import InputError
-from uvsam.losses import IGNORE
+from uvsam.labels import IGNORE
+from uvsam.preprocess import InputSpec, Preprocessing, scene_preprocessing
 
 RASTER_EXT = (".tif", ".tiff", ".vrt", ".png", ".jpg", ".jpeg", ".jp2", ".img")
 VECTOR_EXT = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet")
@@ -80,51 +82,62 @@ def pair_scenes(images: str | Path, labels: str | Path) -> list[LabelledScene]:
 
 @dataclass
 class SceneArrays:
-    """One scene in memory at the training GSD.
+    """One scene in memory at the model's GSD.
 
-    image: (3, H, W) float32 on the 0..255 scale (0 where invalid); labels: (H, W) uint8 with
-    0 background, 1 village, 255 unlabelled (nodata in image or mask); gsd_m: ground metres per
-    pixel (mean of the two axes); stretch: the scene normalisation applied.
+    image: (3, H, W) float32 model input on the 0..255 scale (:mod:`uvsam.preprocess`; invalid
+    pixels take the training median colour); labels: (H, W) uint8 with 0 background, 1 village,
+    255 unlabelled (nodata in image or mask); gsd_m: ground metres per pixel (mean of the two
+    axes); preprocessing: the scene's :class:`~uvsam.preprocess.Preprocessing`.
     """
 
     path: Path
     image: np.ndarray
     labels: np.ndarray
     gsd_m: float
-    stretch: Stretch
+    preprocessing: Preprocessing
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.labels.shape
 
-
-def to_rgb(img: np.ndarray, path: str | Path) -> np.ndarray:
-    """(bands, H, W) -> (3, H, W): one band repeated, the first three of more; two are ambiguous."""
-    if img.shape[0] == 1:
-        return np.repeat(img, 3, axis=0)
-    if img.shape[0] == 2:
-        raise InputError("2-band raster: give --band three times to choose the RGB bands", path)
-    return img[:3]
+    @property
+    def stretch(self) -> Stretch:
+        return self.preprocessing.stretch
 
 
-def read_image(path: Path, gsd_m: float | None, bands: tuple[int, ...] | None = None,
-               normalisation: str = "auto") -> tuple[np.ndarray, np.ndarray, RasterSource]:
-    """(3, H, W) float32 0..255 image and (H, W) validity at ``gsd_m`` (None: native); the source is closed."""
-    src = RasterSource(path, ReadOptions(bands, gsd_m))  # tiles' errors name the file themselves
-    with src:
-        if src.crs is None:
-            raise InputError("raster has no CRS: uvsam needs georeferenced imagery to know its ground "
-                             "resolution (georeference XYZ tiles with `uvsam import-xyz`)", path)
-        if src.width * src.height > MAX_SCENE_PIXELS:
-            raise InputError(f"scene is {src.width} x {src.height} px at the training resolution; cut it into "
-                             f"scenes of at most {MAX_SCENE_PIXELS // 10**6} Mpx", path)
+def open_scene(path: Path, read: ReadOptions) -> RasterSource:
+    """A georeferenced scene opened through the one reader, small enough to hold in memory."""
+    src = RasterSource(path, read)  # tiles' errors name the file themselves
+    if src.crs is None:
+        src.close()
+        raise InputError("raster has no CRS: uvsam needs georeferenced imagery to know its ground "
+                         "resolution (georeference XYZ tiles with `uvsam import-xyz`)", path)
+    if src.width * src.height > MAX_SCENE_PIXELS:
+        src.close()
+        raise InputError(f"scene is {src.width} x {src.height} px at the training resolution; cut it into "
+                         f"scenes of at most {MAX_SCENE_PIXELS // 10**6} Mpx", path)
+    return src
+
+
+def read_image(path: Path, spec: InputSpec) -> tuple[np.ndarray, np.ndarray, RasterSource, Preprocessing]:
+    """(3, H, W) model input, (H, W) validity, the (closed) source and the scene's preprocessing,
+    read and preprocessed as ``uvsam predict`` reads a scene for a model of ``spec``."""
+    with open_scene(path, spec.read) as src:
+        prep = scene_preprocessing(src, spec)
         data, valid = src.read(Window(0, 0, src.width, src.height))
+        if not valid.any():
+            raise InputError("raster has no valid pixels (all nodata)", path)
+        img = prep.apply(data, valid, path)
+    return img, valid, src, prep
+
+
+def read_validity(path: Path, bands: tuple[int, ...] | None = None) -> tuple[np.ndarray, RasterSource]:
+    """(H, W) validity of a scene on its native grid, and the (closed) source: the label grid."""
+    with open_scene(path, ReadOptions(bands)) as src:
+        _, valid = src.read(Window(0, 0, src.width, src.height))
     if not valid.any():
         raise InputError("raster has no valid pixels (all nodata)", path)
-    stretch = compute_stretch(data, valid, normalisation)
-    img = to_rgb(stretch.apply(data, valid) * 255.0, path)
-    src.stretch = stretch
-    return img, valid, src
+    return valid, src
 
 
 def rasterise_labels(label_path: Path, src: RasterSource, labels_crs: str | None = None) -> np.ndarray:
@@ -186,15 +199,14 @@ def _rasterise_vector(path: Path, src: RasterSource, labels_crs: str | None) -> 
                      fill=0, dtype="uint8")
 
 
-def load_scene(scene: LabelledScene, gsd_m: float | None, bands: tuple[int, ...] | None = None,
-               normalisation: str = "auto", labels_crs: str | None = None) -> SceneArrays:
-    """Read one labelled scene into memory at ``gsd_m`` (None: its native resolution)."""
-    img, valid, src = read_image(scene.image, gsd_m, bands, normalisation)
+def load_scene(scene: LabelledScene, spec: InputSpec, labels_crs: str | None = None) -> SceneArrays:
+    """Read one labelled scene into memory for a model of ``spec`` (gsd None: the native resolution)."""
+    img, valid, src, prep = read_image(scene.image, spec)
     labels = rasterise_labels(scene.labels, src, labels_crs)
     labels[~valid] = IGNORE
     if not (labels != IGNORE).any():
         raise InputError("no labelled pixel overlaps the image", scene.labels)
-    return SceneArrays(scene.image, img, labels, float(np.mean(src.ground_res)), src.stretch)
+    return SceneArrays(scene.image, img, labels, float(np.mean(src.ground_res)), prep)
 
 
 def native_gsd(path: Path) -> float:

@@ -24,6 +24,13 @@ import rasterio
 from affine import Affine
 from scipy import ndimage
 
+from uvsam.errors import WeightsError
+from uvsam.metrics import SegmentationCounts
+from uvsam.predict import PredictConfig, model_info, run_prediction
+from uvsam.predict.distributed import dask_runner, make_client, register_model
+from uvsam.train import TrainConfig, train
+from uvsam.weights import resolve
+
 CRS = "EPSG:32650"
 ORIGIN = (448_000.0, 4_422_000.0)  # eastern Beijing, UTM 50N
 
@@ -115,7 +122,6 @@ def score(gpkg: Path, layer: str, truth: Path) -> dict:
     import pyogrio
     from rasterio.features import rasterize
 
-    from uvsam.metrics import SegmentationCounts
 
     villages = pyogrio.read_dataframe(gpkg, layer=layer)
     with rasterio.open(truth) as ds:
@@ -138,10 +144,6 @@ def _trained_already(out: Path, model: Path, config: dict) -> bool:
 def run_demo(out: str | Path, log=print, local: bool = False, workers: int = 1, size: int = 1024,
              epochs: int = 8, steps: int = 25) -> dict:
     """Draw, train, predict, score; everything under ``out``. Returns the summary (also in demo.json)."""
-    from uvsam.errors import WeightsError
-    from uvsam.predict import PredictConfig, run_prediction
-    from uvsam.train import TrainConfig, train
-    from uvsam.weights import resolve
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,8 +184,6 @@ def run_demo(out: str | Path, log=print, local: bool = False, workers: int = 1, 
     log(f"[3/4] predicting the synthetic city {where}: {stages}")
     kwargs = {}
     if not local:
-        from uvsam.distributed import dask_runner, make_client, register_model
-        from uvsam.predict import model_info
 
         client = make_client(workers=workers)
         register_model(client, model_info(model))

@@ -14,10 +14,17 @@ class UvsamError(Exception):
 
     exit_code = 2
 
-    def __init__(self, problem: str, path: str | Path | None = None):
+    def __init__(self, problem: str, path: str | Path | None = None, field: str | None = None):
         self.path = None if path is None else str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        self.field = field  # the configuration field at fault (the CLI names its flag instead)
+        super().__init__(self.line())
+
+    def line(self, name: str | None = None) -> str:
+        """The one line: path, then the field (or ``name``, the flag that set it), then the problem."""
+        name = name or self.field
+        text = f"{name} {self.problem}" if name else self.problem
+        return f"{self.path}: {text}" if self.path else text
 
 
 class CheckpointError(UvsamError):
@@ -34,3 +41,7 @@ class InputError(UvsamError):
 
 class OutputError(UvsamError):
     """An output cannot be written: missing folder, no permission, disk full."""
+
+
+class ConfigError(InputError):
+    """A configuration value is out of range or inconsistent (``field`` names it)."""

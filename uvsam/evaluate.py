@@ -18,13 +18,19 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
+import rasterio
+from rasterio.features import rasterize
+from rasterio.warp import Resampling, reproject
 
-from uvsam.datasets import LabelledScene, load_scene, pair_scenes, rasterise_labels, read_image
+from uvsam.datasets import LabelledScene, load_scene, pair_scenes, rasterise_labels, read_validity
 from uvsam.errors import InputError
-from uvsam.harmonise import Radiometry
-from uvsam.losses import IGNORE
+from uvsam.inference import predict_scene as predict_in_memory
+from uvsam.labels import IGNORE
 from uvsam.metrics import SegmentationCounts
+from uvsam.modelfile import ModelFile, load_model
+from uvsam.predict import PredictConfig, close_sources, model_info, predict_scene, prepare_scene, refines
 
 
 def evaluate(model_path: str | Path, images: str | Path, labels: str | Path, checkpoint: str | Path | None = None,
@@ -40,12 +46,10 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
                    window: int = 512, labels_crs: str | None = None, specialist_only: bool = False,
                    predict_config=None, log=None) -> dict:
     """:func:`evaluate` on scenes already paired with their labels."""
-    from uvsam.modelfile import load_model
-    from uvsam.predict import PredictConfig, model_info, refines
-
     cfg = predict_config or PredictConfig()
+    model_file = ModelFile.read(model_path)
     info = model_info(model_path, checkpoint)
-    model, meta = load_model(model_path, checkpoint) if not specialist_only else (None, None)
+    model = None if specialist_only else load_model(model_file, checkpoint)[0]
     refine = refines(cfg, info)
     names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])
     counts = {k: SegmentationCounts() for k in names + ["all_village"]}
@@ -53,11 +57,12 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     for pair in pairs:
         scores = score_scene(pair, info, cfg, labels_crs)
         for k in ("specialist", "polygons", "all_village"):
-            counts[k].update(scores[k], scores["labels"])
+            counts[k].update(scores[k], scores["labels"], pixel_m=scores["pixel_m"] if k != "all_village" else None)
         row = {"image": pair.image.name, "polygons_iou": _iou(scores["polygons"], scores["labels"]),
                "specialist_iou": _iou(scores["specialist"], scores["labels"]), "villages": scores["villages"]}
         if not specialist_only:
-            counts["uvsam"].update(*in_memory_uvsam(model, meta, pair, window, labels_crs, refine, cfg))
+            pred, labels, pixel_m = in_memory_uvsam(model, model_file, pair, window, labels_crs, refine, cfg)
+            counts["uvsam"].update(pred, labels, pixel_m=pixel_m)
         per_scene.append(row)
     if log is not None and cfg.refine and not refine:  # after the inputs were all read: errors come alone
         log(f"note: {info.generalist_note}: villages kept the specialist's outlines (not refined)")
@@ -67,15 +72,7 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     result["per_scene"] = per_scene
     result["refinement"] = "on" if refine else ("off" if not cfg.refine else f"off: {info.generalist_note}")
     result["predict_config"] = cfg.to_dict()
-    if meta is None:  # the in-memory path did not run: the model file's record, without building the model
-        from uvsam.modelfile import read_model_file
-
-        payload = read_model_file(model_path)
-        config, meta = payload["config"], payload["meta"]
-    else:
-        config = model.config.to_dict()
-    result["model"] = {"file": str(model_path), "encoder": config["encoder"], "specialist": config["specialist"],
-                       "gsd_m": meta["gsd_m"], "generalist": meta["generalist"], "epoch": meta.get("epoch")}
+    result["model"] = model_file.record()
     return result
 
 
@@ -90,15 +87,10 @@ def score_scene(pair: LabelledScene, info, cfg, labels_crs: str | None = None) -
 
     Returns ``labels`` (H, W) uint8 (0, 1, IGNORE) on the image's native grid, and boolean
     ``polygons`` (the shipped villages, rasterised), ``specialist`` (the mosaic at the threshold)
-    and ``all_village`` on the same grid, with ``villages`` the number of polygons.
+    and ``all_village`` on the same grid, with ``villages`` the number of polygons and
+    ``pixel_m`` the grid's (x, y) ground resolution.
     """
-    import rasterio
-    from rasterio.features import rasterize
-    from rasterio.warp import Resampling, reproject
-
-    from uvsam.predict import close_sources, predict_scene, prepare_scene
-
-    _, valid, src = read_image(pair.image, None, info.bands, info.normalisation)  # the labels first: cheap
+    valid, src = read_validity(pair.image, info.inputs.bands)  # the labels first: cheap
     labels = rasterise_labels(pair.labels, src, labels_crs)
     labels[~valid] = IGNORE
     if not (labels != IGNORE).any():
@@ -110,8 +102,6 @@ def score_scene(pair: LabelledScene, info, cfg, labels_crs: str | None = None) -
         shape = (src.height, src.width)
         villages = res.villages
         if villages and src.crs is not None and str(src.crs) != str(res.crs):
-            import geopandas as gpd
-
             villages = list(gpd.GeoSeries(villages, crs=res.crs).to_crs(src.crs))
         polygons = (rasterize(((g, 1) for g in villages), out_shape=shape, transform=src.transform, fill=0,
                               dtype="uint8").astype(bool) if villages else np.zeros(shape, bool))
@@ -120,19 +110,14 @@ def score_scene(pair: LabelledScene, info, cfg, labels_crs: str | None = None) -
             reproject(ds.read(1), prob, src_transform=ds.transform, src_crs=ds.crs, dst_transform=src.transform,
                       dst_crs=src.crs, src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.bilinear)
     return {"labels": labels, "polygons": polygons, "specialist": np.nan_to_num(prob, nan=0.0) >= cfg.threshold,
-            "all_village": labels != IGNORE, "villages": len(res.villages)}
+            "all_village": labels != IGNORE, "villages": len(res.villages), "pixel_m": tuple(src.ground_res)}
 
 
-def in_memory_uvsam(model, meta: dict, pair: LabelledScene, window: int, labels_crs: str | None, refine: bool,
-                    cfg) -> tuple[np.ndarray, np.ndarray]:
-    """(prediction, labels) of the model's in-memory UV-SAM path at its training GSD."""
-    from uvsam.inference import predict_scene
-    from uvsam.train import harmonise_scene
-
-    bands = tuple(meta["bands"]) if meta.get("bands") else None
-    scene = load_scene(pair, meta["gsd_m"], bands, meta["normalisation"], labels_crs)
-    if meta.get("harmonise"):
-        harmonise_scene(scene, Radiometry.from_dict(meta["radiometry"]))
+def in_memory_uvsam(model, model_file: ModelFile, pair: LabelledScene, window: int, labels_crs: str | None,
+                    refine: bool, cfg) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """(prediction, labels, pixel size in metres) of the model's in-memory UV-SAM path at its
+    training GSD, the scene read and preprocessed as training and predict read it."""
+    scene = load_scene(pair, model_file.inputs, labels_crs)
     valid = scene.labels != IGNORE
-    pred = predict_scene(model, scene.image, valid, window=window, full=refine, rule=cfg.rule)
-    return (pred.uvsam if refine else pred.specialist), scene.labels
+    pred = predict_in_memory(model, scene.image, valid, window=window, full=refine, rule=cfg.rule)
+    return (pred.uvsam if refine else pred.specialist), scene.labels, (scene.gsd_m, scene.gsd_m)

@@ -78,8 +78,21 @@ def check_writable(path: str | Path, folder: bool = False) -> Path:
     return path
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+_DIGESTS: dict[tuple, str] = {}
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, hashed once per process: a file unchanged since (same inode, size
+    and modification time) is not read again (SAM ViT-H's weights are 2.5 GB)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hash_file(path)
+    return _DIGESTS[key]
+
+
+def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (every call reads it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -19,7 +19,7 @@ from pyproj import CRS, Transformer
 from shapely.geometry import box
 
 from tiles.reader import RasterSource
-from uvsam.errors import InputError
+from uvsam.errors import ConfigError, InputError
 
 EQUAL_AREA = "ESRI:54009"  # Mollweide: footprints of any CRS compared in metres
 
@@ -81,14 +81,14 @@ def make_folds(paths: list[Path], k: int, buffer_m: float = 0.0) -> list[list[in
     prints = [footprint(p) for p in paths]
     groups = group_scenes(paths, buffer_m, prints)
     if k < 2:
-        raise InputError(f"--folds {k}: cross-validation needs at least 2 folds")
+        raise ConfigError(f"{k}: cross-validation needs at least 2 folds", field="folds")
     if k > len(groups):
         names = "; ".join(", ".join(paths[i].name for i in g) for g in groups)
-        raise InputError(f"--folds {k}: the {len(paths)} scenes form only {len(groups)} spatially separate "
-                         f"group(s) (overlapping or touching scenes stay together: {names}); use --folds "
-                         f"{len(groups)} or fewer" if len(groups) >= 2 else
-                         f"--folds {k}: all {len(paths)} scenes overlap or touch one another ({names}); "
-                         "no fold could be validated without leakage")
+        raise ConfigError(f"{k}: the {len(paths)} scenes form only {len(groups)} spatially separate "
+                          f"group(s) (overlapping or touching scenes stay together: {names}); use "
+                          f"{len(groups)} folds or fewer" if len(groups) >= 2 else
+                          f"{k}: all {len(paths)} scenes overlap or touch one another ({names}); "
+                          "no fold could be validated without leakage", field="folds")
     areas = [f.area for f in prints]
     weight = sorted(((sum(areas[i] for i in g), g) for g in groups), key=lambda t: -t[0])
     folds: list[list[int]] = [[] for _ in range(k)]

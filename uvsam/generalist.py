@@ -17,9 +17,13 @@ Refinement therefore never deletes a candidate.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
+
+from uvsam import weights
+from uvsam.config import RefineRule
+from uvsam.modeling.registry import get_spec
 
 # Reasons recorded per village (the ``refine_reason`` column).
 REFINED = "refined"
@@ -30,31 +34,6 @@ EMPTY = "generalist mask empty"
 LOW_IOU = "low predicted IoU"
 UNSTABLE = "unstable mask"
 INCONSISTENT = "mask disagrees with candidate"
-
-
-@dataclass(frozen=True)
-class RefineRule:
-    """When the generalist's mask may replace a candidate's outline.
-
-    ``min_predicted_iou`` and ``min_stability`` are SAM's automatic mask generator defaults
-    (``pred_iou_thresh`` 0.88, ``stability_score_thresh`` 0.95 at offset 1.0);
-    ``min_overlap`` is the IoU the mask must share with the specialist's candidate.
-    """
-
-    min_predicted_iou: float = 0.88
-    min_stability: float = 0.95
-    min_overlap: float = 0.5
-    stability_offset: float = 1.0
-
-    def __post_init__(self):
-        from uvsam.errors import InputError
-
-        for name in ("min_predicted_iou", "min_stability", "min_overlap"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise InputError(f"{name.replace('_', ' ')} must be in [0, 1], got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def stability_score(logits: np.ndarray, offset: float = 1.0) -> float:
@@ -79,10 +58,7 @@ def generalist_status(meta: dict, encoder: str) -> GeneralistStatus:
     gen = meta.get("generalist") or {}
     if gen.get("source") == "random" or not gen.get("sha256"):
         return GeneralistStatus(False, f"the {encoder} generalist has random weights (trained without --checkpoint)")
-    from uvsam.modeling.registry import get_spec
-    from uvsam.weights import expected_sha256
-
-    expected = expected_sha256(get_spec(encoder))
+    expected = weights.expected_sha256(get_spec(encoder))
     if expected is None:
         return GeneralistStatus(False, f"no official SHA-256 is known for {encoder} weights (pin the digest you trust "
                                        f"with `uvsam weights import {encoder} FILE --sha256 ...`)")

@@ -10,9 +10,16 @@ disagree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from tiles.radiometry import compute_stretch
+from tiles.reader import RasterSource, read_on_grid
+from uvsam.errors import InputError
+from uvsam.raster import to_rgb
 
 QUANTILES = 101  # 1 % steps: smooth enough for a monotone map, small enough to store anywhere
 MAX_SAMPLES = 2_000_000
@@ -152,14 +159,6 @@ def pif_against(path, reference, read, stretch, normalisation: str, max_pixels: 
     reference's :class:`Radiometry` on their common ground), both read as the model reads them
     (``read`` options and the scene's ``stretch``; the reference gets its own stretch of
     ``normalisation``), averaged onto one grid of at most ``max_pixels`` over the scene."""
-    import math
-    from pathlib import Path
-
-    from tiles.radiometry import compute_stretch
-    from tiles.reader import RasterSource
-    from uvsam.coregister import read_on_grid
-    from uvsam.errors import InputError
-
     with RasterSource(path, read) as src:
         f = max(1.0, math.sqrt(src.width * src.height / max_pixels))
         w, h = max(1, round(src.width / f)), max(1, round(src.height / f))
@@ -182,6 +181,4 @@ def pif_against(path, reference, read, stretch, normalisation: str, max_pixels: 
         linear = fit_pif(img, ref, valid)
     except ValueError as e:
         raise InputError(f"cannot normalise against the PIF reference ({e})", reference) from None
-    from uvsam.datasets import to_rgb
-
     return linear, measure([to_rgb(ref, reference)], [valid])

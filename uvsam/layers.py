@@ -20,10 +20,18 @@ import geopandas as gpd
 import pandas as pd
 import pyogrio
 
+from uvsam.config import FORMATS
 from uvsam.errors import InputError
 from uvsam.files import atomic_path
 
-FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "parquet": None, "fgb": "FlatGeobuf"}
+
+def check_format(fmt: str, layer: str, out: Path) -> None:
+    """Refuse an unknown format, or a layer name a GeoPackage cannot hold, before any work."""
+    if fmt not in FORMATS:
+        raise InputError(f"format {fmt!r}: use {', '.join(FORMATS)}", out, field="format")
+    problem = layer_problem(layer) if fmt == "gpkg" else None
+    if problem:
+        raise InputError(problem, out, field="layer")
 
 VILLAGE_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
 <qgis version="3.28.0" styleCategories="Symbology|Labeling">
@@ -113,14 +121,23 @@ def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidat
         pyogrio.write_dataframe(style, tmp, layer="layer_styles", driver="GPKG")
 
 
+def write_layers(out: Path, fmt: str, layer: str, villages: gpd.GeoDataFrame, candidates: gpd.GeoDataFrame,
+                 tiles: gpd.GeoDataFrame, run: dict) -> None:
+    """The output in ``fmt`` (:data:`FORMATS`): a GeoPackage gets every layer, the others the villages."""
+    if fmt == "gpkg":
+        write_geopackage(out, layer, villages, candidates, tiles, run)
+    else:
+        write_vector(out, fmt, villages)
+
+
 def write_vector(out: Path, fmt: str, villages: gpd.GeoDataFrame) -> None:
     """The villages alone as GeoJSON (always WGS84), GeoParquet or FlatGeobuf."""
     if fmt not in FORMATS or fmt == "gpkg":
-        raise InputError(f"--format {fmt!r}: use gpkg, geojson, parquet or fgb")
+        raise InputError(f"format {fmt!r}: use {', '.join(f for f in FORMATS if f != 'gpkg')}", out, field="format")
     with atomic_path(out) as tmp:
         if fmt == "parquet":
             villages.to_parquet(tmp)
         else:
             data = villages.to_crs("EPSG:4326") if fmt == "geojson" else villages
             tmp.unlink()
-            pyogrio.write_dataframe(data, tmp, driver=FORMATS[fmt])
+            pyogrio.write_dataframe(data, tmp, driver=FORMATS[fmt].driver)

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uvsam.labels import IGNORE
 from uvsam.modeling.uvsam import UVSAMOutput
-
-IGNORE = 255
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,23 @@ model stays reproducible.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from uvsam.checkpoint import load_tensors
+from uvsam.checkpoint import load_generalist, load_tensors
 from uvsam.errors import CheckpointError
 from uvsam.files import atomic_path, sha256_file
+from uvsam.generalist import GeneralistStatus, generalist_status
+from uvsam.harmonise import Radiometry
 from uvsam.modeling.sam import build_generalist
+from uvsam.modeling.specialist import Specialist
 from uvsam.modeling.uvsam import UVSAM, UVSAMConfig
+from uvsam.preprocess import InputSpec
+from uvsam.weights import resolve
 
 FORMAT = "uvsam-model"
 VERSION = 1
@@ -53,10 +60,69 @@ def save_model(path: str | Path, model: UVSAM, meta: dict, training: dict | None
         torch.save(payload, tmp)
 
 
-def read_model_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("model file does not exist", path)
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file as read (once per process, :meth:`read`): the train -> predict contract.
+
+    ``config`` (the network; the GSD is stored there only), ``inputs`` (bands, normalisation,
+    harmonisation and training radiometry: :class:`uvsam.preprocess.InputSpec`), the
+    generalist's identity (``generalist``: encoder, sha256, source, file), the native
+    resolution of the training imagery (``source_gsd_m``), the file's own ``sha256``, and
+    ``inferred``: fields an older file did not record and that were filled in.
+    """
+
+    path: Path
+    sha256: str
+    config: UVSAMConfig
+    inputs: InputSpec
+    generalist: dict
+    source_gsd_m: float | None
+    meta: dict
+    payload: dict = field(repr=False, compare=False)
+    inferred: tuple[str, ...] = ()
+
+    @property
+    def gsd_m(self) -> float:
+        return self.config.gsd_m
+
+    @property
+    def training(self) -> dict | None:
+        return self.payload.get("training")
+
+    @property
+    def status(self) -> GeneralistStatus:
+        """Whether its generalist's weights are the verified official ones."""
+        return generalist_status({"generalist": self.generalist}, self.config.encoder)
+
+    def record(self) -> dict:
+        """What outputs record of the model (runs table, evaluation JSON)."""
+        return {"file": str(self.path), "sha256": self.sha256, "encoder": self.config.encoder,
+                "specialist": self.config.specialist, "gsd_m": self.gsd_m, "generalist": self.generalist,
+                "epoch": self.meta.get("epoch"),
+                "inputs": {k: v for k, v in self.inputs.to_dict().items() if k != "radiometry"},
+                "inferred": list(self.inferred)}
+
+    @classmethod
+    def read(cls, path: str | Path) -> ModelFile:
+        """The model file at ``path``, read and hashed once per process (again only if it changed)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError("model file does not exist", path)
+        st = path.stat()
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _READ:
+            if len(_READ) >= 8:  # a long-lived process (a notebook, cross-validation) does not accumulate them
+                _READ.pop(next(iter(_READ)))
+            _READ[key] = _from_payload(path, *_load_payload(path))
+        return _READ[key]
+
+
+_READ: dict[tuple, ModelFile] = {}
+
+
+def _load_payload(path: Path) -> tuple[dict, str]:
+    """(payload, SHA-256): the file loaded once (memory-mapped: its tensors are read from the
+    page cache as they are used, never copied whole) and hashed once (:func:`sha256_file`)."""
     if path.stat().st_size == 0:
         raise CheckpointError("model file is empty (0 bytes)", path)
     try:
@@ -73,23 +139,45 @@ def read_model_file(path: str | Path) -> dict:
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"model file version {payload['version']} is newer than this uvsam reads "
                               f"({VERSION}); upgrade uvsam", path)
-    return payload
+    return payload, sha256_file(path)
 
 
-def generalist_file(payload: dict, path: str | Path, checkpoint: str | Path | None) -> Path | None:
+def _from_payload(path: Path, payload: dict, digest: str) -> ModelFile:
+    meta = dict(payload["meta"])
+    raw = dict(payload["config"])
+    inferred = []
+    if "gsd_m" not in raw and "gsd_m" in meta:  # the earliest files kept it beside the config only
+        raw["gsd_m"] = meta["gsd_m"]
+        inferred.append("gsd_m")
+    config = UVSAMConfig.from_dict(raw)
+    for name, default in (("normalisation", "auto"), ("bands", None), ("harmonise", False), ("source_gsd_m", None)):
+        if name not in meta:
+            meta[name] = default
+            inferred.append(name)
+    inputs = InputSpec(config.gsd_m, tuple(meta["bands"]) if meta["bands"] else None, meta["normalisation"],
+                       bool(meta["harmonise"]), Radiometry.from_dict(meta["radiometry"]))
+    source_gsd = meta["source_gsd_m"]
+    return ModelFile(path, digest, config, inputs, dict(meta["generalist"]),
+                     float(source_gsd) if source_gsd is not None else None, meta, payload, tuple(inferred))
+
+
+def read_model_file(path: str | Path) -> dict:
+    """The raw payload of a model file (see :class:`ModelFile`)."""
+    return ModelFile.read(path).payload
+
+
+def generalist_file(model: ModelFile, checkpoint: str | Path | None) -> Path | None:
     """The official weights file a model needs (``checkpoint``, else the cache), checked by
     SHA-256 against the one it was trained with; None when the model carries its generalist.
 
-    Cheap (a hash, no model built): ``uvsam predict`` calls it before any work.
+    Cheap (a hash, once per process, no model built): ``uvsam predict`` calls it before any work.
     """
-    config, gen = UVSAMConfig.from_dict(payload["config"]), payload["meta"]["generalist"]
+    config, gen, path = model.config, model.generalist, model.path
     if gen["source"] == "random":
         if checkpoint is not None:
             raise CheckpointError("the model carries its own generalist (trained without official weights); "
                                   "--checkpoint would not be used: leave it out", path)
         return None
-    from uvsam.weights import resolve
-
     file = Path(checkpoint) if checkpoint is not None else resolve(config.encoder)
     digest = sha256_file(file) if file.is_file() else None
     if digest != gen["sha256"]:
@@ -98,30 +186,22 @@ def generalist_file(payload: dict, path: str | Path, checkpoint: str | Path | No
     return file
 
 
-def load_model(path: str | Path, checkpoint: str | Path | None = None) -> tuple[UVSAM, dict]:
+def load_model(path: str | Path | ModelFile, checkpoint: str | Path | None = None) -> tuple[UVSAM, dict]:
     """Rebuild a trained model; ``checkpoint`` is the generalist's official file (else the cache)."""
-    payload = read_model_file(path)
-    config = UVSAMConfig.from_dict(payload["config"])
-    meta = payload["meta"]
-    file = generalist_file(payload, path, checkpoint)
+    model_file = path if isinstance(path, ModelFile) else ModelFile.read(path)
+    config, payload = model_file.config, model_file.payload
+    file = generalist_file(model_file, checkpoint)
     if file is None:
         generalist = build_generalist(config.encoder)
         generalist.load_state_dict(payload["generalist_state"])
     else:
-        from uvsam.checkpoint import load_generalist
-
         generalist = load_generalist(config.encoder, file)
-        generalist.weights_sha256 = meta["generalist"]["sha256"]
-    model = UVSAM(config, _specialist(config), generalist)
+        generalist.weights_sha256 = model_file.generalist["sha256"]
+    model = UVSAM(config, Specialist(config.specialist), generalist)
     missing, unexpected = model.load_state_dict(payload["state"], strict=False)
     missing = [k for k in missing if not k.startswith("generalist.")]
     if missing or unexpected:
         raise CheckpointError(f"model weights do not fit its config: {len(missing)} missing, "
-                              f"{len(unexpected)} unexpected ({', '.join((missing + unexpected)[:3])})", path)
-    return model.eval(), meta
-
-
-def _specialist(config: UVSAMConfig):
-    from uvsam.modeling.specialist import Specialist
-
-    return Specialist(config.specialist)
+                              f"{len(unexpected)} unexpected ({', '.join((missing + unexpected)[:3])})",
+                              model_file.path)
+    return model.eval(), model_file.meta

@@ -16,9 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,114 +26,23 @@ import torch.nn.functional as F
 
 from uvsam import __version__
 from uvsam.augment import View, photometric, random_view, render
+from uvsam.checkpoint import load_generalist
+from uvsam.config import TrainConfig
 from uvsam.datasets import LabelledScene, SceneArrays, load_scene, native_gsd, pair_scenes
-from uvsam.errors import InputError
+from uvsam.errors import ConfigError, InputError
 from uvsam.files import atomic_path, check_writable, sha256_file
-from uvsam.harmonise import Radiometry, histogram_match, measure
+from uvsam.folds import check_leakage, group_scenes, make_folds
+from uvsam.generalist import generalist_status
 from uvsam.inference import predict_scene
-from uvsam.losses import IGNORE, LossWeights, uvsam_loss
+from uvsam.labels import IGNORE
+from uvsam.losses import LossWeights, uvsam_loss
 from uvsam.metrics import SegmentationCounts
 from uvsam.modelfile import read_model_file, save_model
 from uvsam.modeling.sam import build_generalist
-from uvsam.modeling.specialist import INPUTS, Specialist, load_mit_weights
+from uvsam.modeling.specialist import Specialist, load_mit_weights
 from uvsam.modeling.uvsam import UVSAM, UVSAMConfig
-
-# Villages are block-scale objects: at 3.7 m (4x the 0.92 m of the UV-SAM Beijing data) the
-# specialist sees the texture of whole blocks, generalises across seasons far better and trains
-# 16x cheaper than at full resolution (docs/results.md).
-DEFAULT_GSD_M = 3.7
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on; written into the model file and checked on --resume."""
-
-    images: str
-    labels: str
-    out: str
-    val_images: str | None = None
-    val_labels: str | None = None
-    val_fraction: float = 0.0  # without --val-images: hold out this share of the training scenes
-    folds: int = 0  # spatial cross-validation: the scenes in this many folds of whole footprint groups...
-    fold: int = 0  # ...and this one (1-based) held out for validation (uvsam.folds)
-    encoder: str = "mobile_sam"
-    checkpoint: str | None = None  # the generalist's official weights; None: random (tests, demos)
-    specialist: str = "mit_b0"
-    mit_weights: str | None = None
-    fusion: str = "mlp"
-    # local contrast of each band: measured best of the recipes tried in leak-free cross-validation over the
-    # eight Beijing tiles, and above a plain RGB SegFormer with colour jitter on both seasons (docs/results.md)
-    specialist_input: str = "lcn_rgb"
-    lcn_sigma_m: float = 15.0
-    tune_decoder: bool = False
-    ladder: bool = False
-    min_area_m2: float | None = None  # None: the official 100 x 100 px of the official data (8,390 m^2)
-    gsd_m: float | None = DEFAULT_GSD_M  # None: the first training scene's native resolution
-    crop: int = 128
-    scale: tuple[float, float] = (0.75, 1.33)  # a view covers crop x this many px of the scene (scale augmentation)
-    batch_size: int = 8
-    epochs: int = 10
-    steps_per_epoch: int = 40
-    sam_epochs: int = 2
-    views_per_scene: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 1e-2
-    warmup_steps: int = 20
-    sam_weight: float = 1.0
-    ema: float = 0.98  # decay of the weight average the model file keeps (0: keep the last weights)
-    # Random colour, band mixing, grey, gamma and blur of the specialist's views: off by default, it
-    # lowered both the cross- and the same-season IoU over three seeds (docs/results.md, issue 9).
-    photometric: bool = False
-    # Train the UV-SAM path's epochs even with a generalist whose weights are not verified official
-    # ones (random, or an unknown SHA-256): without it those epochs train the specialist alone.
-    force_refine: bool = False
-    harmonise: bool = True
-    normalisation: str = "auto"
-    bands: tuple[int, ...] | None = None
-    labels_crs: str | None = None
-    seed: int = 0
-    val_window: int = 512
-
-    def __post_init__(self):
-        checks = [(self.crop >= 32, f"--crop {self.crop}: at least 32 px"),
-                  (self.batch_size >= 1, "--batch-size must be at least 1"),
-                  (self.epochs >= 1 and self.steps_per_epoch >= 1, "--epochs and --steps must be at least 1"),
-                  (0 <= self.sam_epochs <= self.epochs, f"--sam-epochs must be between 0 and --epochs ({self.epochs})"),
-                  (self.lr > 0 and self.weight_decay >= 0, "--lr must be positive, --weight-decay not negative"),
-                  (self.views_per_scene >= 1, "--views-per-scene must be at least 1"),
-                  (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
-                   f"--scale-aug {self.scale}: two positive factors, the smaller first"),
-                  (0 <= self.ema < 1, "--ema must be in [0, 1)"),
-                  (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-                  (self.folds == 0 or (self.folds >= 2 and 1 <= self.fold <= self.folds),
-                   f"fold {self.fold} of --folds {self.folds}: need 2 or more folds and a fold in 1..folds"),
-                  (not (self.folds and (self.val_images or self.val_fraction)),
-                   "--folds chooses the validation scenes itself: leave out --val-images and --val-fraction"),
-                  (self.gsd_m is None or self.gsd_m > 0, "--gsd must be positive"),
-                  (self.fusion in ("mlp", "add"), f"--fusion {self.fusion!r}: use mlp or add"),
-                  (self.specialist_input in INPUTS, f"--specialist-input {self.specialist_input!r}: use "
-                   f"{', '.join(INPUTS)}")]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["bands"] = list(self.bands) if self.bands else None
-        d["scale"] = list(self.scale)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        known.setdefault("photometric", True)  # recorded before it was a setting: it was always on
-        known.setdefault("force_refine", True)  # likewise: the UV-SAM path always trained
-        if known.get("bands"):
-            known["bands"] = tuple(known["bands"])
-        if known.get("scale"):
-            known["scale"] = tuple(known["scale"])
-        return cls(**known)
-
+from uvsam.preprocess import InputSpec, training_radiometry
+from uvsam.progress import Progress
 
 # Settings that may change on --resume without changing what is being trained.
 RESUMABLE = {"out", "val_images", "val_labels", "val_window", "checkpoint"}
@@ -160,34 +68,32 @@ def phase_lr_factor(step: int, warmup: int, total: int, sam_steps: int) -> float
 class PreparedData:
     train: list[SceneArrays]
     val: list[SceneArrays]
-    gsd_m: float
-    radiometry: Radiometry
-    stretch: list[dict]
+    inputs: InputSpec  # what the model will record: GSD, bands, normalisation, training radiometry
 
+    @property
+    def gsd_m(self) -> float:
+        return self.inputs.gsd_m
 
-def harmonise_scene(scene: SceneArrays, reference: Radiometry) -> None:
-    valid = scene.labels != IGNORE
-    source = measure([scene.image], [valid])
-    scene.image = histogram_match(scene.image, source, reference, valid)
+    @property
+    def stretch(self) -> list[dict]:
+        return [s.stretch.to_dict() for s in self.train]
 
 
 def split_scenes(cfg: TrainConfig, pairs: list[LabelledScene], log=print) -> tuple[list, list]:
     """(training, validation) scenes; validation never overlaps or touches training (uvsam.folds)."""
-    from uvsam.folds import check_leakage, group_scenes, make_folds
-
     if cfg.folds:
         held = set(make_folds([p.image for p in pairs], cfg.folds)[cfg.fold - 1])
     elif cfg.val_images:
         if not cfg.val_labels:
-            raise InputError("--val-images needs --val-labels")
+            raise ConfigError("are needed with the validation images", field="val_labels")
         val_pairs = pair_scenes(cfg.val_images, cfg.val_labels)
         check_leakage([p.image for p in pairs], [p.image for p in val_pairs])
         return pairs, val_pairs
     elif cfg.val_fraction > 0:
         groups = group_scenes([p.image for p in pairs])
         if len(groups) < 2:
-            raise InputError("--val-fraction: every training scene overlaps or touches another; no scene can be "
-                             "held out without leakage (give --val-images from elsewhere)", cfg.images)
+            raise ConfigError("cannot hold out a scene: every training scene overlaps or touches another "
+                              "(give validation images from elsewhere)", cfg.images, field="val_fraction")
         n_val = min(len(pairs) - 1, max(1, round(cfg.val_fraction * len(pairs))))
         held: set[int] = set()
         for g in np.random.default_rng([cfg.seed, 11]).permutation(len(groups)).tolist():
@@ -206,30 +112,24 @@ def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
     pairs = pair_scenes(cfg.images, cfg.labels)
     gsd = cfg.gsd_m or native_gsd(pairs[0].image)
 
-    def load(ps: list[LabelledScene]) -> list[SceneArrays]:
-        return [load_scene(p, gsd, cfg.bands, cfg.normalisation, cfg.labels_crs) for p in ps]
-
     pairs, val_pairs = split_scenes(cfg, pairs, log)
-    train = load(pairs)
-    val = load(val_pairs)
-    radiometry = measure([s.image for s in train], [s.labels != IGNORE for s in train])
-    if cfg.harmonise:
-        for s in train + val:
-            harmonise_scene(s, radiometry)
+    # the training radiometry first (every scene is matched to it), from the overviews predict reads too
+    base = InputSpec(gsd, cfg.bands, cfg.normalisation, cfg.harmonise)
+    spec = replace(base, radiometry=training_radiometry([p.image for p in pairs], base))
+    train = [load_scene(p, spec, cfg.labels_crs) for p in pairs]
+    val = [load_scene(p, spec, cfg.labels_crs) for p in val_pairs]
     labelled = sum(int((s.labels != IGNORE).sum()) for s in train)
     village = sum(int((s.labels == 1).sum()) for s in train)
     if village == 0:
         raise InputError("the training labels hold no village pixel", cfg.labels)
     log(f"training on {len(train)} scenes ({labelled / 1e6:.2f} Mpx labelled, {100 * village / max(labelled, 1):.1f}% "
         f"village) at {gsd:.3f} m/px; {len(val)} validation scenes")
-    return PreparedData(train, val, gsd, radiometry, [s.stretch.to_dict() for s in train])
+    return PreparedData(train, val, spec)
 
 
 def build_model(cfg: TrainConfig, gsd_m: float, log=print, generalist=None) -> tuple[UVSAM, dict]:
     """The model to train; ``generalist``: the official one, already loaded from ``cfg.checkpoint``."""
     if cfg.checkpoint:
-        from uvsam.checkpoint import load_generalist
-
         generalist = generalist or load_generalist(cfg.encoder, cfg.checkpoint)
         digest = sha256_file(cfg.checkpoint)
         generalist.weights_sha256 = digest
@@ -310,28 +210,6 @@ def validate(model: UVSAM, scenes: list[SceneArrays], full: bool, window: int) -
     return {k: c.summary() for k, c in counts.items()}
 
 
-class _Progress:
-    """One line on a terminal (loss, speed, ETA); a line per epoch otherwise."""
-
-    def __init__(self, total: int, done: int):
-        self.total, self.done, self.t0, self.start = total, done, time.monotonic(), done
-        self.tty = sys.stderr.isatty()
-
-    def step(self, epoch: int, loss: float) -> None:
-        self.done += 1
-        if not self.tty:
-            return
-        rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
-        eta = (self.total - self.done) / max(rate, 1e-9)
-        sys.stderr.write(f"\repoch {epoch + 1} step {self.done}/{self.total} loss {loss:.4f} "
-                         f"{rate:.2f} it/s ETA {int(eta // 60)}m{int(eta % 60):02d}s ")
-        sys.stderr.flush()
-
-    def end_epoch(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -357,22 +235,21 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     payload = None
     if resume:
         if not out.exists():
-            raise InputError("--resume: there is no model file to resume", out)
+            raise ConfigError("there is no model file to resume", out, field="resume")
         payload = read_model_file(out)
         if "training" not in payload:
-            raise InputError("--resume: the model file holds no training state", out)
+            raise ConfigError("the model file holds no training state", out, field="resume")
         before = TrainConfig.from_dict(payload["training"]["config"])
         changed = [f.name for f in fields(cfg) if f.name not in RESUMABLE
                    and getattr(before, f.name) != getattr(cfg, f.name)]
         if changed:
-            raise InputError(f"--resume with different settings ({', '.join(changed)}); start a new run instead", out)
+            raise ConfigError(f"with different settings ({', '.join(changed)}); start a new run instead", out,
+                              field="resume")
     elif out.exists():
         raise InputError("exists; give --resume to continue its training, or another --out", out)
 
     generalist = None
     if cfg.checkpoint:  # a wrong or broken weights file is refused before the data are read
-        from uvsam.checkpoint import load_generalist
-
         generalist = load_generalist(cfg.encoder, cfg.checkpoint)
     data = prepare_data(cfg, log)
     model, generalist_meta = build_model(cfg, data.gsd_m, log, generalist)
@@ -407,11 +284,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     if average is not None and payload is not None and "average" in payload["training"]:
         average.shadow = dict(payload["training"]["average"])
     weights = LossWeights(sam=cfg.sam_weight)
-    progress = _Progress(total, start * cfg.steps_per_epoch)
-    meta = {"generalist": generalist_meta, "gsd_m": data.gsd_m,
+    progress = Progress(total, "step", done=start * cfg.steps_per_epoch)
+    meta = {"generalist": generalist_meta,  # the GSD is the config's (UVSAMConfig.gsd_m), stored once
             "source_gsd_m": float(np.median([native_gsd(s.path) for s in data.train])),
-            "radiometry": data.radiometry.to_dict(),
+            "radiometry": data.inputs.radiometry.to_dict(),
             "harmonise": cfg.harmonise, "normalisation": cfg.normalisation, "stretch": data.stretch,
+            "preprocessing": [{"scene": s.path.name, **s.preprocessing.to_dict()} for s in data.train],
             "bands": list(cfg.bands) if cfg.bands else None, "uvsam_version": __version__,
             "torch_version": str(torch.__version__), "train_config": cfg.to_dict()}
 
@@ -456,8 +334,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
                               "sam_path": int(sam_on), **{f"loss_{k}": v for k, v in row.items()}})
             if tb is not None:
                 tb.add_scalar("loss/total", row["total"], gstep)
-            progress.step(epoch, row["total"])
-        progress.end_epoch()
+            progress.advance(1, epoch=epoch + 1, loss=row["total"])
+        progress.line_break()
         epoch_row = {"epoch": epoch + 1, "sam_path": int(sam_on), "seconds": round(time.monotonic() - t0, 2),
                      "lr": sched.get_last_lr()[0],
                      **{f"train_{k}": v / cfg.steps_per_epoch for k, v in sums.items()},
@@ -497,8 +375,6 @@ def uvsam_path_epochs(cfg: TrainConfig, generalist_meta: dict, log=print) -> int
     and teach the fusion head to prompt noise) unless ``cfg.force_refine``; none without a loss."""
     if cfg.sam_weight <= 0 or cfg.sam_epochs == 0:
         return 0
-    from uvsam.generalist import generalist_status
-
     status = generalist_status({"generalist": generalist_meta}, cfg.encoder)
     if status.verified or cfg.force_refine:
         return cfg.sam_epochs

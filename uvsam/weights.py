@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from uvsam.checkpoint import load_generalist
 from uvsam.errors import WeightsError
 from uvsam.files import atomic_path, sha256_file
 from uvsam.modeling.registry import ENCODERS, EncoderSpec, get_spec
@@ -198,8 +199,6 @@ def _find_member(z: zipfile.ZipFile, member: str) -> str:
 
 def import_file(name: str, file: str | Path, sha256: str | None = None) -> Path:
     """Check a local checkpoint file (digest and structure) and copy it into the cache."""
-    from uvsam.checkpoint import load_generalist
-
     spec = get_spec(name)
     src = Path(file)
     if not src.is_file():

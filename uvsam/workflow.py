@@ -11,14 +11,22 @@ The workflow's own text is stored in the output's ``runs`` table with every year
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Literal
+from typing import get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from uvsam.errors import InputError, OutputError
+from uvsam.config import FORMATS, PredictConfig
+from uvsam.errors import InputError, OutputError, UvsamError
 from uvsam.files import check_writable
-from uvsam.predict import PredictConfig
+from uvsam.layers import layer_problem
+from uvsam.predict import dry_run as estimate
+from uvsam.predict import find_scenes, model_info, prepare_scene, run_prediction, runs_in_process
+from uvsam.predict.distributed import dask_runner, make_client, register_model
+
+_HINTS = get_type_hints(PredictConfig)
 
 
 class Strict(BaseModel):
@@ -35,8 +43,6 @@ class Year(Strict):
     @field_validator("layer")
     @classmethod
     def _layer(cls, v: str) -> str:
-        from uvsam.layers import layer_problem
-
         problem = layer_problem(v)
         if problem:
             raise ValueError(problem)
@@ -56,20 +62,11 @@ class Execution(Strict):
     scheduler: str | None = Field(default=None, pattern=r"^(tcp|tls|inproc|ws|wss)://")
 
 
-class PredictOptions(Strict):
-    """The ``uvsam predict`` options a workflow may set (defaults: those of the command)."""
-
-    tile: int = PredictConfig.tile
-    overlap: int = PredictConfig.overlap
-    batch_size: int = PredictConfig.batch_size
-    threshold: float = PredictConfig.threshold
-    refine: bool = PredictConfig.refine
-    force_refine: bool = PredictConfig.force_refine
-    force: bool = PredictConfig.force
-    window: int = PredictConfig.window
-    min_area_m2: float = PredictConfig.min_area_m2
-    simplify_m: float | None = PredictConfig.simplify_m
-    pif_reference: str | None = PredictConfig.pif_reference  # relative to the workflow file
+# The ``uvsam predict`` options a workflow may set: every PredictConfig field but the per-year
+# date, with its type and default (one source of truth: the schema cannot drift from the command).
+PredictOptions = create_model(
+    "PredictOptions", __base__=Strict,
+    **{f.name: (_HINTS[f.name], f.default) for f in fields(PredictConfig) if f.name != "acquired"})
 
 
 class Workflow(Strict):
@@ -79,11 +76,18 @@ class Workflow(Strict):
     model: Path
     checkpoint: Path | None = None
     out: Path
-    format: Literal["gpkg", "geojson", "parquet", "fgb"] = "gpkg"
+    format: str = "gpkg"  # one of uvsam.config.FORMATS
     crs: str | None = None
     predict: PredictOptions = PredictOptions()
     execution: Execution = Execution()
     years: list[Year] = Field(min_length=1)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"{v!r}: use {', '.join(FORMATS)}")
+        return v
 
     @model_validator(mode="after")
     def _layers(self):
@@ -104,8 +108,6 @@ def load(path: str | Path) -> tuple[Workflow, str]:
 
     Raises :class:`InputError` naming the file and every problem found, with its place.
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise InputError("workflow file does not exist", path)
@@ -132,7 +134,7 @@ def load(path: str | Path) -> tuple[Workflow, str]:
         wf = wf.model_copy(update={"predict": wf.predict.model_copy(update={"pif_reference": str(base / ref)})})
     try:
         [wf.config(y) for y in wf.years]  # the prediction options checked together
-    except InputError as e:
+    except UvsamError as e:
         raise InputError(f"predict: {e}", path) from None  # with the file it names, if any
 
     def resolve(p: Path | None) -> Path | None:
@@ -157,9 +159,6 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
 
     ``local``, ``workers`` and ``scheduler`` override the file's ``execution`` section.
     """
-    from uvsam.predict import dry_run as estimate
-    from uvsam.predict import find_scenes, model_info, prepare_scene, run_prediction, runs_in_process
-
     wf, text = load(path)
     found = [find_scenes(y.scenes) for y in wf.years]  # every scene of every year is found,
     info = model_info(wf.model, wf.checkpoint)
@@ -189,8 +188,6 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
 
     if local:
         return each()
-    from uvsam.distributed import dask_runner, make_client, register_model
-
     with make_client(scheduler or ex.scheduler, workers or ex.workers) as client:
         register_model(client, model_info(wf.model, wf.checkpoint))
         return each(dask_runner(client))

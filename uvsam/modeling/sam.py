@@ -15,6 +15,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 from torch import nn
 
 from uvsam.modeling.common import set_norm_eps
+from uvsam.modeling.efficient_sam import EfficientSamMaskDecoder, EfficientSamPromptEncoder
 from uvsam.modeling.registry import EncoderSpec, get_spec
 
 
@@ -177,7 +178,6 @@ def build_generalist(name_or_spec: str | EncoderSpec) -> Generalist:
     """Build a generalist with random weights; load published ones with ``uvsam.checkpoint``."""
     spec = get_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
     if spec.decoder == "efficient_sam":
-        from uvsam.modeling.efficient_sam import EfficientSamMaskDecoder, EfficientSamPromptEncoder
 
         prompt_encoder = EfficientSamPromptEncoder(256, (64, 64), (spec.prompt_frame, spec.prompt_frame))
         model = Generalist(spec, spec.build_encoder(), prompt_encoder, EfficientSamMaskDecoder())

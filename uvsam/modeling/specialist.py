@@ -39,13 +39,15 @@ class Specialist(nn.Module):
         self.variant = variant
         self.net = smp.Segformer(variant, encoder_weights=None, classes=classes,
                                  decoder_segmentation_channels=FEATURE_CHANNELS)
+        self.reordered = True  # fuse the decoder's stages by :func:`fuse_features`; False: smp's own order
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = x.shape[-2:]
         ph, pw = -h % _STRIDE, -w % _STRIDE
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-        fused = fuse_features(self.net.decoder, self.net.encoder(x))
+        features = self.net.encoder(x)
+        fused = fuse_features(self.net.decoder, features) if self.reordered else self.net.decoder(features)
         logits = self.net.segmentation_head(fused)
         return logits[..., :h, :w], fused
 

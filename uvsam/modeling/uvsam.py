@@ -5,7 +5,7 @@ Data flow for one batch of (B, 3, H, W) images on the 0..255 scale:
 1. the specialist gives village logits (B, 2, H, W) and its fused feature (B, 256, h, w);
 2. the generalist's frozen encoder gives (B, 256, 64, 64) embeddings (cacheable: they depend
    only on the image), optionally corrected by SAM-LST's ladder side network;
-3. prompts (:mod:`uvsam.prompts`): one box per predicted village, the pooled log-odds as the
+3. prompts (:mod:`uvsam.modeling.prompts`): one box per predicted village, the pooled log-odds as the
    dense mask prompt, and the two semantic prompts;
 4. the box tokens are fused with the semantic prompts (:class:`PromptFusion`) and the large
    villages of an image are decoded in batched mask-decoder calls (``decode_chunk`` a call);
@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uvsam.modeling.fusion import LadderSideNetwork, PromptFusion
-from uvsam.modeling.sam import Generalist, build_generalist
-from uvsam.modeling.specialist import Specialist, specialist_input
-from uvsam.prompts import (
+from uvsam.modeling.prompts import (
     MASK_PROMPT_SIZE,
     OFFICIAL_GSD_M,
     min_area_m2,
@@ -36,6 +34,8 @@ from uvsam.prompts import (
     village_boxes,
     village_log_odds,
 )
+from uvsam.modeling.sam import Generalist, build_generalist
+from uvsam.modeling.specialist import Specialist, specialist_input
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # the specialist's input normalisation, 0..255 scale
 IMAGENET_STD = (58.395, 57.12, 57.375)

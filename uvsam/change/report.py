@@ -18,9 +18,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import shapely
+from affine import Affine
+from PIL import Image, ImageDraw
+from pyproj import Transformer
+from rasterio.warp import transform_bounds
 
-from uvsam.change import ChangeResult
+from tiles.reader import RasterSource
+from uvsam.change.track import ChangeResult
 from uvsam.errors import InputError
+from uvsam.files import atomic_path
+from uvsam.raster import to_rgb
 
 COLOURS = {"new": "#1a9850", "demolished": "#d73027", "expanded": "#fc8d59", "shrunk": "#74add1",
            "stable": "#9e9e9e", "split": "#984ea3", "merged": "#4575b4"}
@@ -111,40 +118,35 @@ def bar_chart(labels: list[str], series: dict[str, list[float]], unit: str, widt
 # -- thumbnails -------------------------------------------------------------------------------
 def thumbnail(image: Path, bounds, crs, outlines: list, colour: tuple[int, int, int]) -> str | None:
     """A PNG data URI of ``image`` over ``bounds`` (in ``crs``) with ``outlines`` drawn, or None
-    where the image does not cover the place."""
-    import rasterio
-    from PIL import Image, ImageDraw
-    from rasterio.warp import transform_bounds
-    from rasterio.windows import from_bounds
-
-    with rasterio.open(image) as ds:
-        if ds.crs is None:
+    where the image does not cover the place. Read through the one reader (bands by colour
+    interpretation, validity from the image's own mask)."""
+    with RasterSource(image) as src:
+        if src.crs is None:
             raise InputError("image has no CRS", image)
-        b = transform_bounds(crs, ds.crs, *bounds)
-        win = from_bounds(*b, transform=ds.transform)
-        f = max(win.width, win.height) / THUMB
+        image_crs = src.crs
+        b = transform_bounds(crs, image_crs, *bounds)
+        w_px, h_px = (b[2] - b[0]) / abs(src.transform.a), (b[3] - b[1]) / abs(src.transform.e)
+        f = max(w_px, h_px) / THUMB
         if f <= 0:
             return None
-        shape = (max(1, round(win.height / f)), max(1, round(win.width / f)))
-        bands = [1, 2, 3] if ds.count >= 3 else [1, 1, 1]
-        data = ds.read(bands, window=win, out_shape=(3, *shape), boundless=True, fill_value=0).astype(np.float32)
-        if not np.any(data):
-            return None
-        lo, hi = np.percentile(data[data > 0], [2, 98]) if np.any(data > 0) else (0.0, 1.0)
-        rgb = np.clip((data - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
-        rgb[:, ~np.any(data, axis=0)] = 235  # outside the imagery: light grey, not black ground
-        img = Image.fromarray(np.moveaxis(rgb, 0, -1))
-        wt = ds.window_transform(win)
+        h, w = max(1, round(h_px / f)), max(1, round(w_px / f))
+        grid = Affine((b[2] - b[0]) / w, 0, b[0], 0, -(b[3] - b[1]) / h, b[3])
+        data, valid = src.read_on_grid(image_crs, grid, w, h, resampling="bilinear")
+    if not valid.any():
+        return None
+    data = to_rgb(data, image)
+    lo, hi = np.percentile(data[:, valid], [2, 98])
+    rgb = np.clip((data - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    rgb[:, ~valid] = 235  # outside the imagery: light grey, not black ground
+    img = Image.fromarray(np.moveaxis(rgb, 0, -1))
     draw = ImageDraw.Draw(img)
-    inv = ~wt
-    from pyproj import Transformer
-
-    to_img = Transformer.from_crs(crs, ds.crs, always_xy=True)
+    inv = ~grid
+    to_img = Transformer.from_crs(crs, image_crs, always_xy=True)
     for geom in outlines:
         for poly in shapely.get_parts(geom):
             for ring in [poly.exterior, *poly.interiors]:
                 xs, ys = to_img.transform(*np.asarray(ring.coords).T)
-                pts = [tuple(np.array(inv @ (x, y)) / f) for x, y in zip(xs, ys, strict=True)]
+                pts = [tuple(np.array(inv @ (x, y))) for x, y in zip(xs, ys, strict=True)]
                 draw.line(pts, fill=colour, width=2)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -241,8 +243,6 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
 def write_report(path: str | Path, result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
                  images: dict[str, Path] | None = None) -> Path:
     """Write the report atomically."""
-    from uvsam.files import atomic_path
-
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError("report folder does not exist", path.parent)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
-from uvsam.predict import ModelInfo, get_model
+from uvsam.predict.model import ModelInfo, get_model
 
 
 class ModelPlugin(WorkerPlugin):

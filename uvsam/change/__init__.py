@@ -1,0 +1,24 @@
+"""Multi-year change analysis, a package of its steps in the order data flows:
+
+=================  ===================================================================
+:mod:`.sources`    each year's village layer and imagery
+:mod:`.track`      lifecycles and persistent ids in one equal-area analysis CRS
+:mod:`.summaries`  per district, per distance ring, agreement of two years
+:mod:`.imagery`    co-registration and colour-only change between years
+:mod:`.outputs`    the GeoPackage and CSVs
+:mod:`.report`     the HTML report for decision makers
+:mod:`.run`        ``uvsam change``
+=================  ===================================================================
+"""
+
+from uvsam.change.imagery import check_consistency, coregistration
+from uvsam.change.outputs import write_outputs
+from uvsam.change.report import write_report
+from uvsam.change.run import run_change
+from uvsam.change.sources import YearLayer, parse_images, parse_spec, read_layer
+from uvsam.change.summaries import by_district, by_ring, village_area_iou
+from uvsam.change.track import LIFECYCLES, ChangeConfig, ChangeResult, analysis_crs, track
+
+__all__ = ["LIFECYCLES", "ChangeConfig", "ChangeResult", "YearLayer", "analysis_crs", "by_district", "by_ring",
+           "check_consistency", "coregistration", "parse_images", "parse_spec", "read_layer", "run_change",
+           "track", "village_area_iou", "write_outputs", "write_report"]

@@ -1,0 +1,57 @@
+"""``uvsam change``: read the years, track, summarise, check the imagery, write (and report)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyogrio
+
+from uvsam import __version__
+from uvsam.change.imagery import check_consistency, coregistration
+from uvsam.change.outputs import write_outputs
+from uvsam.change.report import write_report
+from uvsam.change.sources import parse_images, read_layer
+from uvsam.change.summaries import by_district, by_ring
+from uvsam.change.track import LIFECYCLES, ChangeConfig, track
+from uvsam.errors import InputError
+from uvsam.files import check_writable
+
+
+def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConfig(),
+               districts: str | Path | None = None, district_field: str | None = None,
+               centre: tuple[float, float] | None = None, ring_km: float = 2.0, crs: str | None = None,
+               report: str | Path | None = None, images: list[str] | None = None, max_shift_m: float = 5.0,
+               log=print) -> dict:
+    """``uvsam change``: read the years, track, aggregate, write (and report); returns a summary.
+
+    ``images``: ``YEAR=RASTER`` specs: their co-registration is checked for consecutive years
+    (a warning through ``log`` above ``max_shift_m``) and the report's thumbnails show them.
+    """
+    layers = [read_layer(s) for s in specs]
+    pictures = parse_images(images or [], [ly.year for ly in layers])
+    check_writable(out)
+    if report is not None:
+        check_writable(report)
+    result = track(layers, cfg)
+    tables: dict[str, pd.DataFrame] = {}
+    if districts is not None:
+        if not Path(districts).is_file():
+            raise InputError("districts file does not exist", districts)
+        tables["districts"] = by_district(result.villages, pyogrio.read_dataframe(districts), district_field)
+    if centre is not None:
+        tables["rings"] = by_ring(result.villages, centre, ring_km)
+    coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
+    consistency = check_consistency(result, pictures, log)
+    counts = result.changes["lifecycle"].value_counts().to_dict() if len(result.changes) else {}
+    run = {"years": [ly.year for ly in layers], "sources": [ly.source for ly in layers], "config": cfg.to_dict(),
+           "analysis_crs": result.crs.to_wkt(), "districts": str(districts) if districts else None,
+           "centre": list(centre) if centre else None, "ring_km": ring_km if centre else None,
+           "images": {y: str(p) for y, p in pictures.items()}, "coregistration": coreg, "consistency": consistency,
+           "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    files = write_outputs(out, result, tables, run, crs)
+    if report is not None:
+        files.append(write_report(report, result, tables, run, pictures))
+    return {"out": str(out), "files": [str(f) for f in files], "years": run["years"], "coregistration": coreg,
+            "consistency": consistency, "lifecycles": {k: int(counts.get(k, 0)) for k in LIFECYCLES}}

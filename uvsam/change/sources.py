@@ -1,0 +1,87 @@
+"""The inputs of a change analysis: each year's village layer (``YEAR=FILE[:LAYER]``) and imagery (``YEAR=RASTER``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas as gpd
+import pyogrio
+import shapely
+
+from tiles.reader import RasterSource
+from uvsam.errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class YearLayer:
+    """One year's villages: a label (``2020``), where they came from, and the polygons."""
+
+    year: str
+    source: str
+    villages: gpd.GeoDataFrame
+
+
+def parse_spec(spec: str) -> tuple[str, Path, str | None]:
+    """``YEAR=FILE[:LAYER]`` -> (year, file, layer or None)."""
+    if "=" not in spec:
+        raise InputError(f"{spec!r}: give YEAR=FILE or YEAR=FILE:LAYER (e.g. 2020=villages.gpkg:y2020)")
+    year, rest = spec.split("=", 1)
+    path, layer = Path(rest), None
+    if not path.exists() and ":" in rest:
+        head, tail = rest.rsplit(":", 1)
+        path, layer = Path(head), tail or None
+    if not year.strip():
+        raise InputError(f"{spec!r}: the year label is empty")
+    return year.strip(), path, layer
+
+
+def read_layer(spec: str) -> YearLayer:
+    """The polygons of one ``YEAR=FILE[:LAYER]`` (any OGR polygon layer; one-layer files need no name)."""
+    year, path, layer = parse_spec(spec)
+    if not path.is_file():
+        raise InputError("file does not exist", path)
+    try:
+        layers = [name for name, _ in pyogrio.list_layers(path)]
+    except Exception as e:  # noqa: BLE001 - not a vector file
+        raise InputError(f"not a vector file GDAL can read ({str(e).splitlines()[0][:120]})", path) from None
+    if layer is None:
+        candidates = [n for n in layers if n not in ("runs", "layer_styles") and not n.endswith(("_candidates",
+                                                                                                 "_tiles"))]
+        candidates = [n for n in candidates if n not in ("candidates", "tiles")]
+        if len(candidates) != 1:
+            raise InputError(f"holds layers {', '.join(layers)}: name one as {year}={path}:LAYER", path)
+        layer = candidates[0]
+    elif layer not in layers:
+        raise InputError(f"has no layer {layer!r} (layers: {', '.join(layers)})", path)
+    gdf = pyogrio.read_dataframe(path, layer=layer)
+    if gdf.crs is None:
+        raise InputError(f"layer {layer!r} has no CRS", path)
+    kinds = set(gdf.geometry.geom_type.dropna())
+    if not kinds <= {"Polygon", "MultiPolygon"}:
+        raise InputError(f"layer {layer!r} holds {', '.join(sorted(kinds))}, not polygons", path)
+    gdf = gdf[~gdf.geometry.is_empty & gdf.geometry.notna()].copy()
+    gdf["geometry"] = shapely.make_valid(gdf.geometry.values)
+    gdf = gdf.explode(index_parts=False, ignore_index=True)
+    gdf = gdf[gdf.geometry.geom_type == "Polygon"].reset_index(drop=True)
+    return YearLayer(year, f"{path}:{layer}", gdf)
+
+
+def parse_images(specs: list[str], years: list[str]) -> dict[str, Path]:
+    """``YEAR=RASTER`` specs -> {year: path}, each year one of ``years`` and each file present."""
+    out = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"{spec!r}: give YEAR=RASTER", field="image")
+        year, path = spec.split("=", 1)
+        if year not in years:
+            raise ConfigError(f"{spec!r}: year {year!r} is not one of {', '.join(years)}", field="image")
+        if not Path(path).is_file():
+            raise InputError("image does not exist", path)
+        with RasterSource(path) as src:  # readable, whole and georeferenced, before any work
+            if src.crs is None:
+                raise InputError("image has no CRS", path)
+            if not src.read_overview(250_000)[1].any():
+                raise InputError("image has no valid pixels (all nodata or NaN)", path)
+        out[year] = Path(path)
+    return out

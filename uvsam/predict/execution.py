@@ -1,0 +1,48 @@
+"""Where prediction's tasks run: in this process or on Dask (:mod:`uvsam.predict.distributed`),
+and how finished tasks are journaled so an interrupted run resumes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+Runner = Callable[[Callable, Iterable[tuple]], Iterator]
+
+
+LOCAL_CLUSTER_MIN_CORES = 8
+
+
+def runs_in_process(local: bool | None, scheduler: str | None = None, workers: int | None = None) -> bool:
+    """Where a prediction runs when the user did not say (``local`` None): on a named scheduler
+    or a requested number of workers, Dask; otherwise in this process on machines with fewer
+    than ``LOCAL_CLUSTER_MIN_CORES`` cores, where one model's threads already use every core and
+    a local cluster only adds processes and memory (docs/benchmarks.md), else a local cluster."""
+    if local is not None:
+        return local
+    if scheduler or workers:
+        return False
+    return (os.cpu_count() or 1) < LOCAL_CLUSTER_MIN_CORES
+
+
+def run_local(fn: Callable, arg_list: Iterable[tuple]) -> Iterator:
+    """Run tasks in this process, in order (the runner used without a cluster)."""
+    for args in arg_list:
+        yield fn(*args)
+
+
+def run_journaled(runner: Runner, fn: Callable, arg_list: list[tuple], keys: list[str], exists: Callable,
+                  load: Callable, save: Callable) -> Iterator:
+    """``runner`` over the tasks the journal does not hold yet; all results in order.
+
+    Finished results are read back lazily, so memory holds no more than the runner does.
+    """
+    todo = [i for i, k in enumerate(keys) if not exists(k)]
+    computed = iter(zip(todo, runner(fn, (arg_list[i] for i in todo)), strict=True))
+    pending = set(todo)
+    for i, key in enumerate(keys):
+        if i in pending:
+            j, result = next(computed)
+            save(keys[j], result)
+            yield result
+        else:
+            yield load(key)

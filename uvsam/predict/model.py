@@ -1,0 +1,59 @@
+"""The model as prediction's workers need it: a small picklable :class:`ModelInfo`, and the
+network loaded once per process (:func:`get_model`; a Dask worker plugin preloads it).
+
+Both come from one read of the model file (:class:`uvsam.modelfile.ModelFile`, cached per
+process) and one hash of the generalist's weights file (:func:`uvsam.files.sha256_file`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from uvsam.config import PredictConfig
+from uvsam.modelfile import ModelFile, generalist_file, load_model
+from uvsam.preprocess import InputSpec
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the workers need to know of the model to prepare inputs (picklable, small)."""
+
+    path: str
+    checkpoint: str | None
+    sha256: str
+    inputs: InputSpec
+    min_area_m2: float
+    generalist_verified: bool = False
+    generalist_note: str = ""
+    training_gsd_m: float | None = None  # native resolution of the training imagery (None: recorded before it was)
+
+    @property
+    def gsd_m(self) -> float:
+        return self.inputs.gsd_m
+
+
+_MODELS: dict[tuple[str, str | None, str], object] = {}
+
+
+def get_model(info: ModelInfo):
+    """The model, loaded once per process (a Dask worker plugin preloads it)."""
+    key = (info.path, info.checkpoint, info.sha256)
+    if key not in _MODELS:
+        _MODELS.clear()  # one model a process: a new one replaces the last
+        _MODELS[key] = load_model(ModelFile.read(info.path), info.checkpoint)[0]
+    return _MODELS[key]
+
+
+def model_info(path: str | Path, checkpoint: str | Path | None = None) -> ModelInfo:
+    """The model file's :class:`ModelInfo`; its generalist's weights are checked (by SHA-256) first."""
+    model = ModelFile.read(path)
+    generalist_file(model, checkpoint)  # the right weights are there, before any work
+    status = model.status
+    return ModelInfo(str(path), str(checkpoint) if checkpoint else None, model.sha256, model.inputs,
+                     model.config.min_area, status.verified, status.note, model.source_gsd_m)
+
+
+def refines(cfg: PredictConfig, info: ModelInfo) -> bool:
+    """Whether the generalist redraws candidates: asked for, and verified weights or forced."""
+    return cfg.refine and (info.generalist_verified or cfg.force_refine)

@@ -1,0 +1,61 @@
+"""One scene through prediction's steps, in the order data flows:
+
+1. **specialist** (:mod:`.specialist`): overlapping tiles at the model's GSD, read and
+   preprocessed as in training, their village probabilities blended into a mosaic (a COG);
+2. **candidates** (:mod:`.candidates`): the thresholded mosaic polygonised in square blocks;
+3. **generalist** (:mod:`.refine`): each candidate large enough redrawn in a window centred on
+   it, the outline judged against the candidate;
+4. **polygons** (:mod:`.assemble`): cleaned, merged, measured.
+
+Tasks (tile batches, refinement windows) run through a runner (:mod:`.execution`: in process or
+on Dask) and are journaled (:mod:`.journal`), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from uvsam.config import PredictConfig
+from uvsam.errors import InputError
+from uvsam.predict.assemble import SceneResult, assemble, mean_probability
+from uvsam.predict.candidates import candidates_from_mosaic
+from uvsam.predict.execution import Runner, run_local
+from uvsam.predict.journal import Journal, scene_identity
+from uvsam.predict.model import ModelInfo, refines
+from uvsam.predict.refine import refine_candidates
+from uvsam.predict.scene import close_sources, prepare_scene
+from uvsam.predict.specialist import specialist_mosaic
+from uvsam.progress import stage
+
+
+def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir: Path,
+                  runner: Runner = run_local, progress: Callable[[str, int], None] | None = None,
+                  prepared: tuple | None = None) -> SceneResult:
+    """Run the four steps on one scene; the probability mosaic is written into ``workdir``.
+
+    Finished tasks are journaled in ``workdir``: an interrupted run, run again, skips them.
+    ``progress(stage, n)`` is called as tiles and windows finish. ``prepared``: the scene's
+    :func:`~uvsam.predict.scene.prepare_scene` when the caller has it already.
+    """
+    path = Path(path)
+    scene, prep = prepared if prepared is not None else prepare_scene(path, info, cfg)
+    journal = Journal(workdir / "journal", scene_identity(path), info.sha256, json.dumps(cfg.to_dict(), sort_keys=True))
+    if prep.crs is None:
+        raise InputError("raster has no CRS; village polygons need georeferenced imagery", path)
+    mosaic = workdir / f"{path.stem}.probability.tif"
+    tile_rows = specialist_mosaic(scene, prep, info, cfg, mosaic, runner, journal, progress)
+    # a speck under half the minimum village area cannot become a village (clean() drops it)
+    with stage("vectorise"):
+        candidates = candidates_from_mosaic(mosaic, cfg.threshold, cfg.block,
+                                            int(0.5 * cfg.min_area_m2 / info.gsd_m**2))
+    outlines, reasons, scores = refine_candidates(candidates, prep, info, cfg, runner, journal, progress)
+    simplify = info.gsd_m if cfg.simplify_m is None else cfg.simplify_m
+    with stage("vectorise"):
+        villages, refined, why, ious = assemble(candidates, outlines, reasons, scores, prep.crs, prep.affine,
+                                                info.gsd_m, cfg.min_area_m2, simplify)
+        mean_prob = mean_probability(mosaic, villages)
+    close_sources()  # tasks run in this thread keep the scene open until here
+    return SceneResult(villages, refined, candidates, mean_prob, tile_rows, prep.crs, mosaic, journal.root, why, ious,
+                       refines(cfg, info))

@@ -1,0 +1,156 @@
+"""``uvsam predict``: scenes -> village layers (and the dry run that estimates one)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import torch
+
+from uvsam import __version__
+from uvsam.config import PredictConfig
+from uvsam.files import check_writable
+from uvsam.layers import check_format, write_layers
+from uvsam.polygons import measure as measure_polygons
+from uvsam.predict.assemble import village_id
+from uvsam.predict.execution import Runner, run_local
+from uvsam.predict.journal import scene_identity
+from uvsam.predict.model import get_model, model_info, refines
+from uvsam.predict.pipeline import predict_scene
+from uvsam.predict.scene import find_scenes, harmonisation_record, prepare_scene, scene_row
+from uvsam.predict.specialist import specialist_batch, tile_windows
+from uvsam.progress import Progress, stage
+
+
+def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: PredictConfig = PredictConfig(),
+                   layer: str = "villages", fmt: str = "gpkg", crs: str | None = None,
+                   checkpoint: str | Path | None = None, runner: Runner = run_local, log=print,
+                   run_extra: dict | None = None, prepared: list[tuple] | None = None) -> dict:
+    """Predict every scene and write the layers; returns a summary.
+
+    Resumable: finished tasks are journaled beside the output (``OUT.work/journal``), so the
+    same command run again after an interruption skips them and writes the same layers. The
+    run id is derived from the inputs, model and configuration, so it too is the same.
+    ``run_extra`` adds columns to the ``runs`` table (a workflow stores its name and text);
+    ``prepared``: :func:`prepare_scene` of each scene found, when the caller has it already.
+    """
+    out = check_writable(out)
+    check_format(fmt, layer, out)
+    paths = find_scenes(scenes)
+    info = model_info(model, checkpoint)
+    identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
+    run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+    if prepared is None:  # every scene opened and checked before any work (a workflow did it for all years)
+        prepared = [prepare_scene(p, info, cfg) for p in paths]
+    if cfg.refine and not refines(cfg, info):
+        log(f"note: {info.generalist_note}: villages keep the specialist's outlines (not refined); "
+            "bring the official weights, or give --force-refine to refine anyway")
+    for _, prep in prepared:
+        for line in (prep.suitability or {}).get("warnings", []):
+            log(f"warning: {Path(prep.path).name}: {line}")
+        if (prep.suitability or {}).get("problems"):
+            log(f"warning: {Path(prep.path).name}: run with --force despite: "
+                + "; ".join(prep.suitability["problems"]))
+    bar = tiles_progress([scene_row(scene, info) for scene, _ in prepared])
+    workdir = out.with_name(out.stem + ".work")
+    workdir.mkdir(exist_ok=True)
+    frames, cands, tiles, journals = [], [], [], []
+    out_crs = crs
+    def on_progress(stage: str, n: int) -> None:
+        bar.advance(n) if stage == "tiles" else bar.count(stage, n)
+
+    for path, prep in zip(paths, prepared, strict=True):
+        res = predict_scene(path, info, cfg, workdir, runner, progress=on_progress, prepared=prep)
+        journals.append(res.journal)
+        out_crs = out_crs or res.crs
+        area, perim = measure_polygons(res.villages, res.crs)
+        v = gpd.GeoDataFrame({
+            "village_id": [village_id(path.name, p, res.crs) for p in res.villages],
+            "area_m2": area.round(1), "perimeter_m": perim.round(1), "mean_prob": res.mean_prob.round(4),
+            "refined": np.asarray(res.refined, bool), "refine_reason": pd.array(res.reasons, dtype=object),
+            "predicted_iou": pd.array([None if v is None else round(v, 4) for v in res.predicted_iou], dtype="Float64"),
+            "scene": path.name, "acquired": cfg.acquired, "model_sha256": info.sha256,
+            "run_id": run_id}, geometry=res.villages, crs=res.crs)
+        frames.append(v.to_crs(out_crs))
+        cands.append(gpd.GeoDataFrame({"scene": [path.name] * len(res.candidates)}, geometry=res.candidates,
+                                      crs=res.crs).to_crs(out_crs) if res.candidates else None)
+        t = gpd.GeoDataFrame(res.tiles, geometry="geometry", crs=res.crs) if res.tiles else None
+        if t is not None:
+            t["scene"] = path.name
+            tiles.append(t.to_crs(out_crs))
+        log(f"{path.name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
+            f"{len(res.candidates)} candidates, {sum(r['status'] == 'done' for r in res.tiles)} tiles")
+    columns = ["village_id", "area_m2", "perimeter_m", "mean_prob", "refined", "refine_reason", "predicted_iou",
+               "scene", "acquired", "model_sha256", "run_id"]
+    if frames:
+        villages = gpd.GeoDataFrame(pd_concat(frames), geometry="geometry", crs=out_crs)
+    else:  # no village anywhere: an empty layer with the full schema
+        villages = gpd.GeoDataFrame({c: pd.Series(dtype=object) for c in columns},
+                                    geometry=gpd.GeoSeries([], crs=out_crs))
+    run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
+           "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
+           "model_gsd_m": info.gsd_m, "generalist": info.generalist_note,
+           "refinement": "on" if refines(cfg, info) else ("off" if not cfg.refine else "off: generalist not verified"),
+           "normalisation": info.inputs.normalisation, "harmonise": info.inputs.harmonise,
+           "harmonisation": json.dumps([harmonisation_record(prep) for _, prep in prepared]),
+           "suitability": json.dumps([prep.suitability for _, prep in prepared]),
+           "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           **(run_extra or {})}
+    empty = gpd.GeoDataFrame({"scene": []}, geometry=[], crs=out_crs)
+    with stage("write"):
+        write_layers(out, fmt, layer, villages,
+                     pd_concat([c for c in cands if c is not None]) if any(c is not None for c in cands) else empty,
+                     pd_concat(tiles) if tiles else empty, run)
+    bar.close()
+    for j in journals:  # the layers are written: the journal has served its purpose
+        shutil.rmtree(j, ignore_errors=True)
+    return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id}
+
+
+def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictConfig(),
+            checkpoint: str | Path | None = None, prepared: list[tuple] | None = None) -> dict:
+    """What a prediction would do: tiles and km2 per scene, and time and memory estimated from
+    one specialist batch and one refinement window measured on this machine. ``prepared``:
+    :func:`prepare_scene` of each scene found, when the caller has it already."""
+    info = model_info(model, checkpoint)
+    if prepared is None:
+        prepared = [prepare_scene(p, info, cfg) for p in find_scenes(scenes)]
+    rows = [scene_row(scene, info) for scene, _ in prepared]
+    scene, prep = prepared[0]
+    windows = [w for _, w in tile_windows(scene)][: cfg.batch_size]
+    t = time.perf_counter()
+    specialist_batch(prep, info, windows)
+    per_tile = (time.perf_counter() - t) / max(1, len(windows))
+    model_ = get_model(info)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model_.refine(torch.zeros(1, 3, cfg.window, cfg.window), [np.array([[8, 8, cfg.window - 8, cfg.window - 8]],
+                                                                          np.float32)])
+    per_window = time.perf_counter() - t
+    tiles_total = sum(r["tiles"] for r in rows)
+    widest = max(r["width"] for r in rows)
+    stitch_mb = 2 * cfg.tile * widest * 8 / 1e6
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"scenes": rows, "tiles": tiles_total, "km2": round(sum(r["km2"] for r in rows), 3),
+            "specialist_s_per_tile": round(per_tile, 3), "generalist_s_per_window": round(per_window, 3),
+            "estimated_s": round(tiles_total * (per_tile + per_window), 1),
+            "estimate_note": "assumes one refinement window per tile; the real count follows the candidates",
+            "estimated_peak_rss_mb": round(rss_mb + stitch_mb, 1)}
+
+
+def pd_concat(frames: list) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True)
+
+
+def tiles_progress(scenes: list[dict]) -> Progress:
+    """The run's progress line: tiles/s, km2/h, refinement windows and ETA."""
+    total = sum(s["tiles"] for s in scenes)
+    return Progress(total, "tiles", rates={"km2/h": 3600 * sum(s["km2"] for s in scenes) / max(1, total)})

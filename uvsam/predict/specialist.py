@@ -1,0 +1,90 @@
+"""Step 1, the specialist: village probabilities of the scene's tiles, in batches, on any worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import shapely
+import torch
+from affine import Affine
+from rasterio.windows import Window
+
+from tiles.grid import Tile
+from tiles.stitch import Stitcher
+from uvsam.config import PredictConfig
+from uvsam.predict.execution import Runner, run_journaled
+from uvsam.predict.journal import Journal
+from uvsam.predict.model import ModelInfo, get_model
+from uvsam.predict.scene import ScenePrep, open_source, read_tile
+from uvsam.progress import stage
+
+
+def specialist_batch(prep: ScenePrep, info: ModelInfo, windows: list[tuple[int, int, int, int]]) -> dict:
+    """Village probabilities of tile windows (col, row, w, h), read and computed together.
+
+    Returns ``prob`` (n, size, size) float32, NaN where the input was invalid, and ``seconds``
+    the batch took on its worker (reading included), for the tiles layer.
+    """
+    t0 = time.perf_counter()
+    model = get_model(info)
+    src = open_source(prep)
+    tiles = [read_tile(prep, info, Window(*w), src) for w in windows]
+    x = torch.from_numpy(np.stack([t[0] for t in tiles]))
+    with torch.inference_mode():
+        logits, _ = model.run_specialist(x)
+        prob = torch.softmax(logits, 1)[:, 1].numpy().astype(np.float32)
+    prob[~np.stack([valid for _, valid in tiles])] = np.nan
+    return {"prob": prob, "seconds": np.float64(time.perf_counter() - t0)}
+
+
+def tile_windows(scene) -> list[tuple[Tile, tuple[int, int, int, int]]]:
+    return [(t, (int(t.window.col_off), int(t.window.row_off), int(t.window.width), int(t.window.height)))
+            for t in scene.tiles]
+
+
+def batches(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def specialist_mosaic(scene, prep: ScenePrep, info: ModelInfo, cfg: PredictConfig, mosaic: Path, runner: Runner,
+                      journal: Journal, progress: Callable[[str, int], None] | None = None) -> list[dict]:
+    """Write the scene's village probability mosaic (a COG, NaN where no tile saw valid data)
+    from tile batches run as journaled tasks; returns the tiles layer's rows."""
+    jobs = tile_windows(scene)
+    rows = []
+    with Stitcher(mosaic, scene.grid, channels=1, dtype="float32", crs=prep.crs, nodata=float("nan"),
+                  driver="COG") as stitcher:
+        groups = list(batches(jobs, cfg.batch_size))
+        keys = [f"{g[0][0].index}-{g[-1][0].index}" for g in groups]
+        results = run_journaled(runner, specialist_batch, [(prep, info, [w for _, w in g]) for g in groups], keys,
+                                journal.has_arrays, journal.load_arrays, journal.save_arrays)
+        for group, result in zip(groups, results, strict=True):
+            if progress is not None:
+                progress("tiles", len(group))
+            seconds = float(result["seconds"]) / len(group)
+            for (tile, _), p in zip(group, result["prob"], strict=True):
+                valid = np.isfinite(p)
+                with stage("write"):
+                    stitcher.add(tile, p[None], valid)
+                rows.append(tile_row(tile, scene.grid, "done", round(seconds, 3), float(valid.mean())))
+    done = {r["index"] for r in rows}
+    rows += [tile_row(t, scene.grid, "nodata", None, 0.0) for t in scene.grid if t.index not in done]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def tile_row(tile: Tile, grid, status: str, seconds: float | None, valid_fraction: float) -> dict:
+    """A feature of the tiles layer: where the tile is, whether it ran, how long it took."""
+    return {"index": tile.index, "row": tile.row, "col": tile.col, "status": status, "seconds": seconds,
+            "valid_fraction": round(valid_fraction, 4),
+            "geometry": shapely.box(*window_bounds(tile.window, grid.transform))}
+
+
+def window_bounds(window: Window, transform: Affine) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) of a pixel window (rasterio.windows.bounds, without its deprecated ``*``)."""
+    c0, r0 = window.col_off, window.row_off
+    (xa, ya), (xb, yb) = transform @ (c0, r0), transform @ (c0 + window.width, r0 + window.height)
+    return min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)
