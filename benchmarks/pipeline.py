@@ -8,7 +8,9 @@
    zoom-17 resolution), cached in --work.
 2. The machine: dense fp32 matmul GFLOP/s (torch.mm 2048 x 2048, best of 5).
 3. Default: `uvsam predict` as it runs on this machine (in process below 8 cores) on each scene
-   with the model (default: one trained briefly on the Beijing train tiles, cached), each in a
+   with the model (default: one trained briefly on the Beijing train tiles, cached), refinement
+   forced (``--force-refine``: the generalist here has random weights, and the whole UV-SAM path
+   is what runs with the official ones), each in a
    child process so its peak RSS is its own. Seconds per stage: the model's parts by PyTorch
    forward hooks (specialist, encoder, decoder = prompt encoder + mask decoder), the others as the
    step modules of uvsam.predict time themselves (uvsam.progress.stage): read (window reads and
@@ -173,9 +175,11 @@ def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, pl
     stages.hook(net.generalist.image_encoder, "encoder", lambda a: a[0].shape[0])
     stages.hook(net.generalist.prompt_encoder, "decoder")
     stages.hook(net.generalist.mask_decoder, "decoder", lambda a: a[2].shape[0])  # boxes decoded
-    cfg = PredictConfig(tile=tile, overlap=overlap)
+    # The generalist here has random weights (none can be downloaded offline): predict would keep the
+    # specialist's outlines; forced, it runs the whole UV-SAM path, as with the official weights.
+    cfg = PredictConfig(tile=tile, overlap=overlap, force_refine=True)
     if plain:
-        cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=1)
+        cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=1, force_refine=True)
         net.decode_chunk = 1
         net.specialist.reordered = False
     STAGES.reset()

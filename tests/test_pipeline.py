@@ -345,3 +345,13 @@ def test_config_errors_name_the_flag_the_user_typed(tmp_path, capsys):
     code, _, err = run_cli(["train", "--images", tmp_path, "--labels", tmp_path, "--out", tmp_path / "m.ckpt",
                             "--steps", "0"], capsys)
     assert code == 2 and err.strip() == "uvsam: error: --steps must be at least 1"
+    code, _, err = run_cli(["predict", tmp_path, "--model", tmp_path / "m.ckpt", "--out", tmp_path / "v.gpkg",
+                            "--refine-min-iou", "1.5"], capsys)
+    assert code == 2 and err.strip() == "uvsam: error: --refine-min-iou must be in [0, 1], got 1.5"
+
+
+def test_the_configs_name_what_the_specialist_implements():
+    from uvsam.config import SPECIALIST_INPUTS
+    from uvsam.modeling.specialist import INPUTS
+
+    assert SPECIALIST_INPUTS == INPUTS

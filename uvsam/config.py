@@ -119,8 +119,9 @@ class PredictConfig:
                 (self.min_area_m2 >= 0, "min_area_m2", f"cannot be negative, got {self.min_area_m2}"),
                 (self.simplify_m is None or self.simplify_m >= 0, "simplify_m",
                  f"cannot be negative, got {self.simplify_m}"),
-                (date_ok, "acquired", f"must be a date YYYY-MM-DD, got {self.acquired!r}")])
-        self.rule  # noqa: B018 - validates the refinement thresholds
+                (date_ok, "acquired", f"must be a date YYYY-MM-DD, got {self.acquired!r}")]
+               + [(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
+                  for name in ("refine_min_iou", "refine_min_stability", "refine_min_overlap")])
         _check([(self.pif_reference is None or Path(self.pif_reference).is_file(), "pif_reference",
                  f"raster {self.pif_reference} does not exist")])
 

@@ -18,7 +18,7 @@ from rasterio.windows import Window
 
 from uvsam.config import PredictConfig
 from uvsam.generalist import OFF, SMALL, UNVERIFIED, RefineRule, judge, stability_score
-from uvsam.polygons import measure, polygonise
+from uvsam.polygons import measure, polygonise, union_on_grid
 from uvsam.predict.execution import Runner, run_journaled
 from uvsam.predict.journal import Journal
 from uvsam.predict.model import ModelInfo, get_model, refines
@@ -102,19 +102,27 @@ def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin
     return out
 
 
-def judge_candidate(candidate, records: list[dict], rule: RefineRule) -> tuple[object, str, float | None]:
+def judge_candidate(candidate, records: list[dict], rule: RefineRule,
+                    transform: Affine | None = None) -> tuple[object, str, float | None]:
     """(outline, reason, predicted IoU) of one candidate from its refinement windows' records:
     the generalist's outline when :func:`uvsam.generalist.judge` accepts it, else the candidate.
-    Across windows the least confident one speaks (lowest predicted IoU and stability)."""
+    Across windows the least confident one speaks (lowest predicted IoU and stability).
+    ``transform``: the scene's pixel grid, on which the windows' pieces are dissolved."""
     pieces = [shapely.from_wkb(r["wkb"]) for r in records if r["wkb"]]
-    outline = shapely.union_all(pieces) if pieces else None
+    # one window's pieces are disjoint already (8-connected, they never touch): only the pieces of
+    # several windows, which overlap, need dissolving (the costly operation on pixel outlines)
+    if len(pieces) > 1:
+        outline = union_on_grid(pieces, transform) if transform is not None else shapely.union_all(pieces)
+    else:
+        outline = pieces[0] if pieces else None
     predicted_iou = min(float(r["predicted_iou"]) for r in records)
     stability = min(float(r["stability"]) for r in records)
     empty = outline is None or outline.is_empty
     overlap = 0.0
     if not empty:
-        union = shapely.union(outline, candidate).area
-        overlap = shapely.intersection(outline, candidate).area / union if union > 0 else 0.0
+        shared = shapely.intersection(outline, candidate).area
+        union = outline.area + candidate.area - shared
+        overlap = shared / union if union > 0 else 0.0
     ok, reason = judge(rule, overlap, predicted_iou, stability, empty)
     return (outline if ok else candidate), reason, round(predicted_iou, 4)
 
@@ -154,5 +162,5 @@ def refine_candidates(candidates: list, prep: ScenePrep, info: ModelInfo, cfg: P
     geoms = list(candidates)
     for i, recs in enumerate(records):
         if recs:
-            geoms[i], reasons[i], scores[i] = judge_candidate(candidates[i], recs, cfg.rule)
+            geoms[i], reasons[i], scores[i] = judge_candidate(candidates[i], recs, cfg.rule, prep.affine)
     return geoms, reasons, scores
