@@ -355,3 +355,27 @@ def test_the_configs_name_what_the_specialist_implements():
     from uvsam.modeling.specialist import INPUTS
 
     assert SPECIALIST_INPUTS == INPUTS
+
+
+# -- evaluation's measures ------------------------------------------------------------------------------
+def test_boundary_distance_and_object_precision_recall():
+    """A labelled square and a prediction of it shifted 2 px (3 m pixels) down, plus a false
+    village: outlines 6 m apart at most, one of two predicted villages right, the one true found."""
+    from uvsam.metrics import SegmentationCounts
+
+    labels = np.zeros((100, 100), np.uint8)
+    labels[10:50, 10:50] = 1
+    pred = np.zeros((100, 100), bool)
+    pred[12:52, 10:50] = True
+    pred[70:80, 70:80] = True  # a village that is not one
+    counts = SegmentationCounts()
+    counts.update(pred, labels, pixel_m=(3.0, 3.0))
+    s = counts.summary()
+    assert s["object_precision"] == 0.5 and s["object_recall"] == 1.0 and abs(s["object_f1"] - 2 / 3) < 1e-9
+    # the square's outlines: 0 m where the sides coincide, 6 m across the shifted top and bottom; the false
+    # village's outline lies 20 px and more from any true one
+    assert 0 < s["boundary_mean_m"] < 25 and s["boundary_p95_m"] >= 60
+    square = SegmentationCounts()
+    square.update(pred & (np.arange(100)[:, None] < 60), labels, pixel_m=(3.0, 3.0))
+    assert square.summary()["boundary_p95_m"] == 6.0 and square.summary()["boundary_mean_m"] < 6.0
+    assert SegmentationCounts().summary()["boundary_mean_m"] is None  # nothing measured: no figure

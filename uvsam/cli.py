@@ -70,9 +70,8 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 # Where a command's flag is not the config field's name (``--`` + the field with dashes).
 FLAGS = {
     "train": {"steps_per_epoch": "--steps", "scale": "--scale-aug", "gsd_m": "--gsd", "lcn_sigma_m": "--lcn-sigma",
-              "min_area_m2": "--min-village-area", "warmup_steps": "--warmup", "bands": "--band",
-              "steps": "--steps"},
-    "predict": {"min_area_m2": "--min-area", "simplify_m": "--simplify", "format": "--format"},
+              "min_area_m2": "--min-village-area", "warmup_steps": "--warmup", "bands": "--band"},
+    "predict": {"min_area_m2": "--min-area", "simplify_m": "--simplify"},
     "evaluate": {},
     "change": {"crs": "--analysis-crs", "min_area_m2": "--min-area"},
 }

@@ -19,7 +19,7 @@ from uvsam.datasets import pair_scenes
 from uvsam.errors import ConfigError, InputError
 from uvsam.evaluate import evaluate_pairs
 from uvsam.files import atomic_path
-from uvsam.modelfile import read_model_file
+from uvsam.modelfile import ModelFile
 from uvsam.train import TrainConfig, split_scenes, train
 
 KEYS = ("specialist", "polygons", "uvsam")
@@ -49,7 +49,7 @@ def cross_validate(cfg, log=print, resume: bool = False, predict_config=None) ->
 
 
 def _epochs_done(path: Path) -> int:
-    return int(read_model_file(path)["meta"].get("epoch") or 0)
+    return int(ModelFile.read(path).meta.get("epoch") or 0)
 
 
 def fold_models(out: str | Path) -> list[Path]:
@@ -68,7 +68,7 @@ def evaluate_cv(out: str | Path, checkpoint: str | Path | None = None, log=print
     """Score every fold model of ``out`` on the scenes its training held out; write ``OUT.cv.json``."""
     rows = []
     for path in fold_models(out):
-        cfg = TrainConfig.from_dict(read_model_file(path)["meta"]["train_config"])
+        cfg = TrainConfig.from_dict(ModelFile.read(path).meta["train_config"])
         if not cfg.folds:
             raise InputError("not a fold model (trained without --folds)", path)
         _, held = split_scenes(cfg, pair_scenes(cfg.images, cfg.labels), log=lambda m: None)

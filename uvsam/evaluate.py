@@ -29,8 +29,8 @@ from uvsam.errors import InputError
 from uvsam.inference import predict_scene as predict_in_memory
 from uvsam.labels import IGNORE
 from uvsam.metrics import SegmentationCounts
-from uvsam.modelfile import ModelFile, load_model
-from uvsam.predict import PredictConfig, close_sources, model_info, predict_scene, prepare_scene, refines
+from uvsam.modelfile import ModelFile
+from uvsam.predict import PredictConfig, close_sources, get_model, model_info, predict_scene, prepare_scene, refines
 
 
 def evaluate(model_path: str | Path, images: str | Path, labels: str | Path, checkpoint: str | Path | None = None,
@@ -49,7 +49,7 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     cfg = predict_config or PredictConfig()
     model_file = ModelFile.read(model_path)
     info = model_info(model_path, checkpoint)
-    model = None if specialist_only else load_model(model_file, checkpoint)[0]
+    model = None if specialist_only else get_model(info)  # the instance predict's steps use too
     refine = refines(cfg, info)
     names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])
     counts = {k: SegmentationCounts() for k in names + ["all_village"]}

@@ -78,16 +78,20 @@ class ModelFile:
     generalist: dict
     source_gsd_m: float | None
     meta: dict
-    payload: dict = field(repr=False, compare=False)
     inferred: tuple[str, ...] = ()
+    loaded: list = field(default_factory=list, repr=False, compare=False)  # the payload read, until handed over
 
     @property
     def gsd_m(self) -> float:
         return self.config.gsd_m
 
-    @property
-    def training(self) -> dict | None:
-        return self.payload.get("training")
+    def payload(self) -> dict:
+        """The whole file (tensors included): the one :meth:`read` loaded, handed over once (the
+        record keeps no tensor, so their memory-mapped pages leave with the model built from
+        them); a later call reads the file again."""
+        if self.loaded:
+            return self.loaded.pop()
+        return _load_payload(self.path)[0]
 
     @property
     def status(self) -> GeneralistStatus:
@@ -158,12 +162,12 @@ def _from_payload(path: Path, payload: dict, digest: str) -> ModelFile:
                        bool(meta["harmonise"]), Radiometry.from_dict(meta["radiometry"]))
     source_gsd = meta["source_gsd_m"]
     return ModelFile(path, digest, config, inputs, dict(meta["generalist"]),
-                     float(source_gsd) if source_gsd is not None else None, meta, payload, tuple(inferred))
+                     float(source_gsd) if source_gsd is not None else None, meta, tuple(inferred), [payload])
 
 
 def read_model_file(path: str | Path) -> dict:
-    """The raw payload of a model file (see :class:`ModelFile`)."""
-    return ModelFile.read(path).payload
+    """The raw payload of a model file, tensors included (see :class:`ModelFile`)."""
+    return ModelFile.read(path).payload()
 
 
 def generalist_file(model: ModelFile, checkpoint: str | Path | None) -> Path | None:
@@ -189,7 +193,7 @@ def generalist_file(model: ModelFile, checkpoint: str | Path | None) -> Path | N
 def load_model(path: str | Path | ModelFile, checkpoint: str | Path | None = None) -> tuple[UVSAM, dict]:
     """Rebuild a trained model; ``checkpoint`` is the generalist's official file (else the cache)."""
     model_file = path if isinstance(path, ModelFile) else ModelFile.read(path)
-    config, payload = model_file.config, model_file.payload
+    config, payload = model_file.config, model_file.payload()
     file = generalist_file(model_file, checkpoint)
     if file is None:
         generalist = build_generalist(config.encoder)
