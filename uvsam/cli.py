@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from tiles.errors import TilesError
@@ -62,8 +61,18 @@ def _interrupted(name: str, code: int) -> int:
     return code
 
 
+def _version(value: bool) -> None:
+    if value:
+        from uvsam import __version__
+
+        typer.echo(f"uvsam {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
     _STATE["debug"] = debug
 
 
@@ -519,6 +528,15 @@ def weights_verify():
         raise UvsamError(f"cached weights do not match their SHA-256: {', '.join(bad)}")
 
 
+def usage_line(e: Exception) -> str:
+    """One line for a usage error: the command, the problem, where its help is."""
+    message = e.format_message() if hasattr(e, "format_message") else str(e)
+    message = " ".join(message.split())  # Click's messages may span lines
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "uvsam"
+    return f"{where}: {message} (see `{where} --help`)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
@@ -553,13 +571,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         sys.stderr.write(f"uvsam: error: {where}{e.strerror or e}\n")
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         return _interrupted("Ctrl-C", 130)
     except Interrupted as e:
         return _interrupted(e.name, e.code)
-    except click.ClickException as e:
-        e.show()
-        return 2
+    except typer.TyperException as e:  # a usage error (typer's Click): one line, the command's help named
+        if debug:
+            raise
+        sys.stderr.write(f"uvsam: error: {usage_line(e)}\n")
+        return getattr(e, "exit_code", 2) or 2
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -1,0 +1,60 @@
+"""A GIS analyst's first contact: every usage error of every command is one line on stderr and exit 2
+(no traceback unless --debug), and `uvsam --version` answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+USAGE_ERRORS = [
+    (["nosuch"], "No such command 'nosuch'"),
+    (["predict"], "Missing argument 'scenes'"),
+    (["predict", "a.tif"], "Missing option '--model'"),
+    (["predict", "a.tif", "--model"], "requires an argument"),
+    (["predict", "a.tif", "--model", "m.ckpt", "--out", "v.gpkg", "--tile", "big"], "Invalid value for '--tile'"),
+    (["predict", "a.tif", "--model", "m.ckpt", "--out", "v.gpkg", "--bogus", "1"], "No such option: --bogus"),
+    (["predict", "a.tif", "--model", "m.ckpt", "--out", "v.gpkg", "--threshold", "x"], "'--threshold'"),
+    (["train"], "Missing option '--images'"),
+    (["train", "--images", "a", "--labels", "b", "--out", "c", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["train", "--images", "a", "--labels", "b", "--out", "c", "--harmonise", "yes"], "Got unexpected extra argument"),
+    (["evaluate"], "Missing option '--model'"),
+    (["evaluate", "--model", "m.ckpt", "--window", "1.5"], "Invalid value for '--window'"),
+    (["segment"], "Missing argument 'image'"),
+    (["segment", "a.tif", "--encoder", "mobile_sam"], "Missing option"),
+    (["change"], "Missing argument 'years'"),
+    (["change", "2018=a.gpkg", "2020=b.gpkg", "--out", "c.gpkg", "--stable-pct", "ten"], "'--stable-pct'"),
+    (["run"], "Missing argument 'workflow'"),
+    (["import-xyz", "tiles/"], "Missing option '--zoom'"),
+    (["import-xyz", "tiles/", "--zoom", "seventeen", "--out", "o"], "Invalid value for '--zoom'"),
+    (["plan-tiles"], "Missing argument 'image'"),
+    (["weights", "fetch"], "Missing argument 'name'"),
+    (["weights", "nosuch"], "No such command 'nosuch'"),
+    (["encoders", "--repeats", "many"], "Invalid value for '--repeats'"),
+    (["demo", "--local", "--out"], "requires an argument"),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), USAGE_ERRORS, ids=[" ".join(a)[:40] for a, _ in USAGE_ERRORS])
+def test_a_usage_error_is_one_line_and_exit_2(args, says, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, err)
+    assert err.count("\n") == 1 and err.startswith("uvsam: error: "), err
+    assert says in err and "Traceback" not in err and out == ""
+    assert "--help" in err  # it says where to read on
+
+
+def test_usage_errors_from_the_installed_command_and_version():
+    """Through the console entry point as a user runs it (the exit code is the process's)."""
+    run = subprocess.run([sys.executable, "-m", "uvsam", "predict", "a.tif", "--tile", "big"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stdout == ""
+    run = subprocess.run([sys.executable, "-m", "uvsam", "--debug", "nosuch"], capture_output=True, text=True)
+    assert run.returncode != 0 and "Traceback" in run.stderr  # --debug shows where it came from
+    run = subprocess.run([sys.executable, "-m", "uvsam", "--version"], capture_output=True, text=True)
+    from uvsam import __version__
+
+    assert run.returncode == 0 and run.stdout.strip() == f"uvsam {__version__}"
