@@ -60,11 +60,76 @@ VILLAGE_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
 """
 
 
-def _style_row(layer: str) -> dict:
-    return {"f_table_catalog": "", "f_table_schema": "", "f_table_name": layer, "f_geometry_column": "geometry",
-            "styleName": f"{layer} (uvsam)", "styleQML": VILLAGE_QML, "styleSLD": "", "useAsDefault": True,
-            "description": "uvsam default: villages in red, labelled with their area in hectares",
-            "owner": "uvsam", "ui": "", "update_time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+CANDIDATE_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="Symbology">
+ <renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" forceraster="0">
+  <symbols>
+   <symbol type="fill" name="0" alpha="1" clip_to_extent="1" force_rhr="0">
+    <layer class="SimpleFill" enabled="1" locked="0" pass="0">
+     <Option type="Map">
+      <Option type="QString" name="color" value="255,127,0,0"/>
+      <Option type="QString" name="outline_color" value="255,127,0,255"/>
+      <Option type="QString" name="outline_style" value="dash"/>
+      <Option type="QString" name="outline_width" value="0.4"/>
+      <Option type="QString" name="outline_width_unit" value="MM"/>
+      <Option type="QString" name="style" value="no"/>
+     </Option>
+    </layer>
+   </symbol>
+  </symbols>
+ </renderer-v2>
+</qgis>
+"""
+
+TILES_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis version="3.22.0" styleCategories="Symbology">
+ <renderer-v2 type="categorizedSymbol" attr="status" symbollevels="0" enableorderby="0" forceraster="0">
+  <categories>
+   <category value="done" symbol="0" label="tile done" render="true"/>
+   <category value="nodata" symbol="1" label="tile without data" render="true"/>
+  </categories>
+  <symbols>
+   <symbol type="fill" name="0" alpha="1" clip_to_extent="1" force_rhr="0">
+    <layer class="SimpleFill" enabled="1" locked="0" pass="0">
+     <Option type="Map">
+      <Option type="QString" name="color" value="0,0,0,0"/>
+      <Option type="QString" name="outline_color" value="120,120,120,160"/>
+      <Option type="QString" name="outline_width" value="0.2"/>
+      <Option type="QString" name="outline_width_unit" value="MM"/>
+      <Option type="QString" name="style" value="no"/>
+     </Option>
+    </layer>
+   </symbol>
+   <symbol type="fill" name="1" alpha="1" clip_to_extent="1" force_rhr="0">
+    <layer class="SimpleFill" enabled="1" locked="0" pass="0">
+     <Option type="Map">
+      <Option type="QString" name="color" value="120,120,120,60"/>
+      <Option type="QString" name="outline_color" value="120,120,120,160"/>
+      <Option type="QString" name="outline_width" value="0.2"/>
+      <Option type="QString" name="outline_width_unit" value="MM"/>
+      <Option type="QString" name="style" value="b_diagonal"/>
+     </Option>
+    </layer>
+   </symbol>
+  </symbols>
+ </renderer-v2>
+</qgis>
+"""
+
+GEOMETRY_COLUMN = "geom"  # what the GeoPackage's geometry column is called (and its stored styles name)
+STYLES = {  # kind of layer -> (QML, description)
+    "villages": (VILLAGE_QML, "uvsam default: villages in red, labelled with their area in hectares"),
+    "candidates": (CANDIDATE_QML, "uvsam default: the specialist's candidates, dashed orange outlines"),
+    "tiles": (TILES_QML, "uvsam default: the tile grid by status, grey, tiles without data hatched"),
+}
+
+
+def _style_row(table: str, kind: str) -> dict:
+    qml, description = STYLES[kind]
+    return {"f_table_catalog": "", "f_table_schema": "", "f_table_name": table, "f_geometry_column": GEOMETRY_COLUMN,
+            "styleName": f"{table} (uvsam)", "styleQML": qml, "styleSLD": "", "useAsDefault": True,
+            "description": description, "owner": "uvsam", "ui": "",
+            "update_time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _table(path: Path, layer: str) -> pd.DataFrame | None:
@@ -105,18 +170,23 @@ def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidat
     run_row = pd.DataFrame([{k: v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v)
                              for k, v in run.items()}])
     runs = run_row if runs is None else pd.concat([runs, run_row], ignore_index=True)
-    style = pd.DataFrame([_style_row(layer)])
+    tables = {layer: "villages", companion(layer, "candidates"): "candidates", companion(layer, "tiles"): "tiles"}
+    style = pd.DataFrame([_style_row(table, kind) for table, kind in tables.items()])
     if styles is not None:
-        styles = styles[styles["f_table_name"] != layer]
+        styles = styles[~styles["f_table_name"].isin(list(tables))]
         style = pd.concat([styles, style], ignore_index=True)
     with atomic_path(out) as tmp:
         if out.exists():
             shutil.copyfile(out, tmp)
         else:
             tmp.unlink()
-        pyogrio.write_dataframe(villages, tmp, layer=layer, driver="GPKG")
-        pyogrio.write_dataframe(candidates, tmp, layer=companion(layer, "candidates"), driver="GPKG")
-        pyogrio.write_dataframe(tiles, tmp, layer=companion(layer, "tiles"), driver="GPKG")
+        # tiles first: QGIS lists the layers it adds in file order, the last drawn on top
+        for frame, table in ((tiles, companion(layer, "tiles")), (candidates, companion(layer, "candidates")),
+                             (villages, layer)):
+            # GeoPackage 1.2: what the GDAL and QGIS of current LTS distributions read without a warning
+            created = {} if tmp.exists() else {"dataset_options": {"VERSION": "1.2"}}
+            pyogrio.write_dataframe(frame, tmp, layer=table, driver="GPKG",
+                                    layer_options={"GEOMETRY_NAME": GEOMETRY_COLUMN}, **created)
         pyogrio.write_dataframe(runs, tmp, layer="runs", driver="GPKG")
         pyogrio.write_dataframe(style, tmp, layer="layer_styles", driver="GPKG")
 
