@@ -157,7 +157,7 @@ def test_predict_writes_geopackage_layers_and_keeps_other_years(beijing, model, 
 
 
 def test_predict_on_dask_equals_the_local_run(beijing, model, tmp_path, capsys):
-    base = ["predict", beijing / "train/images.vrt", "--model", model, "--format", "geojson", "--no-refine"]
+    base = ["predict", beijing / "train/images.vrt", "--model", model, "--no-refine"]  # GeoJSON by the extension
     code, _, err = run_cli(base + ["--out", tmp_path / "local.geojson", "--local"], capsys)
     assert code == 0, err
     code, _, err = run_cli(base + ["--out", tmp_path / "dask.geojson", "--workers", 1], capsys)

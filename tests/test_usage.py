@@ -58,3 +58,16 @@ def test_usage_errors_from_the_installed_command_and_version():
     from uvsam import __version__
 
     assert run.returncode == 0 and run.stdout.strip() == f"uvsam {__version__}"
+
+
+def test_the_output_format_follows_the_extension_and_a_contradiction_is_refused(tmp_path, capsys):
+    from uvsam.layers import format_for
+
+    assert [format_for(tmp_path / f"v{suffix}") for suffix in (".gpkg", ".geojson", ".parquet", ".fgb")] == [
+        "gpkg", "geojson", "parquet", "fgb"]
+    assert format_for(tmp_path / "v.json", "geojson") == "geojson"  # an extension no format claims: as asked
+    for out, extra, says in ((tmp_path / "v.geojson", ["--format", "gpkg"], "--format 'gpkg' but the file name ends"),
+                             (tmp_path / "villages", [], "--format not given, and the extension (none)")):
+        code, _, err = run_cli(["predict", tmp_path, "--model", tmp_path / "m.ckpt", "--out", out, *extra], capsys)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+        assert not out.exists()

@@ -266,8 +266,8 @@ def predict(
     model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
     out: Annotated[Path, typer.Option(help="Output: villages.gpkg (or another format with --format).")],
     layer: Annotated[str, typer.Option(help="Villages layer name (one per year); other layers are kept.")] = "villages",
-    fmt: Annotated[str, typer.Option("--format", help="; ".join(f"{f.name}: {f.holds}" for f in FORMATS.values())
-                                     + ".")] = "gpkg",
+    fmt: Annotated[str | None, typer.Option("--format", help="Default: from the extension of --out. " + "; ".join(
+        f"{f.name} ({f.suffix}): {f.holds}" for f in FORMATS.values()) + ".")] = None,
     crs: Annotated[str | None, typer.Option(help="Reproject the layers to this CRS (default: the scene's).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
     refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = PD("refine"),

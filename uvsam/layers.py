@@ -21,17 +21,36 @@ import pandas as pd
 import pyogrio
 
 from uvsam.config import FORMATS
-from uvsam.errors import InputError
+from uvsam.errors import ConfigError, InputError
 from uvsam.files import atomic_path
 
 
-def check_format(fmt: str, layer: str, out: Path) -> None:
-    """Refuse an unknown format, or a layer name a GeoPackage cannot hold, before any work."""
+def format_for(out: Path, fmt: str | None = None) -> str:
+    """The output's format: ``fmt``, else the one its extension names (:data:`FORMATS`); a format
+    that contradicts a known extension (GeoJSON into ``villages.gpkg``) is refused."""
+    suffix = Path(out).suffix.lower()
+    named = {f.suffix: f.name for f in FORMATS.values()}.get(suffix)
+    if fmt is None:
+        if named is None:
+            raise ConfigError(f"not given, and the extension {suffix or '(none)'} names none of "
+                              f"{', '.join(f.suffix for f in FORMATS.values())}", out, field="format")
+        return named
     if fmt not in FORMATS:
-        raise InputError(f"format {fmt!r}: use {', '.join(FORMATS)}", out, field="format")
+        raise ConfigError(f"{fmt!r}: use {', '.join(FORMATS)}", out, field="format")
+    if named is not None and named != fmt:
+        raise ConfigError(f"{fmt!r} but the file name ends in {suffix} ({named}): name the file "
+                          f"{Path(out).stem}{FORMATS[fmt].suffix} or leave the format to the extension", out,
+                          field="format")
+    return fmt
+
+
+def check_format(fmt: str | None, layer: str, out: Path) -> str:
+    """The output's format (:func:`format_for`), and a layer name a GeoPackage can hold, before any work."""
+    fmt = format_for(out, fmt)
     problem = layer_problem(layer) if fmt == "gpkg" else None
     if problem:
         raise InputError(problem, out, field="layer")
+    return fmt
 
 VILLAGE_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
 <qgis version="3.28.0" styleCategories="Symbology|Labeling">

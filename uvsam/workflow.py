@@ -76,7 +76,7 @@ class Workflow(Strict):
     model: Path
     checkpoint: Path | None = None
     out: Path
-    format: str = "gpkg"  # one of uvsam.config.FORMATS
+    format: str | None = None  # one of uvsam.config.FORMATS; None: from the extension of out
     crs: str | None = None
     predict: PredictOptions = PredictOptions()
     execution: Execution = Execution()
@@ -84,8 +84,8 @@ class Workflow(Strict):
 
     @field_validator("format")
     @classmethod
-    def _format(cls, v: str) -> str:
-        if v not in FORMATS:
+    def _format(cls, v: str | None) -> str | None:
+        if v is not None and v not in FORMATS:
             raise ValueError(f"{v!r}: use {', '.join(FORMATS)}")
         return v
 
@@ -95,8 +95,9 @@ class Workflow(Strict):
         dupes = sorted({x for x in layers if layers.count(x) > 1})
         if dupes:
             raise ValueError(f"layer(s) {', '.join(dupes)} named by more than one year")
-        if self.format != "gpkg" and len(self.years) > 1:
-            raise ValueError(f"{self.format} holds one layer: several years need format gpkg")
+        fmt = self.format or next((f.name for f in FORMATS.values() if f.suffix == self.out.suffix.lower()), "gpkg")
+        if fmt != "gpkg" and len(self.years) > 1:
+            raise ValueError(f"{fmt} holds one layer: several years need format gpkg")
         return self
 
     def config(self, year: Year) -> PredictConfig:

@@ -31,7 +31,7 @@ from uvsam.progress import Progress, stage
 
 
 def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: PredictConfig = PredictConfig(),
-                   layer: str = "villages", fmt: str = "gpkg", crs: str | None = None,
+                   layer: str = "villages", fmt: str | None = None, crs: str | None = None,
                    checkpoint: str | Path | None = None, runner: Runner = run_local, log=print,
                    run_extra: dict | None = None, prepared: list[tuple] | None = None) -> dict:
     """Predict every scene and write the layers; returns a summary.
@@ -43,7 +43,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     ``prepared``: :func:`prepare_scene` of each scene found, when the caller has it already.
     """
     out = check_writable(out)
-    check_format(fmt, layer, out)
+    fmt = check_format(fmt, layer, out)  # None: the extension's
     paths = find_scenes(scenes)
     info = model_info(model, checkpoint)
     identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
