@@ -52,6 +52,7 @@ def check_format(fmt: str | None, layer: str, out: Path) -> str:
         raise InputError(problem, out, field="layer")
     return fmt
 
+
 VILLAGE_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
 <qgis version="3.28.0" styleCategories="Symbology|Labeling">
  <renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" forceraster="0">

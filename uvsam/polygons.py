@@ -35,10 +35,10 @@ def union_on_grid(polygons: list, transform: Affine):
     faster than a vector union of long staircase outlines that overlap."""
     inv = ~transform
     x0, y0, x1, y1 = shapely.total_bounds(np.asarray(polygons, dtype=object))
-    (ca, ra), (cb, rb) = inv * (x0, y1), inv * (x1, y0)
+    (ca, ra), (cb, rb) = inv @ (x0, y1), inv @ (x1, y0)
     c0, r0 = math.floor(min(ca, cb) + 1e-6), math.floor(min(ra, rb) + 1e-6)
     c1, r1 = math.ceil(max(ca, cb) - 1e-6), math.ceil(max(ra, rb) - 1e-6)
-    window = transform * Affine.translation(c0, r0)
+    window = transform @ Affine.translation(c0, r0)
     mask = rasterize(polygons, out_shape=(max(1, r1 - r0), max(1, c1 - c0)), transform=window, fill=0,
                      default_value=1, dtype="uint8")
     return shapely.multipolygons(polygonise(mask, window))
