@@ -53,88 +53,37 @@ def check_format(fmt: str | None, layer: str, out: Path) -> str:
     return fmt
 
 
-VILLAGE_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="3.28.0" styleCategories="Symbology|Labeling">
- <renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" forceraster="0">
-  <symbols>
-   <symbol type="fill" name="0" alpha="1" clip_to_extent="1" force_rhr="0">
-    <layer class="SimpleFill" enabled="1" locked="0" pass="0">
-     <Option type="Map">
-      <Option type="QString" name="color" value="228,26,28,90"/>
-      <Option type="QString" name="outline_color" value="228,26,28,255"/>
-      <Option type="QString" name="outline_style" value="solid"/>
-      <Option type="QString" name="outline_width" value="0.6"/>
-      <Option type="QString" name="outline_width_unit" value="MM"/>
-      <Option type="QString" name="style" value="solid"/>
-     </Option>
-    </layer>
-   </symbol>
-  </symbols>
- </renderer-v2>
- <labeling type="simple">
-  <settings calloutType="simple">
-   <text-style fieldName="round(area_m2 / 10000, 1) || ' ha'" isExpression="1" fontSize="8" textColor="50,50,50,255"/>
-  </settings>
- </labeling>
-</qgis>
-"""
+def _fill(name: str, colour: str, outline: str, style: str = "solid", outline_style: str = "solid",
+          width: float = 0.2) -> str:
+    """One QGIS fill symbol (colours as "R,G,B,A"; ``style`` of the fill: solid, no, b_diagonal, ...)."""
+    options = {"color": colour, "outline_color": outline, "outline_style": outline_style, "outline_width": width,
+               "outline_width_unit": "MM", "style": style}
+    return (f'   <symbol type="fill" name="{name}" alpha="1" clip_to_extent="1" force_rhr="0">\n'
+            '    <layer class="SimpleFill" enabled="1" locked="0" pass="0">\n     <Option type="Map">\n'
+            + "".join(f'      <Option type="QString" name="{k}" value="{v}"/>\n' for k, v in options.items())
+            + "     </Option>\n    </layer>\n   </symbol>\n")
 
 
-CANDIDATE_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="3.22.0" styleCategories="Symbology">
- <renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" forceraster="0">
-  <symbols>
-   <symbol type="fill" name="0" alpha="1" clip_to_extent="1" force_rhr="0">
-    <layer class="SimpleFill" enabled="1" locked="0" pass="0">
-     <Option type="Map">
-      <Option type="QString" name="color" value="255,127,0,0"/>
-      <Option type="QString" name="outline_color" value="255,127,0,255"/>
-      <Option type="QString" name="outline_style" value="dash"/>
-      <Option type="QString" name="outline_width" value="0.4"/>
-      <Option type="QString" name="outline_width_unit" value="MM"/>
-      <Option type="QString" name="style" value="no"/>
-     </Option>
-    </layer>
-   </symbol>
-  </symbols>
- </renderer-v2>
-</qgis>
-"""
+def _qml(renderer: str, symbols: list[str], categories: str = "", labeling: str = "") -> str:
+    """A QGIS style document: ``renderer`` attributes, its symbols, categories and labeling."""
+    return ("<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+            f'<qgis version="3.22.0" styleCategories="Symbology{"|Labeling" if labeling else ""}">\n'
+            f' <renderer-v2 {renderer} symbollevels="0" enableorderby="0" forceraster="0">\n{categories}'
+            f'  <symbols>\n{"".join(symbols)}  </symbols>\n </renderer-v2>\n{labeling}</qgis>\n')
 
-TILES_QML = """<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="3.22.0" styleCategories="Symbology">
- <renderer-v2 type="categorizedSymbol" attr="status" symbollevels="0" enableorderby="0" forceraster="0">
-  <categories>
-   <category value="done" symbol="0" label="tile done" render="true"/>
-   <category value="nodata" symbol="1" label="tile without data" render="true"/>
-  </categories>
-  <symbols>
-   <symbol type="fill" name="0" alpha="1" clip_to_extent="1" force_rhr="0">
-    <layer class="SimpleFill" enabled="1" locked="0" pass="0">
-     <Option type="Map">
-      <Option type="QString" name="color" value="0,0,0,0"/>
-      <Option type="QString" name="outline_color" value="120,120,120,160"/>
-      <Option type="QString" name="outline_width" value="0.2"/>
-      <Option type="QString" name="outline_width_unit" value="MM"/>
-      <Option type="QString" name="style" value="no"/>
-     </Option>
-    </layer>
-   </symbol>
-   <symbol type="fill" name="1" alpha="1" clip_to_extent="1" force_rhr="0">
-    <layer class="SimpleFill" enabled="1" locked="0" pass="0">
-     <Option type="Map">
-      <Option type="QString" name="color" value="120,120,120,60"/>
-      <Option type="QString" name="outline_color" value="120,120,120,160"/>
-      <Option type="QString" name="outline_width" value="0.2"/>
-      <Option type="QString" name="outline_width_unit" value="MM"/>
-      <Option type="QString" name="style" value="b_diagonal"/>
-     </Option>
-    </layer>
-   </symbol>
-  </symbols>
- </renderer-v2>
-</qgis>
-"""
+
+VILLAGE_QML = _qml('type="singleSymbol"', [_fill("0", "228,26,28,90", "228,26,28,255", width=0.6)], labeling=(
+    ' <labeling type="simple">\n  <settings calloutType="simple">\n'
+    """   <text-style fieldName="round(area_m2 / 10000, 1) || ' ha'" isExpression="1" fontSize="8" """
+    'textColor="50,50,50,255"/>\n  </settings>\n </labeling>\n'))
+CANDIDATE_QML = _qml('type="singleSymbol"', [_fill("0", "255,127,0,0", "255,127,0,255", "no", "dash", 0.4)])
+TILES_QML = _qml('type="categorizedSymbol" attr="status"',
+                 [_fill("0", "0,0,0,0", "120,120,120,160", "no"),
+                  _fill("1", "120,120,120,60", "120,120,120,160", "b_diagonal")],
+                 categories=('  <categories>\n'
+                             '   <category value="done" symbol="0" label="tile done" render="true"/>\n'
+                             '   <category value="nodata" symbol="1" label="tile without data" render="true"/>\n'
+                             '  </categories>\n'))
 
 GEOMETRY_COLUMN = "geom"  # what the GeoPackage's geometry column is called (and its stored styles name)
 STYLES = {  # kind of layer -> (QML, description)
