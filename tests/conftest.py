@@ -70,6 +70,26 @@ def mobile_sam_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def villages(data_dir) -> gpd.GeoDataFrame:  # noqa: F821 - imported lazily
+    """The five distinct villages of the Beijing masks (train and val), EPSG:3857, largest first."""
+    import geopandas as gpd
+
+    from tiles.xyz import xyz_transform
+    from uvsam.polygons import clean, merge, polygonise
+
+    polys = []
+    for split in ("train", "val"):
+        for p in sorted((data_dir / f"beijing-uv/mask/{split}").glob("*.png")):
+            y, x = map(int, p.stem.split("_"))
+            polys += polygonise(np.asarray(Image.open(p)) > 0, xyz_transform(x, y, 17))
+    polys = clean(merge(polys), "EPSG:3857", 2500.0, 2.0)
+    gdf = gpd.GeoDataFrame(geometry=polys, crs="EPSG:3857")
+    gdf = gdf.assign(a=gdf.to_crs(gdf.estimate_utm_crs()).area).sort_values("a", ascending=False)
+    assert len(gdf) == 5
+    return gdf.drop(columns="a").reset_index(drop=True)
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run ``uvsam ARGS`` in-process; returns (exit code, stdout, stderr)."""
     from uvsam.cli import main

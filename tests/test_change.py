@@ -12,24 +12,7 @@ import shapely
 from PIL import Image
 
 from tests.conftest import run_cli
-from tiles.xyz import xyz_transform
 from uvsam.change import ChangeConfig, YearLayer, by_district, by_ring, track
-from uvsam.polygons import clean, merge, polygonise
-
-
-@pytest.fixture(scope="module")
-def villages(data_dir) -> gpd.GeoDataFrame:
-    """The five distinct villages of the Beijing masks (train and val), EPSG:3857, largest first."""
-    polys = []
-    for split in ("train", "val"):
-        for p in sorted((data_dir / f"beijing-uv/mask/{split}").glob("*.png")):
-            y, x = map(int, p.stem.split("_"))
-            polys += polygonise(np.asarray(Image.open(p)) > 0, xyz_transform(x, y, 17))
-    polys = clean(merge(polys), "EPSG:3857", 2500.0, 2.0)
-    gdf = gpd.GeoDataFrame(geometry=polys, crs="EPSG:3857")
-    gdf = gdf.assign(a=gdf.to_crs(gdf.estimate_utm_crs()).area).sort_values("a", ascending=False)
-    assert len(gdf) == 5
-    return gdf.drop(columns="a").reset_index(drop=True)
 
 
 def _years(v: gpd.GeoDataFrame) -> list[YearLayer]:
@@ -271,3 +254,26 @@ def test_report_renders_in_headless_chromium(report):
     assert len(page.images) >= 4 and all(done and width > 0 for done, width in page.images)
     assert len(page.svg_widths) >= 4 and min(page.svg_widths) > 100
     assert page.screenshot.std() > 20 and (page.screenshot < 128).mean() > 0.02  # ink, not a blank screen
+
+
+def test_change_layers_are_written_in_a_crs_with_an_authority_code(villages, tmp_path, capsys):
+    """Years in different CRSs (one of them a custom equal-area projection QGIS calls "unknown")
+    give layers in the area's UTM zone (Beijing: EPSG:32650), areas unchanged; --crs chooses;
+    a --crs that is not one is refused in one line before any work."""
+    src = tmp_path / "years.gpkg"
+    years = _years(villages)[:2]
+    laea = "+proj=laea +lat_0=40 +lon_0=116.3 +datum=WGS84 +units=m +no_defs"
+    pyogrio.write_dataframe(years[0].villages.to_crs(laea), src, layer="v2018")
+    pyogrio.write_dataframe(years[1].villages.to_crs(4326), src, layer="v2020")
+    specs = [f"2018={src}:v2018", f"2020={src}:v2020"]
+    code, _, err = run_cli(["change", *specs, "--out", tmp_path / "c.gpkg"], capsys)
+    assert code == 0, err
+    changes = pyogrio.read_dataframe(tmp_path / "c.gpkg", layer="changes")
+    assert pyogrio.read_info(tmp_path / "c.gpkg", layer="changes")["crs"] == "EPSG:32650"
+    reference = track(years)
+    assert changes["area_from_m2"].sum() == pytest.approx(reference.changes["area_from_m2"].sum(), rel=1e-6)
+    code, _, err = run_cli(["change", *specs, "--out", tmp_path / "w.gpkg", "--crs", "EPSG:4326"], capsys)
+    assert code == 0 and pyogrio.read_info(tmp_path / "w.gpkg", layer="changes")["crs"] == "EPSG:4326"
+    code, _, err = run_cli(["change", *specs, "--out", tmp_path / "x.gpkg", "--crs", "EPSG:99999"], capsys)
+    assert code == 2 and "--crs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.gpkg").exists()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 
 import numpy as np
+import pandas as pd
 import pyogrio
 import pytest
 import shapely
@@ -139,7 +141,9 @@ def test_predict_writes_geopackage_layers_and_keeps_other_years(beijing, model, 
     assert set(v2020.columns) >= {"village_id", "area_m2", "perimeter_m", "mean_prob", "refined", "scene",
                                   "acquired", "model_sha256", "run_id", "geometry"}
     assert len(v2020) > 0 and (v2020["area_m2"] >= 2500).all() and v2020.geometry.is_valid.all()
-    assert (v2020["acquired"] == "2020-07-01").all() and v2020["village_id"].is_unique
+    assert (v2020["acquired"] == pd.Timestamp("2020-07-01")).all() and v2020["village_id"].is_unique
+    with sqlite3.connect(out) as db:  # a GeoPackage DATE, not text
+        assert dict((r[1], r[2]) for r in db.execute("PRAGMA table_info(y2020)"))["acquired"] == "DATE"
     assert v2020.crs.to_epsg() == 3857
     tiles = pyogrio.read_dataframe(out, layer="y2020_tiles")
     assert set(tiles["status"]) <= {"done", "nodata"} and (tiles["status"] == "done").any()

@@ -9,6 +9,8 @@ import os
 import subprocess
 import textwrap
 
+from tests.test_change import _write_years
+from uvsam.change import LIFECYCLES, run_change
 from uvsam.config import PredictConfig
 
 QGIS_PYTHON = "/usr/bin/python3"  # QGIS's bindings import under the system Python, not the project's venv
@@ -26,7 +28,8 @@ PROBE = textwrap.dedent('''
         out[name] = {"valid": layer.isValid(), "renderer": r.type(), "crs": layer.crs().authid(),
                      "colour": list(r.symbol().color().getRgb()) if single else None,
                      "categories": [c.value() for c in r.categories()] if r.type() == "categorizedSymbol" else None,
-                     "labels": layer.labelsEnabled(), "features": layer.featureCount()}
+                     "labels": layer.labelsEnabled(), "features": layer.featureCount(),
+                     "types": {f.name(): f.typeName() for f in layer.fields()}}
     print(json.dumps(out), flush=True)
     os._exit(0)  # QGIS's own teardown can crash a headless process after the work is done
 ''')
@@ -47,15 +50,32 @@ def test_predict_geopackage_opens_in_qgis_with_its_styles(beijing, model, tmp_pa
 
     out = tmp_path / "villages.gpkg"
     for layer in ("villages", "y2020"):  # a second year's layers beside the first: styles for both
-        run_prediction([str(beijing / "val/images.vrt")], model, out, PredictConfig(), layer=layer,
-                       log=lambda m: None)
+        run_prediction([str(beijing / "val/images.vrt")], model, out, PredictConfig(acquired="2020-07-01"),
+                       layer=layer, log=lambda m: None)
     shown, err = qgis_open(out, ["villages", "candidates", "tiles", "y2020", "y2020_candidates", "y2020_tiles"])
     assert "GeoPackage" not in err and "Warning" not in err, err  # no version warning on open
     for name in ("villages", "y2020"):
         v = shown[name]
         assert v["valid"] and v["features"] > 0 and v["crs"] == "EPSG:3857"
         assert v["renderer"] == "singleSymbol" and v["colour"] == [228, 26, 28, 90] and v["labels"]
+        assert v["types"]["acquired"].lower() == "date", v["types"]
     for name in ("candidates", "y2020_candidates"):
         assert shown[name]["renderer"] == "singleSymbol" and shown[name]["colour"] == [255, 127, 0, 0]
     for name in ("tiles", "y2020_tiles"):
         assert shown[name]["renderer"] == "categorizedSymbol" and shown[name]["categories"] == ["done", "nodata"]
+
+
+def test_change_geopackage_opens_in_qgis_with_lifecycle_styles(villages, tmp_path):
+    """Three years with every lifecycle: the changes categorised by lifecycle (the report's
+    colours), the tracked villages by year and labelled, in the years' own EPSG code."""
+    src = tmp_path / "years.gpkg"
+    _write_years(villages, src)
+    out = tmp_path / "change.gpkg"
+    run_change([f"{y}={src}:villages_{y}" for y in ("2018", "2020", "2022")], out, log=lambda m: None)
+    shown, err = qgis_open(out, ["changes", "villages_tracked"])
+    assert "Warning" not in err and "ERROR" not in err, err
+    changes, tracked = shown["changes"], shown["villages_tracked"]
+    assert changes["valid"] and changes["features"] > 0 and tracked["features"] > 0
+    assert changes["renderer"] == "categorizedSymbol" and changes["categories"] == list(LIFECYCLES)
+    assert tracked["renderer"] == "categorizedSymbol" and tracked["categories"] == ["2018", "2020", "2022"]
+    assert tracked["labels"] and changes["crs"] == tracked["crs"] == "EPSG:3857"

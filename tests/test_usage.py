@@ -71,3 +71,21 @@ def test_the_output_format_follows_the_extension_and_a_contradiction_is_refused(
         code, _, err = run_cli(["predict", tmp_path, "--model", tmp_path / "m.ckpt", "--out", out, *extra], capsys)
         assert code == 2 and err.count("\n") == 1 and says in err, err
         assert not out.exists()
+
+
+def test_every_output_format_is_written_and_keeps_the_acquisition_date(villages, tmp_path):
+    """GeoJSON (WGS84), GeoParquet and FlatGeobuf hold the villages with ``acquired`` a date,
+    read back by GDAL / geopandas."""
+    import geopandas as gpd
+    import pandas as pd
+    import pyogrio
+
+    from uvsam.layers import date_column, write_vector
+
+    v = villages.assign(acquired=date_column("2020-07-01", len(villages)))
+    for fmt, suffix in (("geojson", ".geojson"), ("parquet", ".parquet"), ("fgb", ".fgb")):
+        out = tmp_path / f"v{suffix}"
+        write_vector(out, fmt, v)
+        back = gpd.read_parquet(out) if fmt == "parquet" else pyogrio.read_dataframe(out)
+        assert len(back) == len(villages) and back.crs.to_epsg() == (4326 if fmt == "geojson" else 3857), fmt
+        assert (pd.to_datetime(back["acquired"]) == pd.Timestamp("2020-07-01")).all(), fmt

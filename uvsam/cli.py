@@ -82,7 +82,7 @@ FLAGS = {
               "min_area_m2": "--min-village-area", "warmup_steps": "--warmup", "bands": "--band"},
     "predict": {"min_area_m2": "--min-area", "simplify_m": "--simplify"},
     "evaluate": {},
-    "change": {"crs": "--analysis-crs", "min_area_m2": "--min-area"},
+    "change": {"crs": "--analysis-crs", "output_crs": "--crs", "min_area_m2": "--min-area"},
 }
 
 
@@ -353,7 +353,8 @@ def change_cmd(
     centre: Annotated[str | None, typer.Option(help="LON,LAT of the centre for distance rings.")] = None,
     ring_km: Annotated[float, typer.Option(help="Width of the distance rings (km).")] = 2.0,
     analysis_crs: Annotated[str | None, typer.Option(help="Projected analysis CRS (default: equal-area).")] = None,
-    crs: Annotated[str | None, typer.Option(help="CRS of the output layers (default: the analysis CRS).")] = None,
+    crs: Annotated[str | None, typer.Option(help="CRS of the output layers (default: the years' own CRS when "
+                                                 "they share one, else the UTM zone).")] = None,
     report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
     image: Annotated[list[str], typer.Option(
         help="YEAR=RASTER imagery (co-registration, report); repeatable.")] = [],  # noqa: B006

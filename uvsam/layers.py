@@ -13,16 +13,36 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import geopandas as gpd
 import pandas as pd
+import pyarrow as pa
 import pyogrio
 
 from uvsam.config import FORMATS
 from uvsam.errors import ConfigError, InputError
 from uvsam.files import atomic_path
+
+
+def date_column(value: str | date | None, n: int) -> pd.Series:
+    """``n`` copies of a calendar date (``YYYY-MM-DD`` or a date; None: missing) as a column that
+    GeoPackage stores as DATE, GeoJSON as a date string and GeoParquet as date32."""
+    if isinstance(value, str):
+        value = date.fromisoformat(value)
+    return pd.Series([value] * n, dtype=pd.ArrowDtype(pa.date32()))
+
+
+def _arrow(frame: pd.DataFrame) -> bool:
+    """Whether ``frame`` holds a column only GDAL's Arrow path writes with its true type (a date)."""
+    return any(isinstance(t, pd.ArrowDtype) for t in frame.dtypes)
+
+
+def write_frame(frame: pd.DataFrame, path: Path, **kwargs) -> None:
+    """``pyogrio.write_dataframe``, through Arrow when a column needs it (dates stay dates)."""
+    pyogrio.write_dataframe(frame, path, use_arrow=_arrow(frame), **kwargs)
 
 
 def format_for(out: Path, fmt: str | None = None) -> str:
@@ -53,8 +73,8 @@ def check_format(fmt: str | None, layer: str, out: Path) -> str:
     return fmt
 
 
-def _fill(name: str, colour: str, outline: str, style: str = "solid", outline_style: str = "solid",
-          width: float = 0.2) -> str:
+def fill_symbol(name: str, colour: str, outline: str, style: str = "solid", outline_style: str = "solid",
+                width: float = 0.2) -> str:
     """One QGIS fill symbol (colours as "R,G,B,A"; ``style`` of the fill: solid, no, b_diagonal, ...)."""
     options = {"color": colour, "outline_color": outline, "outline_style": outline_style, "outline_width": width,
                "outline_width_unit": "MM", "style": style}
@@ -64,7 +84,21 @@ def _fill(name: str, colour: str, outline: str, style: str = "solid", outline_st
             + "     </Option>\n    </layer>\n   </symbol>\n")
 
 
-def _qml(renderer: str, symbols: list[str], categories: str = "", labeling: str = "") -> str:
+def category_list(pairs: list[tuple[str, str]]) -> str:
+    """The categories of a categorised renderer: (value, label), the k-th drawn with symbol k."""
+    rows = "".join(f'   <category value="{v}" symbol="{k}" label="{text}" render="true"/>\n'
+                   for k, (v, text) in enumerate(pairs))
+    return f"  <categories>\n{rows}  </categories>\n"
+
+
+def label_with(expression: str) -> str:
+    """Labelling that writes a QGIS ``expression`` on every feature (XML-escaped here)."""
+    return (' <labeling type="simple">\n  <settings calloutType="simple">\n'
+            f'   <text-style fieldName="{escape(expression, {chr(34): "&quot;"})}" isExpression="1" fontSize="8" '
+            'textColor="50,50,50,255"/>\n  </settings>\n </labeling>\n')
+
+
+def qml_document(renderer: str, symbols: list[str], categories: str = "", labeling: str = "") -> str:
     """A QGIS style document: ``renderer`` attributes, its symbols, categories and labeling."""
     return ("<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
             f'<qgis version="3.22.0" styleCategories="Symbology{"|Labeling" if labeling else ""}">\n'
@@ -72,18 +106,19 @@ def _qml(renderer: str, symbols: list[str], categories: str = "", labeling: str 
             f'  <symbols>\n{"".join(symbols)}  </symbols>\n </renderer-v2>\n{labeling}</qgis>\n')
 
 
-VILLAGE_QML = _qml('type="singleSymbol"', [_fill("0", "228,26,28,90", "228,26,28,255", width=0.6)], labeling=(
-    ' <labeling type="simple">\n  <settings calloutType="simple">\n'
-    """   <text-style fieldName="round(area_m2 / 10000, 1) || ' ha'" isExpression="1" fontSize="8" """
-    'textColor="50,50,50,255"/>\n  </settings>\n </labeling>\n'))
-CANDIDATE_QML = _qml('type="singleSymbol"', [_fill("0", "255,127,0,0", "255,127,0,255", "no", "dash", 0.4)])
-TILES_QML = _qml('type="categorizedSymbol" attr="status"',
-                 [_fill("0", "0,0,0,0", "120,120,120,160", "no"),
-                  _fill("1", "120,120,120,60", "120,120,120,160", "b_diagonal")],
-                 categories=('  <categories>\n'
-                             '   <category value="done" symbol="0" label="tile done" render="true"/>\n'
-                             '   <category value="nodata" symbol="1" label="tile without data" render="true"/>\n'
-                             '  </categories>\n'))
+def hex_rgba(colour: str, alpha: int = 255) -> str:
+    """``#rrggbb`` -> the "R,G,B,A" QGIS writes."""
+    return ",".join(str(int(colour[k:k + 2], 16)) for k in (1, 3, 5)) + f",{alpha}"
+
+
+VILLAGE_QML = qml_document('type="singleSymbol"', [fill_symbol("0", "228,26,28,90", "228,26,28,255", width=0.6)],
+                           labeling=label_with("round(area_m2 / 10000, 1) || ' ha'"))
+CANDIDATE_QML = qml_document('type="singleSymbol"',
+                             [fill_symbol("0", "255,127,0,0", "255,127,0,255", "no", "dash", 0.4)])
+TILES_QML = qml_document('type="categorizedSymbol" attr="status"',
+                         [fill_symbol("0", "0,0,0,0", "120,120,120,160", "no"),
+                          fill_symbol("1", "120,120,120,60", "120,120,120,160", "b_diagonal")],
+                         categories=category_list([("done", "tile done"), ("nodata", "tile without data")]))
 
 GEOMETRY_COLUMN = "geom"  # what the GeoPackage's geometry column is called (and its stored styles name)
 STYLES = {  # kind of layer -> (QML, description)
@@ -93,12 +128,17 @@ STYLES = {  # kind of layer -> (QML, description)
 }
 
 
-def _style_row(table: str, kind: str) -> dict:
-    qml, description = STYLES[kind]
+def style_row(table: str, qml: str, description: str) -> dict:
+    """A ``layer_styles`` row: ``qml`` as the default style of ``table``."""
     return {"f_table_catalog": "", "f_table_schema": "", "f_table_name": table, "f_geometry_column": GEOMETRY_COLUMN,
             "styleName": f"{table} (uvsam)", "styleQML": qml, "styleSLD": "", "useAsDefault": True,
             "description": description, "owner": "uvsam", "ui": "",
             "update_time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def styles_table(rows: list[dict]) -> pd.DataFrame:
+    """The ``layer_styles`` table QGIS reads (``style_row`` rows)."""
+    return pd.DataFrame(rows)
 
 
 def _table(path: Path, layer: str) -> pd.DataFrame | None:
@@ -140,7 +180,7 @@ def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidat
                              for k, v in run.items()}])
     runs = run_row if runs is None else pd.concat([runs, run_row], ignore_index=True)
     tables = {layer: "villages", companion(layer, "candidates"): "candidates", companion(layer, "tiles"): "tiles"}
-    style = pd.DataFrame([_style_row(table, kind) for table, kind in tables.items()])
+    style = styles_table([style_row(table, *STYLES[kind]) for table, kind in tables.items()])
     if styles is not None:
         styles = styles[~styles["f_table_name"].isin(list(tables))]
         style = pd.concat([styles, style], ignore_index=True)
@@ -154,8 +194,8 @@ def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidat
                              (villages, layer)):
             # GeoPackage 1.2: what the GDAL and QGIS of current LTS distributions read without a warning
             created = {} if tmp.exists() else {"dataset_options": {"VERSION": "1.2"}}
-            pyogrio.write_dataframe(frame, tmp, layer=table, driver="GPKG",
-                                    layer_options={"GEOMETRY_NAME": GEOMETRY_COLUMN}, **created)
+            write_frame(frame, tmp, layer=table, driver="GPKG", layer_options={"GEOMETRY_NAME": GEOMETRY_COLUMN},
+                        **created)
         pyogrio.write_dataframe(runs, tmp, layer="runs", driver="GPKG")
         pyogrio.write_dataframe(style, tmp, layer="layer_styles", driver="GPKG")
 
@@ -179,4 +219,4 @@ def write_vector(out: Path, fmt: str, villages: gpd.GeoDataFrame) -> None:
         else:
             data = villages.to_crs("EPSG:4326") if fmt == "geojson" else villages
             tmp.unlink()
-            pyogrio.write_dataframe(data, tmp, driver=FORMATS[fmt].driver)
+            write_frame(data, tmp, driver=FORMATS[fmt].driver)

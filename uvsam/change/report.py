@@ -24,13 +24,12 @@ from pyproj import Transformer
 from rasterio.warp import transform_bounds
 
 from tiles.reader import RasterSource
+from uvsam.change.track import LIFECYCLE_COLOURS as COLOURS
 from uvsam.change.track import ChangeResult
 from uvsam.errors import InputError
 from uvsam.files import atomic_path
 from uvsam.raster import to_rgb
 
-COLOURS = {"new": "#1a9850", "demolished": "#d73027", "expanded": "#fc8d59", "shrunk": "#74add1",
-           "stable": "#9e9e9e", "split": "#984ea3", "merged": "#4575b4"}
 THUMB = 240  # px, longest side of a thumbnail
 
 

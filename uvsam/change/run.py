@@ -10,7 +10,7 @@ import pyogrio
 
 from uvsam import __version__
 from uvsam.change.imagery import check_consistency, coregistration
-from uvsam.change.outputs import write_outputs
+from uvsam.change.outputs import parse_crs, write_outputs
 from uvsam.change.report import write_report
 from uvsam.change.sources import parse_images, read_layer
 from uvsam.change.summaries import by_district, by_ring
@@ -29,6 +29,8 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
     ``images``: ``YEAR=RASTER`` specs: their co-registration is checked for consecutive years
     (a warning through ``log`` above ``max_shift_m``) and the report's thumbnails show them.
     """
+    if crs is not None:
+        parse_crs(crs)  # a wrong --crs is refused before any work
     layers = [read_layer(s) for s in specs]
     pictures = parse_images(images or [], [ly.year for ly in layers])
     check_writable(out)
@@ -50,7 +52,7 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
            "centre": list(centre) if centre else None, "ring_km": ring_km if centre else None,
            "images": {y: str(p) for y, p in pictures.items()}, "coregistration": coreg, "consistency": consistency,
            "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    files = write_outputs(out, result, tables, run, crs)
+    files = write_outputs(out, result, tables, run, crs, [ly.villages.crs for ly in layers])
     if report is not None:
         files.append(write_report(report, result, tables, run, pictures))
     return {"out": str(out), "files": [str(f) for f in files], "years": run["years"], "coregistration": coreg,

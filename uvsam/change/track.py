@@ -37,6 +37,9 @@ from uvsam.config import ChangeConfig
 from uvsam.errors import InputError
 
 LIFECYCLES = ("new", "demolished", "stable", "expanded", "shrunk", "split", "merged")
+# one colour per lifecycle, the same in the report's maps and the GeoPackage's QGIS style
+LIFECYCLE_COLOURS = {"new": "#1a9850", "demolished": "#d73027", "expanded": "#fc8d59", "shrunk": "#74add1",
+                     "stable": "#9e9e9e", "split": "#984ea3", "merged": "#4575b4"}
 
 
 def analysis_crs(layers: list[YearLayer], crs: str | None = None) -> CRS:

@@ -18,7 +18,7 @@ import torch
 from uvsam import __version__
 from uvsam.config import PredictConfig
 from uvsam.files import check_writable
-from uvsam.layers import check_format, write_layers
+from uvsam.layers import check_format, date_column, write_layers
 from uvsam.polygons import measure as measure_polygons
 from uvsam.predict.assemble import village_id
 from uvsam.predict.execution import Runner, run_local
@@ -77,7 +77,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
             "area_m2": area.round(1), "perimeter_m": perim.round(1), "mean_prob": res.mean_prob.round(4),
             "refined": np.asarray(res.refined, bool), "refine_reason": pd.array(res.reasons, dtype=object),
             "predicted_iou": pd.array([None if v is None else round(v, 4) for v in res.predicted_iou], dtype="Float64"),
-            "scene": path.name, "acquired": cfg.acquired, "model_sha256": info.sha256,
+            "scene": path.name, "acquired": date_column(cfg.acquired, len(res.villages)), "model_sha256": info.sha256,
             "run_id": run_id}, geometry=res.villages, crs=res.crs)
         frames.append(v.to_crs(out_crs))
         cands.append(gpd.GeoDataFrame({"scene": [path.name] * len(res.candidates)}, geometry=res.candidates,
@@ -93,8 +93,8 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     if frames:
         villages = gpd.GeoDataFrame(pd_concat(frames), geometry="geometry", crs=out_crs)
     else:  # no village anywhere: an empty layer with the full schema
-        villages = gpd.GeoDataFrame({c: pd.Series(dtype=object) for c in columns},
-                                    geometry=gpd.GeoSeries([], crs=out_crs))
+        villages = gpd.GeoDataFrame({c: date_column(None, 0) if c == "acquired" else pd.Series(dtype=object)
+                                     for c in columns}, geometry=gpd.GeoSeries([], crs=out_crs))
     run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
            "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
            "model_gsd_m": info.gsd_m, "generalist": info.generalist_note,
