@@ -421,3 +421,30 @@ def test_areas_are_square_metres_in_degrees_and_in_web_mercator(beijing, model, 
         np.testing.assert_allclose(v["perimeter_m"], perimeter, rtol=0.005)
         if epsg == 3857:  # Web Mercator "metres" are 1/cos(40 deg) too long at Beijing: not what is stored
             assert (v.geometry.area / v["area_m2"]).between(1.6, 1.8).all()
+
+
+def test_probabilities_are_an_output_on_the_exact_grid_of_the_model_gsd(beijing, model, tmp_path, capsys):
+    """``--probabilities``: a COG whose pixel spans the model's GSD on the ground (the working
+    mosaic may be within 1 % of it), 0..1, high inside the villages the layer holds."""
+    import rasterio
+    from rasterio.features import geometry_mask
+
+    from tiles.reader import ground_resolution
+    from uvsam.modelfile import ModelFile
+
+    out, prob = tmp_path / "v.gpkg", tmp_path / "p.tif"
+    code, _, err = run_cli(["predict", beijing / "val/images.vrt", "--model", model, "--out", out, "--local",
+                            "--probabilities", prob, "--no-refine"], capsys)
+    assert code == 0, err
+    gsd = ModelFile.read(model).gsd_m
+    villages = pyogrio.read_dataframe(out, layer="villages")
+    with rasterio.open(prob) as ds:
+        assert ds.profile["driver"] == "GTiff" and ds.dtypes[0] == "float32" and ds.profile["tiled"]
+        np.testing.assert_allclose(ground_resolution(ds.crs, ds.transform, ds.width, ds.height), gsd, rtol=1e-6)
+        p = ds.read(1)
+        inside = ~geometry_mask(villages.to_crs(ds.crs).geometry, p.shape, ds.transform)
+    assert np.nanmin(p) >= 0 and np.nanmax(p) <= 1 and np.isfinite(p).mean() > 0.9
+    assert len(villages) > 0 and np.nanmean(p[inside]) > 0.5 > np.nanmean(p[~inside])
+    code, _, err = run_cli(["predict", beijing / "val/images.vrt", "--model", model, "--out", tmp_path / "w.gpkg",
+                            "--probabilities", tmp_path / "p.png"], capsys)
+    assert code == 2 and "--probabilities" in err and err.count("\n") == 1 and not (tmp_path / "w.gpkg").exists()

@@ -269,6 +269,9 @@ def predict(
     fmt: Annotated[str | None, typer.Option("--format", help="Default: from the extension of --out. " + "; ".join(
         f"{f.name} ({f.suffix}): {f.holds}" for f in FORMATS.values()) + ".")] = None,
     crs: Annotated[str | None, typer.Option(help="Reproject the layers to this CRS (default: the scene's).")] = None,
+    probabilities: Annotated[Path | None, typer.Option(
+        help="Also write the village probabilities (0-1) as a GeoTIFF on the model's GSD grid (several scenes: "
+             "FILE_SCENE.tif each).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
     refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = PD("refine"),
     force_refine: Annotated[bool, typer.Option(
@@ -326,7 +329,8 @@ def predict(
     _STATE["resume"] = (f"finished tiles and windows are kept in {out.with_name(out.stem + '.work')}: run the same "
                         f"command again to resume; {out} was not changed")
     if runs_in_process(local, scheduler, workers):
-        summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log)
+        summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log,
+                                 probabilities=probabilities)
     else:
         from uvsam.predict.distributed import dask_runner, make_client, register_model
 
@@ -334,7 +338,7 @@ def predict(
         with make_client(scheduler, workers) as client:
             register_model(client, info)
             summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint,
-                                     runner=dask_runner(client), log=log)
+                                     runner=dask_runner(client), log=log, probabilities=probabilities)
     typer.echo(json.dumps(summary))
 
 

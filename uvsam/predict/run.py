@@ -17,6 +17,7 @@ import torch
 
 from uvsam import __version__
 from uvsam.config import PredictConfig
+from uvsam.errors import ConfigError
 from uvsam.files import check_writable
 from uvsam.layers import check_format, date_column, write_layers
 from uvsam.polygons import measure as measure_polygons
@@ -25,6 +26,7 @@ from uvsam.predict.execution import Runner, run_local
 from uvsam.predict.journal import scene_identity
 from uvsam.predict.model import get_model, model_info, refines
 from uvsam.predict.pipeline import predict_scene
+from uvsam.predict.probabilities import scene_output, write_probabilities
 from uvsam.predict.scene import find_scenes, harmonisation_record, prepare_scene, scene_row
 from uvsam.predict.specialist import specialist_batch, tile_windows
 from uvsam.progress import Progress, stage
@@ -33,17 +35,24 @@ from uvsam.progress import Progress, stage
 def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: PredictConfig = PredictConfig(),
                    layer: str = "villages", fmt: str | None = None, crs: str | None = None,
                    checkpoint: str | Path | None = None, runner: Runner = run_local, log=print,
-                   run_extra: dict | None = None, prepared: list[tuple] | None = None) -> dict:
+                   run_extra: dict | None = None, prepared: list[tuple] | None = None,
+                   probabilities: str | Path | None = None) -> dict:
     """Predict every scene and write the layers; returns a summary.
 
     Resumable: finished tasks are journaled beside the output (``OUT.work/journal``), so the
     same command run again after an interruption skips them and writes the same layers. The
     run id is derived from the inputs, model and configuration, so it too is the same.
     ``run_extra`` adds columns to the ``runs`` table (a workflow stores its name and text);
-    ``prepared``: :func:`prepare_scene` of each scene found, when the caller has it already.
+    ``prepared``: :func:`prepare_scene` of each scene found, when the caller has it already;
+    ``probabilities``: a GeoTIFF to write the village probabilities to, on the exact grid of the
+    model's GSD (:mod:`.probabilities`; one file per scene beside it when there are several).
     """
     out = check_writable(out)
     fmt = check_format(fmt, layer, out)  # None: the extension's
+    if probabilities is not None:
+        probabilities = check_writable(probabilities)
+        if probabilities.suffix.lower() not in (".tif", ".tiff"):
+            raise ConfigError("must name a GeoTIFF (.tif)", probabilities, field="probabilities")
     paths = find_scenes(scenes)
     info = model_info(model, checkpoint)
     identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
@@ -70,6 +79,9 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     for path, prep in zip(paths, prepared, strict=True):
         res = predict_scene(path, info, cfg, workdir, runner, progress=on_progress, prepared=prep)
         journals.append(res.journal)
+        if probabilities is not None:
+            with stage("write"):
+                write_probabilities(res.mosaic, scene_output(probabilities, path, len(paths)), info.gsd_m)
         out_crs = out_crs or res.crs
         area, perim = measure_polygons(res.villages, res.crs)
         v = gpd.GeoDataFrame({
