@@ -77,12 +77,13 @@ def _write_geotiff(arr: np.ndarray, transform: Affine, dest: Path) -> None:
 
 
 def import_xyz(images_dir: str | Path, zoom: int, out_dir: str | Path, masks_dir: str | Path | None = None,
-               pattern: str = "*.png") -> ImportedSet:
+               pattern: str = "*.png", on_tile=None) -> ImportedSet:
     """Georeference every ``{y}_{x}`` image (and its same-named mask) and build VRT mosaics.
 
     Writes ``OUT/images/{y}_{x}.tif``, ``OUT/masks/{y}_{x}.tif``, ``OUT/images.vrt`` and
     ``OUT/masks.vrt``. All names are checked before anything is written, and the files move into
-    OUT only once all of them are complete: a failure leaves OUT as it was.
+    OUT only once all of them are complete: a failure leaves OUT as it was. ``on_tile(total)``
+    is called as each tile is written (progress).
     """
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     if not images_dir.is_dir():
@@ -112,7 +113,7 @@ def import_xyz(images_dir: str | Path, zoom: int, out_dir: str | Path, masks_dir
     stage = out_dir.parent / f".{out_dir.name}.part-{os.getpid()}"
     try:
         try:
-            _write_set(tiles, mask_of, stage)
+            _write_set(tiles, mask_of, stage, on_tile)
         except (OSError, rasterio.errors.RasterioError) as e:  # a full disk, a lost mount
             raise TilesError(f"cannot write ({write_failure(e)})", out_dir) from e
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,8 @@ def import_xyz(images_dir: str | Path, zoom: int, out_dir: str | Path, masks_dir
     )
 
 
-def _write_set(tiles: dict[str, tuple[Path, Affine]], mask_of: dict[str, Path], out_dir: Path) -> None:
+def _write_set(tiles: dict[str, tuple[Path, Affine]], mask_of: dict[str, Path], out_dir: Path,
+               on_tile=None) -> None:
     """GeoTIFFs of every image (and mask) plus their VRT mosaics, under ``out_dir``."""
     (out_dir / "images").mkdir(parents=True)
     if mask_of:
@@ -146,6 +148,8 @@ def _write_set(tiles: dict[str, tuple[Path, Affine]], mask_of: dict[str, Path], 
                 raise TilesError(f"mask is {mask.shape[2]}x{mask.shape[1]} but its image is "
                                  f"{img.shape[2]}x{img.shape[1]}", mask_of[stem])
             _write_geotiff(mask, transform, out_dir / "masks" / f"{stem}.tif")
+        if on_tile is not None:
+            on_tile(len(tiles))
     write_vrt([out_dir / "images" / f"{stem}.tif" for stem in tiles], out_dir / "images.vrt")
     if mask_of:
         write_vrt([out_dir / "masks" / f"{stem}.tif" for stem in mask_of], out_dir / "masks.vrt")

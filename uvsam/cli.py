@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from tqdm import tqdm
 
 from tiles.errors import TilesError
 from uvsam.config import FORMATS, ChangeConfig, PredictConfig, TrainConfig, default
 from uvsam.errors import InputError, UvsamError
+from uvsam.progress import SETTINGS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Urban-village mapping with UV-SAM.")
 weights_app = typer.Typer(no_args_is_help=True, help="List, download, import and verify generalist weights.")
@@ -71,9 +73,21 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no notes; warnings, errors "
+                                              "and results only.")] = False,
           version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False):
+    """Find urban villages in satellite imagery, year after year. --debug, --quiet and --version may
+    be given anywhere on the command line."""
     _STATE["debug"] = debug
+    SETTINGS.quiet = quiet
+
+
+def log(message: str) -> None:
+    """A note or warning for the user on stderr (above any progress bar); --quiet keeps only warnings."""
+    if SETTINGS.quiet and not message.startswith(("warning", "error")):
+        return
+    tqdm.write(message, file=sys.stderr)
 
 
 # Where a command's flag is not the config field's name (``--`` + the field with dashes).
@@ -213,7 +227,6 @@ def train(
         force_refine=force_refine,
         bands=tuple(band) or None, labels_crs=labels_crs, seed=seed,
     )
-    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     if folds:
         from uvsam.crossval import cross_validate
 
@@ -240,7 +253,6 @@ def evaluate(
     """IoU/F1/precision/recall and object F1 of what `uvsam predict` ships (polygons), its specialist
     mosaic and the in-memory UV-SAM path, on the label grid (JSON)."""
     cfg = PredictConfig(force_refine=force_refine)
-    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     if cv:
         from uvsam.crossval import evaluate_cv
 
@@ -325,7 +337,6 @@ def predict(
 
         typer.echo(json.dumps(estimate(scenes, model, cfg, checkpoint), indent=2))
         return
-    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     _STATE["resume"] = (f"finished tiles and windows are kept in {out.with_name(out.stem + '.work')}: run the same "
                         f"command again to resume; {out} was not changed")
     if runs_in_process(local, scheduler, workers):
@@ -377,7 +388,6 @@ def change_cmd(
             raise InputError(f"--centre {centre!r}: longitude or latitude out of range")
         point = (lon, lat)
     cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs, min_area_m2=min_area)
-    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     typer.echo(json.dumps(run_change(years, out, cfg, districts, district_field, point, ring_km, crs, report,
                                      image, max_shift, log)))
 
@@ -390,7 +400,6 @@ def demo_cmd(
     """The whole pipeline offline on a synthetic city it draws itself (a few minutes on a laptop)."""
     from uvsam.demo import run_demo
 
-    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     report = run_demo(out, log, local=local)
     typer.echo(json.dumps({k: report[k] for k in ("synthetic", "geopackage", "score", "seconds")}))
 
@@ -406,7 +415,6 @@ def run_cmd(
     """Run a workflow: each year's scenes predicted into its own layer of one output."""
     from uvsam.workflow import run
 
-    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     _STATE["resume"] = "finished years, tiles and windows are kept: run the same command again to resume"
     typer.echo(json.dumps(run(workflow, log, dry_run, local, workers, scheduler), indent=2 if dry_run else None))
 
@@ -421,9 +429,24 @@ def import_xyz_cmd(
     """Georeference an XYZ tile folder (EPSG:3857 GeoTIFFs) and mosaic it into VRTs."""
     from tiles.xyz import import_xyz
     from uvsam.files import check_writable
+    from uvsam.progress import Progress
 
     check_writable(out, folder=True)
-    res = import_xyz(images, zoom, out, masks_dir=masks)
+    bar: list[Progress] = []
+
+    def on_tile(total: int) -> None:
+        if not bar:
+            bar.append(Progress(total, "tiles", task="import-xyz"))
+        bar[0].advance()
+
+    try:
+        res = import_xyz(images, zoom, out, masks_dir=masks, on_tile=on_tile)
+    except BaseException:
+        for b in bar:
+            b.close(failed=True)
+        raise
+    for b in bar:
+        b.close()
     typer.echo(json.dumps({"images": len(res.images), "masks": len(res.masks), "images_vrt": str(res.images_vrt),
                            "masks_vrt": str(res.masks_vrt) if res.masks_vrt else None}))
 
@@ -542,9 +565,15 @@ def usage_line(e: Exception) -> str:
     return f"{where}: {message} (see `{where} --help`)"
 
 
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
+    # the options of every command may come anywhere: `uvsam predict ... --quiet`
+    args = [a for a in args if a in GLOBAL_FLAGS] + [a for a in args if a not in GLOBAL_FLAGS]
+    SETTINGS.quiet = False
     debug = "--debug" in args
     if not debug:
         # Library warnings (rasterio's NotGeoreferencedWarning, torch deprecations) are noise

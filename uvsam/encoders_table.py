@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from uvsam.modeling import ENCODERS, build_generalist, get_spec
+from uvsam.progress import Progress
 from uvsam.quantize import embedding_cosine, quantize_encoder_int8
 
 
@@ -38,36 +39,39 @@ def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: 
     """One dict per encoder: params (M), GFLOPs at native input, median CPU latency (s) of
     batch 1, and for int8: latency and embedding cosine similarity against fp32."""
     rows = []
-    for name in names or list(ENCODERS):
-        spec = get_spec(name)
-        torch.manual_seed(0)
-        model = build_generalist(spec)
-        enc = model.image_encoder
-        row = {
-            "name": spec.name,
-            "family": spec.family,
-            "input": spec.input_size,
-            "encoder_params_m": round(sum(p.numel() for p in enc.parameters()) / 1e6, 2),
-            "total_params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "published_params_m": spec.published_params_m,
-            "licence": spec.licence + (" (non-commercial)" if spec.non_commercial else ""),
-        }
-        if measure:
-            img = image if image is not None else _sample_image(1024)
-            x = model.preprocess(img)
-            counter = FlopCounterMode(display=False)
-            with torch.inference_mode(), counter:
-                ref = enc(x)
-            row["gflops"] = round(counter.get_total_flops() / 1e9, 1)
-            row["cpu_latency_s"] = round(_latency(enc, x, repeats), 3)
-            row["threads"] = torch.get_num_threads()
-            if int8:
-                q = quantize_encoder_int8(enc)
-                row["int8_cpu_latency_s"] = round(_latency(q, x, repeats), 3)
-                with torch.inference_mode():
-                    row["int8_cosine"] = round(embedding_cosine(q(x), ref), 4)
-        rows.append(row)
-        del model
+    names = names or list(ENCODERS)
+    with Progress(len(names), "encoders", task="encoders") as bar:
+        for name in names:
+            spec = get_spec(name)
+            torch.manual_seed(0)
+            model = build_generalist(spec)
+            enc = model.image_encoder
+            row = {
+                "name": spec.name,
+                "family": spec.family,
+                "input": spec.input_size,
+                "encoder_params_m": round(sum(p.numel() for p in enc.parameters()) / 1e6, 2),
+                "total_params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                "published_params_m": spec.published_params_m,
+                "licence": spec.licence + (" (non-commercial)" if spec.non_commercial else ""),
+            }
+            if measure:
+                img = image if image is not None else _sample_image(1024)
+                x = model.preprocess(img)
+                counter = FlopCounterMode(display=False)
+                with torch.inference_mode(), counter:
+                    ref = enc(x)
+                row["gflops"] = round(counter.get_total_flops() / 1e9, 1)
+                row["cpu_latency_s"] = round(_latency(enc, x, repeats), 3)
+                row["threads"] = torch.get_num_threads()
+                if int8:
+                    q = quantize_encoder_int8(enc)
+                    row["int8_cpu_latency_s"] = round(_latency(q, x, repeats), 3)
+                    with torch.inference_mode():
+                        row["int8_cosine"] = round(embedding_cosine(q(x), ref), 4)
+            rows.append(row)
+            del model
+            bar.advance(1, encoder=spec.name)
     return rows
 
 

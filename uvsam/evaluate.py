@@ -31,6 +31,7 @@ from uvsam.labels import IGNORE
 from uvsam.metrics import SegmentationCounts
 from uvsam.modelfile import ModelFile
 from uvsam.predict import PredictConfig, close_sources, get_model, model_info, predict_scene, prepare_scene, refines
+from uvsam.progress import Progress
 
 
 def evaluate(model_path: str | Path, images: str | Path, labels: str | Path, checkpoint: str | Path | None = None,
@@ -54,16 +55,11 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])
     counts = {k: SegmentationCounts() for k in names + ["all_village"]}
     per_scene = []
-    for pair in pairs:
-        scores = score_scene(pair, info, cfg, labels_crs)
-        for k in ("specialist", "polygons", "all_village"):
-            counts[k].update(scores[k], scores["labels"], pixel_m=scores["pixel_m"] if k != "all_village" else None)
-        row = {"image": pair.image.name, "polygons_iou": _iou(scores["polygons"], scores["labels"]),
-               "specialist_iou": _iou(scores["specialist"], scores["labels"]), "villages": scores["villages"]}
-        if not specialist_only:
-            pred, labels, pixel_m = in_memory_uvsam(model, model_file, pair, window, labels_crs, refine, cfg)
-            counts["uvsam"].update(pred, labels, pixel_m=pixel_m)
-        per_scene.append(row)
+    with Progress(len(pairs), "scenes", task="evaluate") as bar:
+        for pair in pairs:
+            per_scene.append(_score_pair(pair, info, cfg, labels_crs, counts, model, model_file, window, refine,
+                                         specialist_only))
+            bar.advance()
     if log is not None and cfg.refine and not refine:  # after the inputs were all read: errors come alone
         log(f"note: {info.generalist_note}: villages kept the specialist's outlines (not refined)")
     result = {k: counts[k].summary() for k in names}
@@ -74,6 +70,20 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     result["predict_config"] = cfg.to_dict()
     result["model"] = model_file.record()
     return result
+
+
+def _score_pair(pair: LabelledScene, info, cfg, labels_crs, counts: dict, model, model_file, window: int,
+                refine: bool, specialist_only: bool) -> dict:
+    """Score one scene into ``counts``; its per-scene row."""
+    scores = score_scene(pair, info, cfg, labels_crs)
+    for k in ("specialist", "polygons", "all_village"):
+        counts[k].update(scores[k], scores["labels"], pixel_m=scores["pixel_m"] if k != "all_village" else None)
+    row = {"image": pair.image.name, "polygons_iou": _iou(scores["polygons"], scores["labels"]),
+           "specialist_iou": _iou(scores["specialist"], scores["labels"]), "villages": scores["villages"]}
+    if not specialist_only:
+        pred, labels, pixel_m = in_memory_uvsam(model, model_file, pair, window, labels_crs, refine, cfg)
+        counts["uvsam"].update(pred, labels, pixel_m=pixel_m)
+    return row
 
 
 def _iou(pred: np.ndarray, labels: np.ndarray) -> float:

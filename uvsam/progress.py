@@ -1,7 +1,10 @@
 """Progress and where the time goes.
 
-:class:`Progress`: one line on a terminal (done/total, rate, ETA and any counters); silent when
-stderr is not a terminal (batch runs and logs get the commands' own summary lines).
+:class:`Progress`: long work reports itself on stderr. On a terminal a live tqdm bar (done/total,
+rate, derived rates such as km2/h, counters, ETA); elsewhere (nohup, cron, Slurm, a notebook's
+captured stderr) one timestamped line every :data:`SETTINGS` ``.interval`` seconds, also while a
+single long unit runs, and one when the work ends; nothing with ``--quiet``. Units a resumed run
+finds done are shown as done but never count as throughput.
 
 :func:`stage`: the steps of a prediction time themselves (``read``, ``vectorise``, ``write``) into
 this process's :data:`STAGES`, which ``uvsam predict --local`` reports and benchmarks read: the
@@ -11,12 +14,17 @@ figures come from the code as it runs, nothing wrapped or patched.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from tqdm import tqdm
 
 
 def peak_rss_mb() -> float:
@@ -64,45 +72,127 @@ def stage(name: str) -> Iterator[None]:
 
 
 
-class Progress:
-    """``total`` units of work (tiles, steps); ``rates`` adds derived rates, e.g.
-    ``{"km2/h": km2 per unit * 3600}``; ``done`` counts units already done (a resumed run)."""
+@dataclass
+class ProgressSettings:
+    """``quiet``: no progress at all; ``interval``: seconds between the records written when
+    stderr is not a terminal (``UVSAM_PROGRESS_SECONDS``, default 30); ``bar``: force (True) or
+    refuse (False) the live bar, None: a bar exactly when stderr is a terminal."""
 
-    def __init__(self, total: int, unit: str, done: int = 0, rates: dict[str, float] | None = None):
-        self.total, self.unit, self.done, self.start = total, unit, done, done
+    quiet: bool = False
+    interval: float = float(os.environ.get("UVSAM_PROGRESS_SECONDS", "30"))
+    bar: bool | None = None
+
+
+SETTINGS = ProgressSettings()
+
+
+def _number(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    return tqdm.format_interval(seconds) if seconds == seconds and seconds < 1e7 else "?"
+
+
+class Progress:
+    """``total`` units of work (tiles, steps) of a ``task`` (predict, train ...); ``rates`` adds
+    derived rates, e.g. ``{"km2/h": km2 per unit * 3600}``; ``done``: units already done when
+    the work starts (a resumed run). Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, total: int, unit: str, done: int = 0, rates: dict[str, float] | None = None,
+                 task: str = "uvsam"):
+        self.total, self.unit, self.task, self.done, self.start = total, unit, task, done, done
         self.rates = rates or {}
         self.counters: dict[str, int] = {}
         self.fields: dict[str, str] = {}
         self.t0 = time.monotonic()
-        self.out = sys.stderr if sys.stderr.isatty() else None
+        self._lock = threading.Lock()
+        self._bar = self._stop = None
+        if SETTINGS.quiet:
+            return
+        if SETTINGS.bar if SETTINGS.bar is not None else sys.stderr.isatty():
+            self._bar = tqdm(total=total, initial=done, unit=f" {unit}", desc=task, file=sys.stderr,
+                             dynamic_ncols=True, smoothing=0, leave=True)
+        else:  # records from a heartbeat: a line even while one long tile or epoch runs
+            self._stop = threading.Event()
+            threading.Thread(target=self._heartbeat, name="uvsam-progress", daemon=True).start()
 
+    # -- what the work reports ----------------------------------------------------------------
     def advance(self, n: int = 1, **fields) -> None:
-        """``n`` more units done; ``fields`` (e.g. ``epoch=3``, ``loss=0.41``) shown before the rate."""
-        self.done += n
-        self.fields.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in fields.items()})
-        self._show()
+        """``n`` more units done; ``fields`` (e.g. ``epoch=3``, ``loss=0.41``) shown with the counts."""
+        with self._lock:
+            self.done += n
+            self.fields.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in fields.items()})
+        if self._bar is not None:
+            self._bar.update(n)
+            self._postfix()
+
+    def skip(self, n: int) -> None:
+        """``n`` units a resumed run found done: counted as done, not as throughput."""
+        with self._lock:
+            self.done += n
+            self.start += n
+        if self._bar is not None:
+            self._bar.n += n
+            self._bar.initial += n  # tqdm's rate is (n - initial) / elapsed with smoothing 0
+            self._bar.last_print_n = self._bar.n
+            self._bar.refresh()
 
     def count(self, name: str, n: int = 1) -> None:
         """A side counter (refinement windows), shown without advancing the units."""
-        self.counters[name] = self.counters.get(name, 0) + n
-        self._show()
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+        if self._bar is not None:
+            self._postfix()
 
-    def _show(self) -> None:
-        if self.out is None:
-            return
-        rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        parts = [f"{k} {v}" for k, v in self.fields.items()]
-        parts += [f"{self.unit} {self.done}/{self.total}", f"{rate:.2f}/s"]
-        parts += [f"{rate * f:.1f} {name}" for name, f in self.rates.items()]
-        parts += [f"{k} {v}" for k, v in self.counters.items()]
-        parts.append(f"ETA {int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "ETA ?")
-        self.out.write("\r" + " ".join(parts) + " ")
-        self.out.flush()
+    # -- what is shown --------------------------------------------------------------------------
+    def rate(self) -> float:
+        """Units per second done by this run (resumed units excluded)."""
+        return (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
 
-    def line_break(self) -> None:
-        """End the current line (an epoch is over, the run is over)."""
-        if self.out is not None:
-            self.out.write("\n")
+    def record(self) -> str:
+        """One line: time, task, done/total, rates, counters, elapsed and ETA."""
+        with self._lock:
+            rate, done = self.rate(), self.done
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
+            parts = [f"{datetime.now().astimezone():%Y-%m-%d %H:%M:%S}", f"{self.task}:"]
+            parts += [f"{self.unit} {done}/{self.total} ({100 * done / max(1, self.total):.0f}%)"]
+            parts += [f"{k} {v}" for k, v in self.fields.items()]
+            parts.append(f"{_number(rate)} {self.unit}/s")
+            parts += [f"{_number(rate * f)} {name}" for name, f in self.rates.items()]
+            parts += [f"{k} {v}" for k, v in self.counters.items()]
+            parts += [f"elapsed {_duration(time.monotonic() - self.t0)}", f"ETA {_duration(eta)}"]
+        return " ".join(parts)
 
-    close = line_break
+    def _postfix(self) -> None:
+        rate = self.rate()
+        post = dict(self.fields)
+        post.update({name: _number(rate * f) for name, f in self.rates.items()})
+        post.update({k: str(v) for k, v in self.counters.items()})
+        self._bar.set_postfix(post, refresh=False)
+
+    def _write(self) -> None:
+        sys.stderr.write(self.record() + "\n")
+        sys.stderr.flush()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(SETTINGS.interval):
+            self._write()
+
+    def close(self, failed: bool = False) -> None:
+        """The work is over: the bar closed, or (records) a last one when the work lasted long
+        enough to have had one. ``failed``: stopped by an error, which speaks for itself."""
+        if self._bar is not None:
+            self._postfix()
+            self._bar.close()
+            self._bar = None
+        elif self._stop is not None and not self._stop.is_set():
+            self._stop.set()
+            if not failed and time.monotonic() - self.t0 >= SETTINGS.interval:
+                self._write()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.close(failed=kind is not None)

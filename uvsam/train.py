@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     if average is not None and payload is not None and "average" in payload["training"]:
         average.shadow = dict(payload["training"]["average"])
     weights = LossWeights(sam=cfg.sam_weight)
-    progress = Progress(total, "step", done=start * cfg.steps_per_epoch)
+    progress = Progress(total, "step", done=start * cfg.steps_per_epoch, task="train")
     meta = {"generalist": generalist_meta,  # the GSD is the config's (UVSAMConfig.gsd_m), stored once
             "source_gsd_m": float(np.median([native_gsd(s.path) for s in data.train])),
             "radiometry": data.inputs.radiometry.to_dict(),
@@ -293,77 +293,83 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
             "bands": list(cfg.bands) if cfg.bands else None, "uvsam_version": __version__,
             "torch_version": str(torch.__version__), "train_config": cfg.to_dict()}
 
-    for epoch in range(start, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
-        rng = np.random.default_rng([cfg.seed, epoch])
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path
-        sam_on = epoch >= cfg.epochs - sam_epochs
-        model.train()
-        t0 = time.monotonic()
-        sums: dict[str, float] = {}
-        for step in range(cfg.steps_per_epoch):
-            if sam_on:
-                views = [pool[i] for i in rng.integers(len(pool), size=cfg.batch_size)]
-            else:
-                views = [random_view(rng, data.train, cfg.crop, cfg.scale) for _ in range(cfg.batch_size)]
-            rendered = [render(v, data.train, cfg.crop) for v in views]
-            images = torch.stack([r[0] for r in rendered])
-            labels = torch.stack([r[1] for r in rendered])
-            spec_images = photometric(images, gen) if cfg.photometric else images
-            if sam_on:
-                emb = store.get(model, views, images)
-                parts = uvsam_loss(model(images, frozen_embeddings=emb, specialist_images=spec_images), labels, weights)
-            else:
-                logits, _ = model.run_specialist(spec_images)
-                ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE)
-                parts = {"total": ce, "ce": ce}
-            if not torch.isfinite(parts["total"]):
-                raise RuntimeError(f"training diverged at epoch {epoch + 1} step {step + 1} (loss {parts['total']})")
-            opt.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            if average is not None:
-                average.update(model)
-            row = {k: float(v.detach()) for k, v in parts.items()}
-            for k, v in row.items():
-                sums[k] = sums.get(k, 0.0) + v
-            gstep = epoch * cfg.steps_per_epoch + step
-            step_rows.append({"epoch": epoch + 1, "step": gstep + 1, "lr": sched.get_last_lr()[0],
-                              "sam_path": int(sam_on), **{f"loss_{k}": v for k, v in row.items()}})
-            if tb is not None:
-                tb.add_scalar("loss/total", row["total"], gstep)
-            progress.advance(1, epoch=epoch + 1, loss=row["total"])
-        progress.line_break()
-        epoch_row = {"epoch": epoch + 1, "sam_path": int(sam_on), "seconds": round(time.monotonic() - t0, 2),
-                     "lr": sched.get_last_lr()[0],
-                     **{f"train_{k}": v / cfg.steps_per_epoch for k, v in sums.items()},
-                     "embeddings_cached": len(store.store)}
-        if average is not None:
-            average.swap(model)  # validate and save the average
-        if data.val:
-            results = validate(model, data.val, full=sam_on, window=cfg.val_window)
-            for name, m in results.items():
-                epoch_row.update(_flatten(f"val_{name}", m))
+    try:
+        for epoch in range(start, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
+            rng = np.random.default_rng([cfg.seed, epoch])
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout / drop-path
+            sam_on = epoch >= cfg.epochs - sam_epochs
+            model.train()
+            t0 = time.monotonic()
+            sums: dict[str, float] = {}
+            for step in range(cfg.steps_per_epoch):
+                if sam_on:
+                    views = [pool[i] for i in rng.integers(len(pool), size=cfg.batch_size)]
+                else:
+                    views = [random_view(rng, data.train, cfg.crop, cfg.scale) for _ in range(cfg.batch_size)]
+                rendered = [render(v, data.train, cfg.crop) for v in views]
+                images = torch.stack([r[0] for r in rendered])
+                labels = torch.stack([r[1] for r in rendered])
+                spec_images = photometric(images, gen) if cfg.photometric else images
+                if sam_on:
+                    emb = store.get(model, views, images)
+                    out_ = model(images, frozen_embeddings=emb, specialist_images=spec_images)
+                    parts = uvsam_loss(out_, labels, weights)
+                else:
+                    logits, _ = model.run_specialist(spec_images)
+                    ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE)
+                    parts = {"total": ce, "ce": ce}
+                if not torch.isfinite(parts["total"]):
+                    raise RuntimeError(f"training diverged at epoch {epoch + 1} step {step + 1} "
+                                       f"(loss {parts['total']})")
+                opt.zero_grad(set_to_none=True)
+                parts["total"].backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                if average is not None:
+                    average.update(model)
+                row = {k: float(v.detach()) for k, v in parts.items()}
+                for k, v in row.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                gstep = epoch * cfg.steps_per_epoch + step
+                step_rows.append({"epoch": epoch + 1, "step": gstep + 1, "lr": sched.get_last_lr()[0],
+                                  "sam_path": int(sam_on), **{f"loss_{k}": v for k, v in row.items()}})
                 if tb is not None:
-                    tb.add_scalar(f"val/{name}_iou", m["iou"], epoch + 1)
-        history.append(epoch_row)
-        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in epoch_row.items()
-                     if k in ("epoch", "seconds", "train_total", "train_ce", "train_sam", "val_specialist_iou",
-                              "val_uvsam_iou")))
-        training = {"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "history": json.loads(json.dumps(history)), "steps": step_rows, "config": cfg.to_dict()}
-        if average is not None:
-            average.swap(model)  # back to the raw weights, which training (and --resume) continues
-            training["raw"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            training["average"] = {n: v.clone() for n, v in average.shadow.items()}
-            average.swap(model)
-        save_model(out, model, {**meta, "epoch": epoch + 1, "history": history}, training=training)
-        if average is not None:
-            average.swap(model)
-        _write_csv(metrics_csv, history)
-        _write_csv(steps_csv, step_rows)
+                    tb.add_scalar("loss/total", row["total"], gstep)
+                progress.advance(1, epoch=epoch + 1, loss=row["total"])
+            epoch_row = {"epoch": epoch + 1, "sam_path": int(sam_on), "seconds": round(time.monotonic() - t0, 2),
+                         "lr": sched.get_last_lr()[0],
+                         **{f"train_{k}": v / cfg.steps_per_epoch for k, v in sums.items()},
+                         "embeddings_cached": len(store.store)}
+            if average is not None:
+                average.swap(model)  # validate and save the average
+            if data.val:
+                results = validate(model, data.val, full=sam_on, window=cfg.val_window)
+                for name, m in results.items():
+                    epoch_row.update(_flatten(f"val_{name}", m))
+                    if tb is not None:
+                        tb.add_scalar(f"val/{name}_iou", m["iou"], epoch + 1)
+            history.append(epoch_row)
+            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in epoch_row.items()
+                         if k in ("epoch", "seconds", "train_total", "train_ce", "train_sam", "val_specialist_iou",
+                                  "val_uvsam_iou")))
+            training = {"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "history": json.loads(json.dumps(history)), "steps": step_rows, "config": cfg.to_dict()}
+            if average is not None:
+                average.swap(model)  # back to the raw weights, which training (and --resume) continues
+                training["raw"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                training["average"] = {n: v.clone() for n, v in average.shadow.items()}
+                average.swap(model)
+            save_model(out, model, {**meta, "epoch": epoch + 1, "history": history}, training=training)
+            if average is not None:
+                average.swap(model)
+            _write_csv(metrics_csv, history)
+            _write_csv(steps_csv, step_rows)
+    except BaseException:
+        progress.close(failed=True)
+        raise
+    progress.close()
     if tb is not None:
         tb.close()
     return history[-1] if history else {}

@@ -17,6 +17,7 @@ from uvsam.change.summaries import by_district, by_ring
 from uvsam.change.track import LIFECYCLES, ChangeConfig, track
 from uvsam.errors import InputError
 from uvsam.files import check_writable
+from uvsam.progress import Progress
 
 
 def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConfig(),
@@ -31,29 +32,37 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
     """
     if crs is not None:
         parse_crs(crs)  # a wrong --crs is refused before any work
-    layers = [read_layer(s) for s in specs]
-    pictures = parse_images(images or [], [ly.year for ly in layers])
-    check_writable(out)
-    if report is not None:
-        check_writable(report)
-    result = track(layers, cfg)
-    tables: dict[str, pd.DataFrame] = {}
-    if districts is not None:
-        if not Path(districts).is_file():
-            raise InputError("districts file does not exist", districts)
-        tables["districts"] = by_district(result.villages, pyogrio.read_dataframe(districts), district_field)
-    if centre is not None:
-        tables["rings"] = by_ring(result.villages, centre, ring_km)
-    coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
-    consistency = check_consistency(result, pictures, log)
-    counts = result.changes["lifecycle"].value_counts().to_dict() if len(result.changes) else {}
-    run = {"years": [ly.year for ly in layers], "sources": [ly.source for ly in layers], "config": cfg.to_dict(),
-           "analysis_crs": result.crs.to_wkt(), "districts": str(districts) if districts else None,
-           "centre": list(centre) if centre else None, "ring_km": ring_km if centre else None,
-           "images": {y: str(p) for y, p in pictures.items()}, "coregistration": coreg, "consistency": consistency,
-           "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    files = write_outputs(out, result, tables, run, crs, [ly.villages.crs for ly in layers])
-    if report is not None:
-        files.append(write_report(report, result, tables, run, pictures))
+    with Progress(len(specs) + 3 + (report is not None), "steps", task="change") as bar:
+        layers = []
+        for s in specs:
+            layers.append(read_layer(s))
+            bar.advance(1, step=f"read {layers[-1].year}")
+        pictures = parse_images(images or [], [ly.year for ly in layers])
+        check_writable(out)
+        if report is not None:
+            check_writable(report)
+        result = track(layers, cfg)
+        bar.advance(1, step="tracked")
+        tables: dict[str, pd.DataFrame] = {}
+        if districts is not None:
+            if not Path(districts).is_file():
+                raise InputError("districts file does not exist", districts)
+            tables["districts"] = by_district(result.villages, pyogrio.read_dataframe(districts), district_field)
+        if centre is not None:
+            tables["rings"] = by_ring(result.villages, centre, ring_km)
+        coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
+        consistency = check_consistency(result, pictures, log)
+        bar.advance(1, step="imagery checked")
+        counts = result.changes["lifecycle"].value_counts().to_dict() if len(result.changes) else {}
+        run = {"years": [ly.year for ly in layers], "sources": [ly.source for ly in layers], "config": cfg.to_dict(),
+               "analysis_crs": result.crs.to_wkt(), "districts": str(districts) if districts else None,
+               "centre": list(centre) if centre else None, "ring_km": ring_km if centre else None,
+               "images": {y: str(p) for y, p in pictures.items()}, "coregistration": coreg, "consistency": consistency,
+               "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        files = write_outputs(out, result, tables, run, crs, [ly.villages.crs for ly in layers])
+        bar.advance(1, step="written")
+        if report is not None:
+            files.append(write_report(report, result, tables, run, pictures))
+            bar.advance(1, step="report")
     return {"out": str(out), "files": [str(f) for f in files], "years": run["years"], "coregistration": coreg,
             "consistency": consistency, "lifecycles": {k: int(counts.get(k, 0)) for k in LIFECYCLES}}

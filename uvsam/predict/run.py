@@ -68,45 +68,32 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
         if (prep.suitability or {}).get("problems"):
             log(f"warning: {Path(prep.path).name}: run with --force despite: "
                 + "; ".join(prep.suitability["problems"]))
-    bar = tiles_progress([scene_row(scene, info) for scene, _ in prepared])
     workdir = out.with_name(out.stem + ".work")
     workdir.mkdir(exist_ok=True)
     frames, cands, tiles, journals = [], [], [], []
     out_crs = crs
-    def on_progress(stage: str, n: int) -> None:
-        bar.advance(n) if stage == "tiles" else bar.count(stage, n)
-
-    for path, prep in zip(paths, prepared, strict=True):
-        res = predict_scene(path, info, cfg, workdir, runner, progress=on_progress, prepared=prep)
-        journals.append(res.journal)
-        if probabilities is not None:
-            with stage("write"):
-                write_probabilities(res.mosaic, scene_output(probabilities, path, len(paths)), info.gsd_m)
-        out_crs = out_crs or res.crs
-        area, perim = measure_polygons(res.villages, res.crs)
-        v = gpd.GeoDataFrame({
-            "village_id": [village_id(path.name, p, res.crs) for p in res.villages],
-            "area_m2": area.round(1), "perimeter_m": perim.round(1), "mean_prob": res.mean_prob.round(4),
-            "refined": np.asarray(res.refined, bool), "refine_reason": pd.array(res.reasons, dtype=object),
-            "predicted_iou": pd.array([None if v is None else round(v, 4) for v in res.predicted_iou], dtype="Float64"),
-            "scene": path.name, "acquired": date_column(cfg.acquired, len(res.villages)), "model_sha256": info.sha256,
-            "run_id": run_id}, geometry=res.villages, crs=res.crs)
-        frames.append(v.to_crs(out_crs))
-        cands.append(gpd.GeoDataFrame({"scene": [path.name] * len(res.candidates)}, geometry=res.candidates,
-                                      crs=res.crs).to_crs(out_crs) if res.candidates else None)
-        t = gpd.GeoDataFrame(res.tiles, geometry="geometry", crs=res.crs) if res.tiles else None
-        if t is not None:
-            t["scene"] = path.name
-            tiles.append(t.to_crs(out_crs))
-        log(f"{path.name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
-            f"{len(res.candidates)} candidates, {sum(r['status'] == 'done' for r in res.tiles)} tiles")
-    columns = ["village_id", "area_m2", "perimeter_m", "mean_prob", "refined", "refine_reason", "predicted_iou",
-               "scene", "acquired", "model_sha256", "run_id"]
+    with tiles_progress([scene_row(scene, info) for scene, _ in prepared]) as bar:
+        for path, prep in zip(paths, prepared, strict=True):
+            res = predict_scene(path, info, cfg, workdir, runner, progress=bar_callback(bar), prepared=prep)
+            journals.append(res.journal)
+            if probabilities is not None:
+                with stage("write"):
+                    write_probabilities(res.mosaic, scene_output(probabilities, path, len(paths)), info.gsd_m)
+            out_crs = out_crs or res.crs
+            frames.append(village_frame(path, res, cfg, info, run_id).to_crs(out_crs))
+            cands.append(gpd.GeoDataFrame({"scene": [path.name] * len(res.candidates)}, geometry=res.candidates,
+                                          crs=res.crs).to_crs(out_crs) if res.candidates else None)
+            t = gpd.GeoDataFrame(res.tiles, geometry="geometry", crs=res.crs) if res.tiles else None
+            if t is not None:
+                t["scene"] = path.name
+                tiles.append(t.to_crs(out_crs))
+            log(f"{path.name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
+                f"{len(res.candidates)} candidates, {sum(r['status'] == 'done' for r in res.tiles)} tiles")
     if frames:
         villages = gpd.GeoDataFrame(pd_concat(frames), geometry="geometry", crs=out_crs)
     else:  # no village anywhere: an empty layer with the full schema
         villages = gpd.GeoDataFrame({c: date_column(None, 0) if c == "acquired" else pd.Series(dtype=object)
-                                     for c in columns}, geometry=gpd.GeoSeries([], crs=out_crs))
+                                     for c in VILLAGE_COLUMNS}, geometry=gpd.GeoSeries([], crs=out_crs))
     run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
            "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
            "model_gsd_m": info.gsd_m, "generalist": info.generalist_note,
@@ -121,7 +108,6 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
         write_layers(out, fmt, layer, villages,
                      pd_concat([c for c in cands if c is not None]) if any(c is not None for c in cands) else empty,
                      pd_concat(tiles) if tiles else empty, run)
-    bar.close()
     for j in journals:  # the layers are written: the journal has served its purpose
         shutil.rmtree(j, ignore_errors=True)
     return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id}
@@ -158,6 +144,35 @@ def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictCo
             "estimated_peak_rss_mb": round(rss_mb + stitch_mb, 1)}
 
 
+VILLAGE_COLUMNS = ["village_id", "area_m2", "perimeter_m", "mean_prob", "refined", "refine_reason", "predicted_iou",
+                   "scene", "acquired", "model_sha256", "run_id"]
+
+
+def village_frame(path: Path, res, cfg: PredictConfig, info, run_id: str) -> gpd.GeoDataFrame:
+    """One scene's villages with the layer's columns (:data:`VILLAGE_COLUMNS`), scene CRS."""
+    area, perim = measure_polygons(res.villages, res.crs)
+    return gpd.GeoDataFrame({
+        "village_id": [village_id(path.name, p, res.crs) for p in res.villages],
+        "area_m2": area.round(1), "perimeter_m": perim.round(1), "mean_prob": res.mean_prob.round(4),
+        "refined": np.asarray(res.refined, bool), "refine_reason": pd.array(res.reasons, dtype=object),
+        "predicted_iou": pd.array([None if v is None else round(v, 4) for v in res.predicted_iou], dtype="Float64"),
+        "scene": path.name, "acquired": date_column(cfg.acquired, len(res.villages)), "model_sha256": info.sha256,
+        "run_id": run_id}, geometry=res.villages, crs=res.crs)
+
+
+def bar_callback(bar: Progress):
+    """``progress(stage, n)`` for the pipeline: tiles advance the bar, tiles a resumed run found
+    in the journal are done but not throughput, anything else (windows) is a counter."""
+    def on_progress(stage: str, n: int) -> None:
+        if stage == "tiles":
+            bar.advance(n)
+        elif stage == "tiles_resumed":
+            bar.skip(n)
+        else:
+            bar.count(stage, n)
+    return on_progress
+
+
 def pd_concat(frames: list) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
@@ -165,4 +180,5 @@ def pd_concat(frames: list) -> pd.DataFrame:
 def tiles_progress(scenes: list[dict]) -> Progress:
     """The run's progress line: tiles/s, km2/h, refinement windows and ETA."""
     total = sum(s["tiles"] for s in scenes)
-    return Progress(total, "tiles", rates={"km2/h": 3600 * sum(s["km2"] for s in scenes) / max(1, total)})
+    return Progress(total, "tiles", rates={"km2/h": 3600 * sum(s["km2"] for s in scenes) / max(1, total)},
+                    task="predict")

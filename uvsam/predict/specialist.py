@@ -60,11 +60,12 @@ def specialist_mosaic(scene, prep: ScenePrep, info: ModelInfo, cfg: PredictConfi
                   driver="COG") as stitcher:
         groups = list(batches(jobs, cfg.batch_size))
         keys = [f"{g[0][0].index}-{g[-1][0].index}" for g in groups]
+        resumed = {k for k in keys if journal.has_arrays(k)}
         results = run_journaled(runner, specialist_batch, [(prep, info, [w for _, w in g]) for g in groups], keys,
                                 journal.has_arrays, journal.load_arrays, journal.save_arrays)
-        for group, result in zip(groups, results, strict=True):
+        for group, key, result in zip(groups, keys, results, strict=True):
             if progress is not None:
-                progress("tiles", len(group))
+                progress("tiles_resumed" if key in resumed else "tiles", len(group))
             seconds = float(result["seconds"]) / len(group)
             for (tile, _), p in zip(group, result["prob"], strict=True):
                 valid = np.isfinite(p)
