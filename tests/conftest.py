@@ -97,3 +97,24 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def outline_hits(png, polygons, colour, samples: int = 24, reach: int = 2, tolerance: int = 60) -> float:
+    """Share of points along the polygons' outlines (GeoSeries in any CRS) where a map picture
+    uvsam wrote shows ``colour`` (RGB) within ``reach`` px."""
+    from PIL import Image
+
+    from uvsam.pictures import Picture
+
+    pic = Picture.read(png)
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    hits = total = 0
+    for poly in polygons.to_crs(pic.crs):
+        ring = poly.exterior
+        for k in range(samples):
+            pt = ring.interpolate(k / samples, normalized=True)
+            col, row = pic.pixel(pt.x, pt.y)
+            patch = rgb[max(0, row - reach):row + reach + 1, max(0, col - reach):col + reach + 1]
+            total += 1
+            hits += bool((np.abs(patch - np.array(colour)).sum(axis=-1) < tolerance).any())
+    return hits / max(1, total)

@@ -204,6 +204,7 @@ RANKS = {
         "uvsam.encoders_table", "uvsam.predictor"],
     10: ["tiles.reader", "tiles.radiometry", "tiles.grid", "tiles.vrt", "tiles.xyz", "uvsam.raster", "uvsam.folds",
          "uvsam.suitability"],  # raster
+    15: ["uvsam.pictures"],  # what is drawn of rasters and polygons (quicklook, overlay, curves)
     20: ["uvsam.harmonise", "uvsam.preprocess"],  # harmonise
     25: ["uvsam.modelfile"],  # the train -> predict contract (records the preprocessing)
     30: ["tiles.plan", "tiles.stitch", "tiles.dataset", "tiles", "uvsam.datasets", "uvsam.augment", "uvsam.losses",
@@ -212,7 +213,7 @@ RANKS = {
          "uvsam.predict.distributed", "uvsam.predict.specialist"],  # specialist
     50: ["uvsam.predict.candidates"],  # prompts
     60: ["uvsam.predict.refine", "uvsam.inference"],  # generalist
-    70: ["uvsam.predict.assemble", "uvsam.predict.pipeline"],  # masks -> polygons
+    70: ["uvsam.predict.assemble", "uvsam.predict.pipeline", "uvsam.predict.probabilities"],  # masks -> polygons
     80: ["uvsam.layers", "uvsam.predict.run", "uvsam.predict"],  # layers
     90: ["uvsam.change.sources", "uvsam.change.track", "uvsam.change.summaries", "uvsam.coregister",
          "uvsam.consistency", "uvsam.change.imagery", "uvsam.change.outputs"],  # change

@@ -13,10 +13,12 @@ import pyogrio
 import pytest
 import shapely
 from affine import Affine
+from PIL import Image
 from rasterio.windows import Window
 
-from tests.conftest import run_cli
+from tests.conftest import outline_hits, run_cli
 from tiles.reader import RasterSource, ReadOptions
+from uvsam.pictures import VILLAGE_RGB, Picture
 from uvsam.polygons import clean, measure, merge, polygonise
 from uvsam.predict import plan_windows
 
@@ -145,6 +147,11 @@ def test_predict_writes_geopackage_layers_and_keeps_other_years(beijing, model, 
     with sqlite3.connect(out) as db:  # a GeoPackage DATE, not text
         assert dict((r[1], r[2]) for r in db.execute("PRAGMA table_info(y2020)"))["acquired"] == "DATE"
     assert v2020.crs.to_epsg() == 3857
+    # the quicklook beside it: the scene with the villages outlined in their layer colour
+    png = tmp_path / "villages_y2020.png"
+    image = np.asarray(Image.open(png).convert("RGB"))
+    assert Picture.read(png).size == image.shape[1::-1] and image.std() > 20  # not blank
+    assert outline_hits(png, v2020.geometry, VILLAGE_RGB) > 0.9
     tiles = pyogrio.read_dataframe(out, layer="y2020_tiles")
     assert set(tiles["status"]) <= {"done", "nodata"} and (tiles["status"] == "done").any()
     done = tiles[tiles["status"] == "done"]

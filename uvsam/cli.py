@@ -249,6 +249,8 @@ def evaluate(
         help="Refine even with a generalist whose weights are not verified official ones.")] = PD("force_refine"),
     cv: Annotated[bool, typer.Option(
         help="Score the fold models of MODEL (from `train --folds`) on their held-out folds.")] = False,
+    overlays: Annotated[Path | None, typer.Option(
+        help="Folder for one PNG per scene: hits, false alarms and misses of the villages over the image.")] = None,
 ):
     """IoU/F1/precision/recall and object F1 of what `uvsam predict` ships (polygons), its specialist
     mosaic and the in-memory UV-SAM path, on the label grid (JSON)."""
@@ -263,7 +265,7 @@ def evaluate(
     from uvsam.evaluate import evaluate as run_evaluation
 
     typer.echo(json.dumps(run_evaluation(model, images, labels, checkpoint, window, labels_crs, specialist_only,
-                                         cfg, log), indent=2))
+                                         cfg, log, overlays), indent=2))
 
 
 def _known_encoder(name: str) -> str:
@@ -284,6 +286,8 @@ def predict(
     probabilities: Annotated[Path | None, typer.Option(
         help="Also write the village probabilities (0-1) as a GeoTIFF on the model's GSD grid (several scenes: "
              "FILE_SCENE.tif each).")] = None,
+    quicklook: Annotated[bool, typer.Option(
+        help="Write a PNG of the scenes with the villages outlined beside --out (OUT.png, OUT_LAYER.png).")] = True,
     checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
     refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = PD("refine"),
     force_refine: Annotated[bool, typer.Option(
@@ -341,7 +345,7 @@ def predict(
                         f"command again to resume; {out} was not changed")
     if runs_in_process(local, scheduler, workers):
         summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log,
-                                 probabilities=probabilities)
+                                 probabilities=probabilities, quicklook=quicklook)
     else:
         from uvsam.predict.distributed import dask_runner, make_client, register_model
 
@@ -349,7 +353,8 @@ def predict(
         with make_client(scheduler, workers) as client:
             register_model(client, info)
             summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint,
-                                     runner=dask_runner(client), log=log, probabilities=probabilities)
+                                     runner=dask_runner(client), log=log, probabilities=probabilities,
+                                     quicklook=quicklook)
     typer.echo(json.dumps(summary))
 
 

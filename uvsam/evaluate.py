@@ -26,27 +26,33 @@ from rasterio.warp import Resampling, reproject
 
 from uvsam.datasets import LabelledScene, load_scene, pair_scenes, rasterise_labels, read_validity
 from uvsam.errors import InputError
+from uvsam.files import check_writable
 from uvsam.inference import predict_scene as predict_in_memory
 from uvsam.labels import IGNORE
 from uvsam.metrics import SegmentationCounts
 from uvsam.modelfile import ModelFile
+from uvsam.pictures import overlay
 from uvsam.predict import PredictConfig, close_sources, get_model, model_info, predict_scene, prepare_scene, refines
 from uvsam.progress import Progress
 
 
 def evaluate(model_path: str | Path, images: str | Path, labels: str | Path, checkpoint: str | Path | None = None,
              window: int = 512, labels_crs: str | None = None, specialist_only: bool = False,
-             predict_config=None, log=None) -> dict:
+             predict_config=None, log=None, overlays: str | Path | None = None) -> dict:
     """Scores of a model on labelled scenes (see the module docstring); ``specialist_only``
-    skips the in-memory UV-SAM path. ``predict_config``: predict's settings (default: its defaults)."""
+    skips the in-memory UV-SAM path. ``predict_config``: predict's settings (default: its
+    defaults); ``overlays``: a folder for each scene's overlay PNG."""
     return evaluate_pairs(model_path, pair_scenes(images, labels), checkpoint, window, labels_crs, specialist_only,
-                          predict_config, log)
+                          predict_config, log, overlays)
 
 
 def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoint: str | Path | None = None,
                    window: int = 512, labels_crs: str | None = None, specialist_only: bool = False,
-                   predict_config=None, log=None) -> dict:
-    """:func:`evaluate` on scenes already paired with their labels."""
+                   predict_config=None, log=None, overlays: str | Path | None = None) -> dict:
+    """:func:`evaluate` on scenes already paired with their labels; ``overlays``: a folder for
+    one PNG per scene of hits, false alarms and misses of the shipped villages."""
+    if overlays is not None:
+        overlays = check_writable(Path(overlays) / "x.png", folder=True).parent
     cfg = predict_config or PredictConfig()
     model_file = ModelFile.read(model_path)
     info = model_info(model_path, checkpoint)
@@ -58,7 +64,7 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     with Progress(len(pairs), "scenes", task="evaluate") as bar:
         for pair in pairs:
             per_scene.append(_score_pair(pair, info, cfg, labels_crs, counts, model, model_file, window, refine,
-                                         specialist_only))
+                                         specialist_only, overlays))
             bar.advance()
     if log is not None and cfg.refine and not refine:  # after the inputs were all read: errors come alone
         log(f"note: {info.generalist_note}: villages kept the specialist's outlines (not refined)")
@@ -73,8 +79,8 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
 
 
 def _score_pair(pair: LabelledScene, info, cfg, labels_crs, counts: dict, model, model_file, window: int,
-                refine: bool, specialist_only: bool) -> dict:
-    """Score one scene into ``counts``; its per-scene row."""
+                refine: bool, specialist_only: bool, overlays: Path | None = None) -> dict:
+    """Score one scene into ``counts``; its per-scene row (and its overlay PNG in ``overlays``)."""
     scores = score_scene(pair, info, cfg, labels_crs)
     for k in ("specialist", "polygons", "all_village"):
         counts[k].update(scores[k], scores["labels"], pixel_m=scores["pixel_m"] if k != "all_village" else None)
@@ -83,6 +89,14 @@ def _score_pair(pair: LabelledScene, info, cfg, labels_crs, counts: dict, model,
     if not specialist_only:
         pred, labels, pixel_m = in_memory_uvsam(model, model_file, pair, window, labels_crs, refine, cfg)
         counts["uvsam"].update(pred, labels, pixel_m=pixel_m)
+    if overlays is not None:
+        png = overlays / f"{pair.image.stem}.overlay.png"
+        overlay(png, pair.image, scores["polygons"], scores["labels"] == 1, scores["labels"] != IGNORE,
+                scores["crs"], scores["transform"], bands=info.inputs.bands, pixel_m=scores["pixel_m"],
+                title=f"{pair.image.name}: IoU {row['polygons_iou']:.3f} of the villages predict ships",
+                subtitle=f"{scores['villages']} villages - labels {Path(pair.labels).name} - model "
+                         f"{Path(model_file.path).name}")
+        row["overlay"] = str(png)
     return row
 
 
@@ -120,7 +134,8 @@ def score_scene(pair: LabelledScene, info, cfg, labels_crs: str | None = None) -
             reproject(ds.read(1), prob, src_transform=ds.transform, src_crs=ds.crs, dst_transform=src.transform,
                       dst_crs=src.crs, src_nodata=np.nan, dst_nodata=np.nan, resampling=Resampling.bilinear)
     return {"labels": labels, "polygons": polygons, "specialist": np.nan_to_num(prob, nan=0.0) >= cfg.threshold,
-            "all_village": labels != IGNORE, "villages": len(res.villages), "pixel_m": tuple(src.ground_res)}
+            "all_village": labels != IGNORE, "villages": len(res.villages), "pixel_m": tuple(src.ground_res),
+            "crs": src.crs, "transform": src.transform}
 
 
 def in_memory_uvsam(model, model_file: ModelFile, pair: LabelledScene, window: int, labels_crs: str | None,

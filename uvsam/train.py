@@ -41,6 +41,7 @@ from uvsam.modelfile import read_model_file, save_model
 from uvsam.modeling.sam import build_generalist
 from uvsam.modeling.specialist import Specialist, load_mit_weights
 from uvsam.modeling.uvsam import UVSAM, UVSAMConfig
+from uvsam.pictures import curves
 from uvsam.preprocess import InputSpec, training_radiometry
 from uvsam.progress import Progress
 
@@ -365,6 +366,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
             if average is not None:
                 average.swap(model)
             _write_csv(metrics_csv, history)
+            curves(out.with_suffix(".curves.png"), history)
             _write_csv(steps_csv, step_rows)
     except BaseException:
         progress.close(failed=True)

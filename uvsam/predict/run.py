@@ -20,6 +20,7 @@ from uvsam.config import PredictConfig
 from uvsam.errors import ConfigError
 from uvsam.files import check_writable
 from uvsam.layers import check_format, date_column, write_layers
+from uvsam.pictures import quicklook as draw_quicklook
 from uvsam.polygons import measure as measure_polygons
 from uvsam.predict.assemble import village_id
 from uvsam.predict.execution import Runner, run_local
@@ -36,7 +37,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
                    layer: str = "villages", fmt: str | None = None, crs: str | None = None,
                    checkpoint: str | Path | None = None, runner: Runner = run_local, log=print,
                    run_extra: dict | None = None, prepared: list[tuple] | None = None,
-                   probabilities: str | Path | None = None) -> dict:
+                   probabilities: str | Path | None = None, quicklook: bool = True) -> dict:
     """Predict every scene and write the layers; returns a summary.
 
     Resumable: finished tasks are journaled beside the output (``OUT.work/journal``), so the
@@ -45,7 +46,9 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     ``run_extra`` adds columns to the ``runs`` table (a workflow stores its name and text);
     ``prepared``: :func:`prepare_scene` of each scene found, when the caller has it already;
     ``probabilities``: a GeoTIFF to write the village probabilities to, on the exact grid of the
-    model's GSD (:mod:`.probabilities`; one file per scene beside it when there are several).
+    model's GSD (:mod:`.probabilities`; one file per scene beside it when there are several);
+    ``quicklook``: a PNG of the scenes with the villages outlined beside the output
+    (:func:`quicklook_path`).
     """
     out = check_writable(out)
     fmt = check_format(fmt, layer, out)  # None: the extension's
@@ -104,13 +107,23 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
            "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            **(run_extra or {})}
     empty = gpd.GeoDataFrame({"scene": []}, geometry=[], crs=out_crs)
+    candidates = pd_concat([c for c in cands if c is not None]) if any(c is not None for c in cands) else empty
     with stage("write"):
-        write_layers(out, fmt, layer, villages,
-                     pd_concat([c for c in cands if c is not None]) if any(c is not None for c in cands) else empty,
-                     pd_concat(tiles) if tiles else empty, run)
+        write_layers(out, fmt, layer, villages, candidates, pd_concat(tiles) if tiles else empty, run)
+    picture = None
+    if quicklook:
+        with stage("write"):
+            area = float(villages["area_m2"].sum()) / 1e6 if len(villages) else 0.0
+            picture = draw_quicklook(
+                quicklook_path(out, layer), paths, villages, candidates, bands=info.inputs.bands,
+                title=f"{layer}: {len(villages)} villages, {area:.2f} km² ({len(paths)} scene"
+                      f"{'s' if len(paths) != 1 else ''})",
+                subtitle=f"acquired {cfg.acquired or 'not given'} - model {Path(model).name} "
+                         f"({info.sha256[:12]}) - refinement {run['refinement']} - uvsam {__version__}").path
     for j in journals:  # the layers are written: the journal has served its purpose
         shutil.rmtree(j, ignore_errors=True)
-    return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id}
+    return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id,
+            "quicklook": str(picture) if picture else None}
 
 
 def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictConfig(),
@@ -171,6 +184,11 @@ def bar_callback(bar: Progress):
         else:
             bar.count(stage, n)
     return on_progress
+
+
+def quicklook_path(out: Path, layer: str) -> Path:
+    """The quicklook beside the output: ``OUT.png``, or ``OUT_LAYER.png`` for a named layer."""
+    return out.with_name(f"{out.stem}.png" if layer == "villages" else f"{out.stem}_{layer}.png")
 
 
 def pd_concat(frames: list) -> pd.DataFrame:

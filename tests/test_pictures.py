@@ -1,0 +1,60 @@
+"""The pictures a user looks at first, each looked at here: evaluate's overlay (hits, false alarms
+and misses where the labels and the shipped villages say) and train's curves (the losses and
+validation IoU of the metrics CSV). Predict's quicklook is checked in test_predict."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import rasterio
+from PIL import Image
+from scipy import ndimage
+
+from uvsam.pictures import OUTCOME_RGB, Picture
+
+
+def test_evaluate_overlay_shows_hits_false_alarms_and_misses_where_they_are(beijing, model, tmp_path):
+    from uvsam.evaluate import evaluate
+    from uvsam.labels import IGNORE
+
+    val = beijing / "val"
+    res = evaluate(model, val / "images.vrt", val / "masks.vrt", specialist_only=True, overlays=tmp_path / "ov")
+    png = tmp_path / "ov" / "images.overlay.png"
+    assert res["per_scene"][0]["overlay"] == str(png)
+    pic = Picture.read(png)
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert pic.size == rgb.shape[1::-1] and rgb.std() > 20
+    # where each outcome is, from the evaluation's own rasters: labels and the shipped villages
+    from uvsam.evaluate import score_scene
+    from uvsam.predict import PredictConfig, model_info
+
+    scores = score_scene(next(iter(__import__("uvsam.datasets", fromlist=["pair_scenes"]).pair_scenes(
+        val / "images.vrt", val / "masks.vrt"))), model_info(model), PredictConfig())
+    truth, known, pred = scores["labels"] == 1, scores["labels"] != IGNORE, scores["polygons"]
+    outcomes = {"hit": pred & truth, "false alarm": pred & ~truth, "miss": ~pred & truth}
+    rng = np.random.default_rng(0)
+    checked = 0
+    for name, where in outcomes.items():
+        rows, cols = np.nonzero(ndimage.binary_erosion(where & known, iterations=6))
+        if len(rows) < 50:
+            continue
+        channel = int(np.argmax(OUTCOME_RGB[name]))  # hits green, false alarms red, misses blue
+        pick = rng.choice(len(rows), 200)
+        xs, ys = rasterio.transform.xy(scores["transform"], rows[pick], cols[pick])
+        right = [np.argmax(rgb[r, c]) == channel for c, r in (pic.pixel(x, y) for x, y in zip(xs, ys, strict=True))]
+        assert np.mean(right) > 0.8, (name, np.mean(right))
+        checked += 1
+    assert checked >= 2  # at least two of the outcomes cover enough ground to be looked at
+
+
+def test_train_curves_plot_the_metrics_csv(model):
+    png, metrics = model.with_suffix(".curves.png"), model.with_suffix(".metrics.csv")
+    rows = list(csv.DictReader(open(metrics)))
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert rgb.shape[:2] == (400, 1000) and rgb.std() > 10
+    loss_red = (np.abs(rgb - [214, 39, 40]).sum(axis=-1) < 30)  # the training loss line, left panel
+    assert loss_red[:, :500].sum() > 20 * len(rows) and loss_red[:, 500:].sum() == 0
+    if "val_specialist_iou" in rows[0]:
+        iou_blue = (np.abs(rgb - [31, 119, 180]).sum(axis=-1) < 30)
+        assert iou_blue[:, 500:].sum() > 20 * len(rows)
