@@ -21,7 +21,7 @@ from pathlib import Path
 
 import shapely
 
-from uvsam.predict import PredictConfig, model_info, predict_scene
+from uvsam.prediction import PredictConfig, model_info, predict_scene
 
 
 def union_iou(a: list, b: list) -> float:

@@ -13,7 +13,7 @@
    is what runs with the official ones), each in a
    child process so its peak RSS is its own. Seconds per stage: the model's parts by PyTorch
    forward hooks (specialist, encoder, decoder = prompt encoder + mask decoder), the others as the
-   step modules of uvsam.predict time themselves (uvsam.progress.stage): read (window reads and
+   step modules of uvsam.prediction time themselves (uvsam.progress.stage): read (window reads and
    preprocessing), vectorise (candidates, refined outlines, cleaning), write (mosaic tiles and
    the GeoPackage). Nothing is wrapped or patched. Model FLOPs by torch's FlopCounterMode,
    times what ran.
@@ -93,7 +93,7 @@ def train_model(dest: Path) -> Path:
     if dest.exists():
         return dest
     from tiles.xyz import import_xyz
-    from uvsam.train import TrainConfig, train
+    from uvsam.training import TrainConfig, train
 
     geo = dest.parent / "beijing_train"
     if not geo.exists():
@@ -166,7 +166,7 @@ def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, pl
     order, the fp32 eager path to compare with."""
     import torch
 
-    from uvsam.predict import PredictConfig, get_model, model_info, run_prediction
+    from uvsam.prediction import PredictConfig, get_model, model_info, run_prediction
     from uvsam.progress import STAGES
 
     stages = Stages()

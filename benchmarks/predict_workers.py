@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pyogrio
 
-from uvsam.predict import PredictConfig, run_prediction
+from uvsam.prediction import PredictConfig, run_prediction
 
 
 class PeakRSS:
@@ -77,8 +77,8 @@ def main() -> None:
                 if mode == "local":
                     summary = run_prediction(args.scenes, args.model, out, cfg, log=lambda m: None)
                 else:
-                    from uvsam.predict import model_info
-                    from uvsam.predict.distributed import dask_runner, make_client, register_model
+                    from uvsam.prediction import model_info
+                    from uvsam.prediction.distributed import dask_runner, make_client, register_model
 
                     with make_client(workers=mode[0], threads=mode[1]) as client:
                         register_model(client, model_info(args.model))

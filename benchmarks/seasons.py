@@ -62,7 +62,7 @@ def prepare(work: Path) -> Path:
 
 def run(name: str, overrides: dict, seed: int, every: Path, work: Path) -> dict:
     from uvsam.crossval import cross_validate
-    from uvsam.train import TrainConfig
+    from uvsam.training import TrainConfig
 
     stem = "".join(c if c.isalnum() else "_" for c in name)
     t = time.perf_counter()

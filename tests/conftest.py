@@ -48,7 +48,7 @@ def model(beijing, tmp_path_factory) -> Path:
     """A UV-SAM model file trained on the Beijing train tiles with the documented schedule (10 epochs
     x 40 steps, about 90 s: the UV-SAM path's epochs train the specialist, as the generalist is a
     random efficientvit_sam_l0, no weights being reachable here), for the prediction tests."""
-    from uvsam.train import TrainConfig, train
+    from uvsam.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("model") / "m.ckpt"
     train(TrainConfig(images=str(beijing / "train/images"), labels=str(beijing / "train/masks"), out=str(out),

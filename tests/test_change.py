@@ -12,7 +12,7 @@ import shapely
 from PIL import Image
 
 from tests.conftest import run_cli
-from uvsam.change import ChangeConfig, YearLayer, by_district, by_ring, track
+from uvsam.changes import ChangeConfig, YearLayer, by_district, by_ring, track
 
 
 def _years(v: gpd.GeoDataFrame) -> list[YearLayer]:

@@ -34,7 +34,7 @@ def test_overlapping_and_touching_tiles_stay_in_one_group(tiles):
 
 def test_val_fraction_holds_out_whole_groups(beijing):
     from uvsam.datasets import pair_scenes
-    from uvsam.train import TrainConfig, split_scenes
+    from uvsam.training import TrainConfig, split_scenes
 
     every = TrainConfig(images=str(beijing / "*/images/*.tif"), labels=str(beijing / "*/masks/*.tif"), out="m.ckpt",
                         val_fraction=0.2)
@@ -58,7 +58,7 @@ def test_a_validation_scene_overlapping_training_is_refused(tiles, beijing, tmp_
     with pytest.raises(InputError, match="touches training scene 49570_107868"):
         check_leakage([t for t in winter if t.stem == "49570_107868"], touching)
     check_leakage(winter, [t for t in tiles if t.stem.startswith("49554")])  # 30 km away: fine
-    from uvsam.train import TrainConfig, train
+    from uvsam.training import TrainConfig, train
 
     held_dir = tmp_path / "held"
     (held_dir / "images").mkdir(parents=True)

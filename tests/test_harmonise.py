@@ -13,7 +13,7 @@ from rasterio.windows import Window
 
 from tiles.reader import RasterSource
 from uvsam.harmonise import Radiometry, measure
-from uvsam.predict import ModelInfo, PredictConfig, prepare_scene, read_tile
+from uvsam.prediction import ModelInfo, PredictConfig, prepare_scene, read_tile
 from uvsam.preprocess import InputSpec
 
 TRANSFORM = from_origin(12942317.6, 4882797.4, 1.194, 1.194)  # the Beijing grid, EPSG:3857
@@ -151,7 +151,7 @@ def test_pif_normalisation_ignores_what_changed_between_the_years(summer, winter
     hist = match(scene.astype(np.float32), whole_scene, reference_year)
     hist_error = np.abs(hist[unchanged] - summer[unchanged]).mean()
     assert pif_error < 3.0 and pif_error < 0.6 * hist_error, (pif_error, hist_error)
-    from uvsam.predict import harmonisation_record
+    from uvsam.prediction import harmonisation_record
 
     record = harmonisation_record(prep)
     assert record["mode"] == "pif" and record["pif"]["gains"] == fitted["gains"]

@@ -72,7 +72,7 @@ def levir(data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def levir_model(levir, tmp_path_factory):
     """A specialist for "buildings that appeared", trained on the 2019 images and LEVIR's labels."""
-    from uvsam.train import TrainConfig, train
+    from uvsam.training import TrainConfig, train
 
     root, _ = levir
     out = tmp_path_factory.mktemp("levir_model") / "built.ckpt"

@@ -15,7 +15,7 @@ from uvsam.pictures import OUTCOME_RGB, Picture
 
 
 def test_evaluate_overlay_shows_hits_false_alarms_and_misses_where_they_are(beijing, model, tmp_path):
-    from uvsam.evaluate import evaluate
+    from uvsam.evaluation import evaluate
     from uvsam.labels import IGNORE
 
     val = beijing / "val"
@@ -26,8 +26,8 @@ def test_evaluate_overlay_shows_hits_false_alarms_and_misses_where_they_are(beij
     rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
     assert pic.size == rgb.shape[1::-1] and rgb.std() > 20
     # where each outcome is, from the evaluation's own rasters: labels and the shipped villages
-    from uvsam.evaluate import score_scene
-    from uvsam.predict import PredictConfig, model_info
+    from uvsam.evaluation import score_scene
+    from uvsam.prediction import PredictConfig, model_info
 
     scores = score_scene(next(iter(__import__("uvsam.datasets", fromlist=["pair_scenes"]).pair_scenes(
         val / "images.vrt", val / "masks.vrt"))), model_info(model), PredictConfig())

@@ -20,7 +20,7 @@ from tests.conftest import outline_hits, run_cli
 from tiles.reader import RasterSource, ReadOptions
 from uvsam.pictures import VILLAGE_RGB, Picture
 from uvsam.polygons import clean, measure, merge, polygonise
-from uvsam.predict import plan_windows
+from uvsam.prediction import plan_windows
 
 
 def test_resampled_vrt_mosaic_keeps_its_gaps_as_nodata(beijing):
@@ -84,7 +84,7 @@ def test_candidates_are_the_same_from_any_block_size_and_lose_only_specks(beijin
     block edges merge back, and only specks away from any edge are dropped before polygonising."""
     import rasterio
 
-    from uvsam.predict import candidates_from_mosaic, drop_specks
+    from uvsam.prediction import candidates_from_mosaic, drop_specks
 
     prob = np.where(beijing_mask > 0, 0.9, 0.1).astype(np.float32)
     clear = [(r, c) for r in range(40, 1000, 97) for c in range(40, 1000, 89)
@@ -112,7 +112,7 @@ def test_candidates_are_the_same_from_any_block_size_and_lose_only_specks(beijin
 
 
 def test_execution_runs_in_process_unless_dask_pays_off(monkeypatch):
-    from uvsam.predict import runs_in_process
+    from uvsam.prediction import runs_in_process
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert runs_in_process(None) and not runs_in_process(False) and runs_in_process(True, "tcp://h:1")
@@ -189,7 +189,7 @@ def test_predict_refuses_a_non_raster_without_writing(beijing, model, tmp_path, 
 
 
 def test_interrupted_prediction_resumes_to_the_same_layers(beijing, model, tmp_path):
-    from uvsam.predict import PredictConfig, run_local, run_prediction
+    from uvsam.prediction import PredictConfig, run_local, run_prediction
 
     scene = [str(beijing / "train/images.vrt")]
     # 4 x 4 tiles in batches of 4, then the windows (forced: the test model's generalist is random)
@@ -233,7 +233,7 @@ def test_polygons_do_not_depend_on_where_the_tile_grid_falls(beijing, model, tmp
     gives the same villages (union IoU >= 0.99), none duplicated or split along tile seams."""
     from dataclasses import replace
 
-    from uvsam.predict import PredictConfig, model_info, predict_scene, run_local
+    from uvsam.prediction import PredictConfig, model_info, predict_scene, run_local
 
     scene = beijing / "train/images.vrt"
     info = model_info(model)
@@ -345,8 +345,8 @@ def test_a_killed_dask_worker_loses_nothing(beijing, model, reference, tmp_path)
     import os
     import signal
 
-    from uvsam.predict import PredictConfig, model_info, run_prediction
-    from uvsam.predict.distributed import dask_runner, make_client, register_model
+    from uvsam.prediction import PredictConfig, model_info, run_prediction
+    from uvsam.prediction.distributed import dask_runner, make_client, register_model
 
     scene = [str(beijing / "train/images.vrt")]
     cfg = PredictConfig(tile=128, overlap=64)  # as KILL_ARGS
@@ -455,3 +455,26 @@ def test_probabilities_are_an_output_on_the_exact_grid_of_the_model_gsd(beijing,
     code, _, err = run_cli(["predict", beijing / "val/images.vrt", "--model", model, "--out", tmp_path / "w.gpkg",
                             "--probabilities", tmp_path / "p.png"], capsys)
     assert code == 2 and "--probabilities" in err and err.count("\n") == 1 and not (tmp_path / "w.gpkg").exists()
+
+
+def test_the_python_api_gives_what_the_command_line_gives(beijing, model, tmp_path, capsys):
+    """``uvsam.predict`` (options as keywords) returns the layer the same command writes; ``import
+    uvsam`` alone loads no torch."""
+    import subprocess
+    import sys
+
+    import uvsam
+
+    light = subprocess.run([sys.executable, "-c", "import sys, uvsam; print('torch' in sys.modules, uvsam.__all__)"],
+                           capture_output=True, text=True, check=True).stdout
+    assert light.startswith("False") and "predict" in light
+    scene = beijing / "val/images.vrt"
+    code, _, err = run_cli(["predict", scene, "--model", model, "--out", tmp_path / "cli.gpkg", "--local",
+                            "--threshold", "0.4", "--no-refine"], capsys)
+    assert code == 0, err
+    frame = uvsam.predict(scene, model, tmp_path / "api.gpkg", threshold=0.4, refine=False, quicklook=False)
+    cli = pyogrio.read_dataframe(tmp_path / "cli.gpkg", layer="villages")
+    assert len(frame) == len(cli) > 0 and frame.attrs["villages"] == len(cli)
+    assert shapely.equals_exact(shapely.union_all(frame.geometry.values), shapely.union_all(cli.geometry.values),
+                                tolerance=1e-6)
+    assert frame.attrs["quicklook"] is None and not (tmp_path / "api.png").exists()

@@ -10,7 +10,7 @@ import subprocess
 import textwrap
 
 from tests.test_change import _write_years
-from uvsam.change import LIFECYCLES, run_change
+from uvsam.changes import LIFECYCLES, run_change
 from uvsam.config import PredictConfig
 
 QGIS_PYTHON = "/usr/bin/python3"  # QGIS's bindings import under the system Python, not the project's venv
@@ -46,7 +46,7 @@ def qgis_open(path, layers: list[str]) -> tuple[dict, str]:
 
 
 def test_predict_geopackage_opens_in_qgis_with_its_styles(beijing, model, tmp_path):
-    from uvsam.predict import run_prediction
+    from uvsam.prediction import run_prediction
 
     out = tmp_path / "villages.gpkg"
     for layer in ("villages", "y2020"):  # a second year's layers beside the first: styles for both

@@ -48,7 +48,7 @@ def _gpkg_iou(gpkg, layer, mask_path) -> float:
 def test_refinement_is_judged_per_candidate():
     rule = RefineRule()
     cand = shapely.box(0, 0, 100, 100)
-    from uvsam.predict import judge_candidate
+    from uvsam.prediction import judge_candidate
 
     def rec(geom, iou=0.95, stab=0.97):
         return {"wkb": shapely.to_wkb(geom, hex=True) if geom is not None else "", "predicted_iou": iou,
@@ -101,7 +101,7 @@ def test_default_predict_keeps_every_candidate_with_the_random_generalist(beijin
 
 def test_a_generalist_that_returns_empty_masks_loses_no_village(beijing, model, tmp_path, monkeypatch):
     from uvsam.modeling.uvsam import UVSAM
-    from uvsam.predict import PredictConfig, model_info, predict_scene
+    from uvsam.prediction import PredictConfig, model_info, predict_scene
 
     def empty(self, images, boxes):  # confident (predicted IoU 0.99) and empty
         h, w = images.shape[-2:]
@@ -118,7 +118,7 @@ def test_a_generalist_that_returns_empty_masks_loses_no_village(beijing, model, 
 
 
 def test_training_skips_the_uvsam_path_without_verified_weights(beijing, tmp_path):
-    from uvsam.train import TrainConfig, train
+    from uvsam.training import TrainConfig, train
 
     messages: list[str] = []
     cfg = TrainConfig(images=str(beijing / "train/images"), labels=str(beijing / "train/masks"),
@@ -131,7 +131,7 @@ def test_training_skips_the_uvsam_path_without_verified_weights(beijing, tmp_pat
 
 # -- predict = evaluate -----------------------------------------------------------------------------
 def test_a_scene_smaller_than_a_tile_gets_a_tile_of_its_own_size():
-    from uvsam.predict import PredictConfig, scene_tiling
+    from uvsam.prediction import PredictConfig, scene_tiling
 
     assert scene_tiling(PredictConfig(), 331, 331) == (331, 165, 0)
     assert scene_tiling(PredictConfig(), 200, 900) == (512, 256, 0)
@@ -142,9 +142,9 @@ def test_predict_scores_what_evaluate_scores(beijing, model, tmp_path, capsys):
     """Acceptance: on each val tile alone and on the val mosaic, the IoU of predict's GeoPackage
     (default options) equals evaluate's polygons IoU (within 0.005) and is no lower than the
     specialist's minus 0.01; a single XYZ tile is no longer mostly 'village' through predict."""
-    from uvsam.evaluate import evaluate
+    from uvsam.evaluation import evaluate
     from uvsam.modelfile import load_model
-    from uvsam.predict import PredictConfig, model_info, predict_scene
+    from uvsam.prediction import PredictConfig, model_info, predict_scene
 
     val = beijing / "val"
     cases = [(p, val / "masks" / p.name) for p in sorted((val / "images").glob("*.tif"))]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from uvsam.consistency import colour_distance
-from uvsam.predict import PredictConfig
+from uvsam.prediction import PredictConfig
 
 
 def colour_transfer(img: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ def test_a_workflow_yaml_cannot_construct_python_objects(tmp_path):
 
 
 def test_the_local_cluster_listens_on_the_loopback_only():
-    from uvsam.predict.distributed import make_client
+    from uvsam.prediction.distributed import make_client
 
     with make_client(None, 1) as client:
         info = client.scheduler_info()

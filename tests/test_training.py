@@ -19,7 +19,7 @@ from uvsam.labels import IGNORE
 from uvsam.metrics import SegmentationCounts, match_objects
 from uvsam.modelfile import ModelFile, load_model, read_model_file
 from uvsam.preprocess import InputSpec
-from uvsam.train import TrainConfig, lr_factor, phase_lr_factor, train
+from uvsam.training import TrainConfig, lr_factor, phase_lr_factor, train
 
 GSD = 3.7  # metres: the 1024 px Beijing tiles become ~256 px, so CPU steps are quick
 

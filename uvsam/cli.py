@@ -203,7 +203,7 @@ def train(
     _STATE["resume"] = (f"every finished epoch is kept in {out}: run the same command with --resume to continue"
                         if not folds else f"finished fold models are kept beside {out}: run the same command with "
                         "--resume to continue")
-    from uvsam.train import train as run_training
+    from uvsam.training import train as run_training
 
     if threads:
         import torch
@@ -262,7 +262,7 @@ def evaluate(
         return
     if images is None or labels is None:
         raise InputError("--images and --labels are needed (or --cv with fold models)")
-    from uvsam.evaluate import evaluate as run_evaluation
+    from uvsam.evaluation import evaluate as run_evaluation
 
     typer.echo(json.dumps(run_evaluation(model, images, labels, checkpoint, window, labels_crs, specialist_only,
                                          cfg, log, overlays), indent=2))
@@ -328,7 +328,7 @@ def predict(
 
     Resumable: run the same command again after an interruption and finished work is skipped.
     """
-    from uvsam.predict import model_info, run_prediction, runs_in_process
+    from uvsam.prediction import model_info, run_prediction, runs_in_process
 
     cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, threshold=threshold, refine=refine,
                         force_refine=force_refine, refine_min_iou=refine_min_iou,
@@ -337,7 +337,7 @@ def predict(
                         block=block, acquired=acquired, grid_offset=grid_offset,
                         pif_reference=str(pif_reference) if pif_reference else None, force=force)
     if dry_run:
-        from uvsam.predict import dry_run as estimate
+        from uvsam.prediction import dry_run as estimate
 
         typer.echo(json.dumps(estimate(scenes, model, cfg, checkpoint), indent=2))
         return
@@ -347,7 +347,7 @@ def predict(
         summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log,
                                  probabilities=probabilities, quicklook=quicklook)
     else:
-        from uvsam.predict.distributed import dask_runner, make_client, register_model
+        from uvsam.prediction.distributed import dask_runner, make_client, register_model
 
         info = model_info(model, checkpoint)
         with make_client(scheduler, workers) as client:
@@ -381,7 +381,7 @@ def change_cmd(
     max_shift: Annotated[float, typer.Option(help="Warn when years' imagery is shifted more (m).")] = 5.0,
 ):
     """Village lifecycles across years (new, demolished, stable, expanded, shrunk, split, merged)."""
-    from uvsam.change import run_change
+    from uvsam.changes import run_change
 
     point = None
     if centre is not None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from uvsam.datasets import pair_scenes
 from uvsam.errors import ConfigError, InputError
-from uvsam.evaluate import evaluate_pairs
+from uvsam.evaluation import evaluate_pairs
 from uvsam.files import atomic_path
 from uvsam.modelfile import ModelFile
-from uvsam.train import TrainConfig, split_scenes, train
+from uvsam.training import TrainConfig, split_scenes, train
 
 KEYS = ("specialist", "polygons", "uvsam")
 
@@ -31,7 +31,7 @@ def fold_path(out: str | Path, fold: int) -> Path:
 
 
 def cross_validate(cfg, log=print, resume: bool = False, predict_config=None) -> dict:
-    """Train the ``cfg.folds`` fold models of ``cfg`` (a :class:`uvsam.train.TrainConfig` with
+    """Train the ``cfg.folds`` fold models of ``cfg`` (a :class:`uvsam.training.TrainConfig` with
     ``folds`` set) and score them; returns (and writes beside ``cfg.out``) the summary."""
     if cfg.folds < 2:
         raise ConfigError(f"{cfg.folds}: cross-validation needs at least 2 folds", field="folds")

@@ -26,9 +26,9 @@ from scipy import ndimage
 
 from uvsam.errors import WeightsError
 from uvsam.metrics import SegmentationCounts
-from uvsam.predict import PredictConfig, model_info, run_prediction
-from uvsam.predict.distributed import dask_runner, make_client, register_model
-from uvsam.train import TrainConfig, train
+from uvsam.prediction import PredictConfig, model_info, run_prediction
+from uvsam.prediction.distributed import dask_runner, make_client, register_model
+from uvsam.training import TrainConfig, train
 from uvsam.weights import resolve
 
 CRS = "EPSG:32650"

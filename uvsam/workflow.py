@@ -22,9 +22,9 @@ from uvsam.config import FORMATS, PredictConfig
 from uvsam.errors import InputError, OutputError, UvsamError
 from uvsam.files import check_writable
 from uvsam.layers import layer_problem
-from uvsam.predict import dry_run as estimate
-from uvsam.predict import find_scenes, model_info, prepare_scene, run_prediction, runs_in_process
-from uvsam.predict.distributed import dask_runner, make_client, register_model
+from uvsam.prediction import dry_run as estimate
+from uvsam.prediction import find_scenes, model_info, prepare_scene, run_prediction, runs_in_process
+from uvsam.prediction.distributed import dask_runner, make_client, register_model
 
 _HINTS = get_type_hints(PredictConfig)
 
@@ -57,7 +57,7 @@ class Year(Strict):
 class Execution(Strict):
     """Where the work runs: this process, a local Dask cluster, or an existing scheduler."""
 
-    local: bool | None = None  # None: as `uvsam predict` decides (uvsam.predict.runs_in_process)
+    local: bool | None = None  # None: as `uvsam predict` decides (uvsam.prediction.runs_in_process)
     workers: int | None = Field(default=None, ge=1)
     scheduler: str | None = Field(default=None, pattern=r"^(tcp|tls|inproc|ws|wss)://")
 

@@ -24,8 +24,8 @@ from pyproj import Transformer
 from rasterio.warp import transform_bounds
 
 from tiles.reader import RasterSource
-from uvsam.change.track import LIFECYCLE_COLOURS as COLOURS
-from uvsam.change.track import ChangeResult
+from uvsam.changes.track import LIFECYCLE_COLOURS as COLOURS
+from uvsam.changes.track import ChangeResult
 from uvsam.errors import InputError
 from uvsam.files import atomic_path
 from uvsam.raster import to_rgb

@@ -15,10 +15,10 @@ from rasterio.windows import Window
 from tiles.grid import Tile
 from tiles.stitch import Stitcher
 from uvsam.config import PredictConfig
-from uvsam.predict.execution import Runner, run_journaled
-from uvsam.predict.journal import Journal
-from uvsam.predict.model import ModelInfo, get_model
-from uvsam.predict.scene import ScenePrep, open_source, read_tile
+from uvsam.prediction.execution import Runner, run_journaled
+from uvsam.prediction.journal import Journal
+from uvsam.prediction.model import ModelInfo, get_model
+from uvsam.prediction.scene import ScenePrep, open_source, read_tile
 from uvsam.progress import stage
 
 

@@ -19,10 +19,10 @@ from rasterio.windows import Window
 from uvsam.config import PredictConfig
 from uvsam.generalist import OFF, SMALL, UNVERIFIED, RefineRule, judge, stability_score
 from uvsam.polygons import measure, polygonise, union_on_grid
-from uvsam.predict.execution import Runner, run_journaled
-from uvsam.predict.journal import Journal
-from uvsam.predict.model import ModelInfo, get_model, refines
-from uvsam.predict.scene import ScenePrep, open_source, read_tile
+from uvsam.prediction.execution import Runner, run_journaled
+from uvsam.prediction.journal import Journal
+from uvsam.prediction.model import ModelInfo, get_model, refines
+from uvsam.prediction.scene import ScenePrep, open_source, read_tile
 from uvsam.progress import stage
 
 

@@ -15,7 +15,7 @@ from tiles.plan import TilingConfig, plan
 from tiles.reader import RasterSource, ReadOptions
 from uvsam.config import PredictConfig
 from uvsam.datasets import RASTER_EXT, find_files
-from uvsam.predict.model import ModelInfo
+from uvsam.prediction.model import ModelInfo
 from uvsam.preprocess import Preprocessing, read_overview, read_window, scene_preprocessing
 from uvsam.progress import stage
 from uvsam.suitability import check_radiometry, check_resolution

@@ -9,12 +9,12 @@ import pandas as pd
 import pyogrio
 
 from uvsam import __version__
-from uvsam.change.imagery import check_consistency, coregistration
-from uvsam.change.outputs import parse_crs, write_outputs
-from uvsam.change.report import write_report
-from uvsam.change.sources import parse_images, read_layer
-from uvsam.change.summaries import by_district, by_ring
-from uvsam.change.track import LIFECYCLES, ChangeConfig, track
+from uvsam.changes.imagery import check_consistency, coregistration
+from uvsam.changes.outputs import parse_crs, write_outputs
+from uvsam.changes.report import write_report
+from uvsam.changes.sources import parse_images, read_layer
+from uvsam.changes.summaries import by_district, by_ring
+from uvsam.changes.track import LIFECYCLES, ChangeConfig, track
 from uvsam.errors import InputError
 from uvsam.files import check_writable
 from uvsam.progress import Progress

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from uvsam.change.summaries import village_area_iou
-from uvsam.change.track import ChangeResult
+from uvsam.changes.summaries import village_area_iou
+from uvsam.changes.track import ChangeResult
 from uvsam.consistency import assess
 from uvsam.coregister import MIN_PSR, estimate_shift
 

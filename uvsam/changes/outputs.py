@@ -17,7 +17,7 @@ from pyproj import CRS
 from pyproj.aoi import AreaOfInterest
 from pyproj.database import query_utm_crs_info
 
-from uvsam.change.track import LIFECYCLE_COLOURS, LIFECYCLES, ChangeResult
+from uvsam.changes.track import LIFECYCLE_COLOURS, LIFECYCLES, ChangeResult
 from uvsam.errors import ConfigError, InputError
 from uvsam.files import atomic_path
 from uvsam.layers import (

@@ -19,14 +19,14 @@ from pathlib import Path
 
 from uvsam.config import PredictConfig
 from uvsam.errors import InputError
-from uvsam.predict.assemble import SceneResult, assemble, mean_probability
-from uvsam.predict.candidates import candidates_from_mosaic
-from uvsam.predict.execution import Runner, run_local
-from uvsam.predict.journal import Journal, scene_identity
-from uvsam.predict.model import ModelInfo, refines
-from uvsam.predict.refine import refine_candidates
-from uvsam.predict.scene import close_sources, prepare_scene
-from uvsam.predict.specialist import specialist_mosaic
+from uvsam.prediction.assemble import SceneResult, assemble, mean_probability
+from uvsam.prediction.candidates import candidates_from_mosaic
+from uvsam.prediction.execution import Runner, run_local
+from uvsam.prediction.journal import Journal, scene_identity
+from uvsam.prediction.model import ModelInfo, refines
+from uvsam.prediction.refine import refine_candidates
+from uvsam.prediction.scene import close_sources, prepare_scene
+from uvsam.prediction.specialist import specialist_mosaic
 from uvsam.progress import stage
 
 
@@ -37,7 +37,7 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
 
     Finished tasks are journaled in ``workdir``: an interrupted run, run again, skips them.
     ``progress(stage, n)`` is called as tiles and windows finish. ``prepared``: the scene's
-    :func:`~uvsam.predict.scene.prepare_scene` when the caller has it already.
+    :func:`~uvsam.prediction.scene.prepare_scene` when the caller has it already.
     """
     path = Path(path)
     scene, prep = prepared if prepared is not None else prepare_scene(path, info, cfg)

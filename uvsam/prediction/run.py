@@ -22,14 +22,14 @@ from uvsam.files import check_writable
 from uvsam.layers import check_format, date_column, write_layers
 from uvsam.pictures import quicklook as draw_quicklook
 from uvsam.polygons import measure as measure_polygons
-from uvsam.predict.assemble import village_id
-from uvsam.predict.execution import Runner, run_local
-from uvsam.predict.journal import scene_identity
-from uvsam.predict.model import get_model, model_info, refines
-from uvsam.predict.pipeline import predict_scene
-from uvsam.predict.probabilities import scene_output, write_probabilities
-from uvsam.predict.scene import find_scenes, harmonisation_record, prepare_scene, scene_row
-from uvsam.predict.specialist import specialist_batch, tile_windows
+from uvsam.prediction.assemble import village_id
+from uvsam.prediction.execution import Runner, run_local
+from uvsam.prediction.journal import scene_identity
+from uvsam.prediction.model import get_model, model_info, refines
+from uvsam.prediction.pipeline import predict_scene
+from uvsam.prediction.probabilities import scene_output, write_probabilities
+from uvsam.prediction.scene import find_scenes, harmonisation_record, prepare_scene, scene_row
+from uvsam.prediction.specialist import specialist_batch, tile_windows
 from uvsam.progress import Progress, stage
 
 

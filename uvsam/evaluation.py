@@ -1,6 +1,6 @@
 """``uvsam evaluate``: a trained model on labelled scenes, scored on what ``uvsam predict`` ships.
 
-Each scene goes through predict's own scene pipeline (:func:`uvsam.predict.predict_scene`:
+Each scene goes through predict's own scene pipeline (:func:`uvsam.prediction.predict_scene`:
 specialist mosaic -> candidates -> refinement -> polygons, with the same tiling, reading,
 normalisation and harmonisation), and three things are scored on the label grid (the image's
 own pixels, labels rasterised or resampled onto it):
@@ -32,7 +32,7 @@ from uvsam.labels import IGNORE
 from uvsam.metrics import SegmentationCounts
 from uvsam.modelfile import ModelFile
 from uvsam.pictures import overlay
-from uvsam.predict import PredictConfig, close_sources, get_model, model_info, predict_scene, prepare_scene, refines
+from uvsam.prediction import PredictConfig, close_sources, get_model, model_info, predict_scene, prepare_scene, refines
 from uvsam.progress import Progress
 
 

@@ -19,14 +19,14 @@ its configuration is :class:`uvsam.config.PredictConfig`):
 """
 
 from uvsam.config import PredictConfig
-from uvsam.predict.assemble import SceneResult, mean_probability, village_id
-from uvsam.predict.candidates import candidates_from_mosaic, drop_specks
-from uvsam.predict.execution import LOCAL_CLUSTER_MIN_CORES, Runner, run_journaled, run_local, runs_in_process
-from uvsam.predict.model import ModelInfo, get_model, model_info, refines
-from uvsam.predict.pipeline import predict_scene
-from uvsam.predict.refine import RefineWindow, judge_candidate, plan_windows, refine_candidates, refine_window
-from uvsam.predict.run import dry_run, run_prediction
-from uvsam.predict.scene import (
+from uvsam.prediction.assemble import SceneResult, mean_probability, village_id
+from uvsam.prediction.candidates import candidates_from_mosaic, drop_specks
+from uvsam.prediction.execution import LOCAL_CLUSTER_MIN_CORES, Runner, run_journaled, run_local, runs_in_process
+from uvsam.prediction.model import ModelInfo, get_model, model_info, refines
+from uvsam.prediction.pipeline import predict_scene
+from uvsam.prediction.refine import RefineWindow, judge_candidate, plan_windows, refine_candidates, refine_window
+from uvsam.prediction.run import dry_run, run_prediction
+from uvsam.prediction.scene import (
                                  ScenePrep,
                                  close_sources,
                                  find_scenes,
@@ -37,7 +37,7 @@ from uvsam.predict.scene import (
                                  scene_row,
                                  scene_tiling,
 )
-from uvsam.predict.specialist import specialist_batch, specialist_mosaic, tile_windows
+from uvsam.prediction.specialist import specialist_batch, specialist_mosaic, tile_windows
 
 __all__ = ["LOCAL_CLUSTER_MIN_CORES", "ModelInfo", "PredictConfig", "RefineWindow", "Runner", "ScenePrep",
            "SceneResult", "candidates_from_mosaic", "close_sources", "drop_specks", "dry_run", "find_scenes",

@@ -1,6 +1,6 @@
 """Running prediction on Dask: a local cluster or an existing scheduler, the model loaded once per worker.
 
-Tasks are the plain functions of :mod:`uvsam.predict` (a batch of tiles, a refinement window);
+Tasks are the plain functions of :mod:`uvsam.prediction` (a batch of tiles, a refinement window);
 :func:`dask_runner` submits them with a bounded number in flight (so image blocks are read
 ahead while the model computes, without flooding memory) and yields results in submission
 order. The local cluster binds its scheduler and dashboard to 127.0.0.1 only.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
-from uvsam.predict.model import ModelInfo, get_model
+from uvsam.prediction.model import ModelInfo, get_model
 
 
 class ModelPlugin(WorkerPlugin):
@@ -55,7 +55,7 @@ def register_model(client: Client, info: ModelInfo) -> None:
 
 
 def dask_runner(client: Client, in_flight: int | None = None) -> Callable[[Callable, Iterable[tuple]], Iterator]:
-    """A runner for :func:`uvsam.predict.predict_scene`: tasks on the cluster, results in order."""
+    """A runner for :func:`uvsam.prediction.predict_scene`: tasks on the cluster, results in order."""
     limit = in_flight or 2 * max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
 
     def run(fn: Callable, arg_list: Iterable[tuple]) -> Iterator:

@@ -32,7 +32,7 @@ import pandas as pd
 import shapely
 from pyproj import CRS
 
-from uvsam.change.sources import YearLayer
+from uvsam.changes.sources import YearLayer
 from uvsam.config import ChangeConfig
 from uvsam.errors import InputError
 

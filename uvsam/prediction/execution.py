@@ -1,4 +1,4 @@
-"""Where prediction's tasks run: in this process or on Dask (:mod:`uvsam.predict.distributed`),
+"""Where prediction's tasks run: in this process or on Dask (:mod:`uvsam.prediction.distributed`),
 and how finished tasks are journaled so an interrupted run resumes."""
 
 from __future__ import annotations

@@ -11,13 +11,13 @@
 =================  ===================================================================
 """
 
-from uvsam.change.imagery import check_consistency, coregistration
-from uvsam.change.outputs import write_outputs
-from uvsam.change.report import write_report
-from uvsam.change.run import run_change
-from uvsam.change.sources import YearLayer, parse_images, parse_spec, read_layer
-from uvsam.change.summaries import by_district, by_ring, village_area_iou
-from uvsam.change.track import LIFECYCLES, ChangeConfig, ChangeResult, analysis_crs, track
+from uvsam.changes.imagery import check_consistency, coregistration
+from uvsam.changes.outputs import write_outputs
+from uvsam.changes.report import write_report
+from uvsam.changes.run import run_change
+from uvsam.changes.sources import YearLayer, parse_images, parse_spec, read_layer
+from uvsam.changes.summaries import by_district, by_ring, village_area_iou
+from uvsam.changes.track import LIFECYCLES, ChangeConfig, ChangeResult, analysis_crs, track
 
 __all__ = ["LIFECYCLES", "ChangeConfig", "ChangeResult", "YearLayer", "analysis_crs", "by_district", "by_ring",
            "check_consistency", "coregistration", "parse_images", "parse_spec", "read_layer", "run_change",
