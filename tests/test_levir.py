@@ -94,7 +94,7 @@ def levir_run(levir, levir_model, tmp_path_factory):
     for year in ("2016", "2019"):
         assert main(["predict", str(root / year), "--model", str(levir_model), "--out", str(villages),
                      "--layer", f"y{year}", "--no-refine", "--local", "--tile", "128", "--overlap", "64",
-                     "--min-area", "50", "--acquired", f"{year}-06-01"]) == 0
+                     "--min-village-area", "50", "--acquired", f"{year}-06-01"]) == 0
     assert main(["change", f"2016={villages}:y2016", f"2019={villages}:y2019", "--out", str(out / "changes.gpkg"),
                  "--report", str(out / "report.html"), "--image", f"2016={root / '2016.vrt'}",
                  "--image", f"2019={root / '2019.vrt'}", "--min-overlap", "0.2"]) == 0

@@ -414,7 +414,7 @@ def test_areas_are_square_metres_in_degrees_and_in_web_mercator(beijing, model, 
     area_m2 and perimeter_m agree with geodesic measures on the ellipsoid."""
     rio = str(data_dir / "spacenet-rio/image/*img5[0-7].tif")  # a glob: 8 chips, 8 scenes
     # the chips are ~200 m across, under the suitability check's 64 px at 3.7 m: forced
-    for scene, epsg, extra in ((rio, 4326, ["--threshold", "0.3", "--min-area", "100", "--force"]),
+    for scene, epsg, extra in ((rio, 4326, ["--threshold", "0.3", "--min-village-area", "100", "--force"]),
                                (beijing / "val/images.vrt", 3857, [])):
         out = tmp_path / f"{epsg}.gpkg"
         code, _, err = run_cli(["predict", scene, "--model", model, "--out", out, "--local", "--no-refine", *extra],

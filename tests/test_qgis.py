@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
+from tests.conftest import ROOT
 from tests.test_change import _write_years
 from uvsam.changes import LIFECYCLES, run_change
 from uvsam.config import PredictConfig
 
+PLUGINS = ROOT / "qgis_plugin"  # the plugin folder users copy or zip into QGIS
 QGIS_PYTHON = "/usr/bin/python3"  # QGIS's bindings import under the system Python, not the project's venv
 
 PROBE = textwrap.dedent('''
@@ -79,3 +83,62 @@ def test_change_geopackage_opens_in_qgis_with_lifecycle_styles(villages, tmp_pat
     assert changes["renderer"] == "categorizedSymbol" and changes["categories"] == list(LIFECYCLES)
     assert tracked["renderer"] == "categorizedSymbol" and tracked["categories"] == ["2018", "2020", "2022"]
     assert tracked["labels"] and changes["crs"] == tracked["crs"] == "EPSG:3857"
+
+
+def _qgis_process(args: list[str], home, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Debian's ``qgis_process`` wrapper passes an option (--noversioncheck) its 3.22 binary refuses:
+    the binary is run directly, with a throw-away QGIS profile (HOME) and the plugin's folder."""
+    binary = "/usr/bin/qgis_process.bin" if os.path.exists("/usr/bin/qgis_process.bin") else "qgis_process"
+    runtime = home / "xdg-runtime"
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    env = {**os.environ, "HOME": str(home), "QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": str(runtime),
+           "QGIS_PLUGINPATH": str(PLUGINS), **(env_extra or {})}
+    return subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_the_qgis_processing_algorithms_give_the_command_line_results(beijing, model, villages, tmp_path,
+                                                                      capsys):
+    """The plugin folder as a user installs it: enabled in a fresh profile, its algorithms listed,
+    ``qgis_process run uvsam:predict`` on the real Beijing mosaic writes the villages the CLI
+    writes (same polygons), and ``uvsam:change`` tracks three years into the styled layers."""
+    import geopandas as gpd
+    import pyogrio
+    import shapely
+
+    from tests.conftest import run_cli
+
+    home = tmp_path / "home"
+    enabled = _qgis_process(["plugins", "enable", "uvsam_processing"], home)
+    assert enabled.returncode == 0, enabled.stderr[-2000:]
+    listed = _qgis_process(["list"], home).stdout
+    assert all(f"uvsam:{a}" in listed for a in ("predict", "change", "train")), listed[-2000:]
+    uvsam = {"UVSAM_EXECUTABLE": str(Path(sys.executable).with_name("uvsam"))}
+    scene = beijing / "val/images.vrt"
+    ran = _qgis_process(["--json", "run", "uvsam:predict", f"--SCENES={scene}", f"--MODEL={model}",
+                         f"--OUTPUT={tmp_path / 'qgis.gpkg'}", "--LAYER=y2019", "--ACQUIRED=2019-07-01"], home, uvsam)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    results = json.loads(ran.stdout)["results"]
+    assert results["VILLAGES"] == f"{tmp_path / 'qgis.gpkg'}|layername=y2019"
+    code, _, err = run_cli(["predict", scene, "--model", model, "--out", tmp_path / "cli.gpkg", "--layer", "y2019",
+                            "--acquired", "2019-07-01", "--local"], capsys)
+    assert code == 0, err
+    from_qgis = pyogrio.read_dataframe(tmp_path / "qgis.gpkg", layer="y2019")
+    from_cli = pyogrio.read_dataframe(tmp_path / "cli.gpkg", layer="y2019")
+    assert len(from_qgis) == len(from_cli) > 0
+    assert sorted(from_qgis["village_id"]) == sorted(from_cli["village_id"])
+    assert shapely.equals_exact(shapely.union_all(from_qgis.geometry.values),
+                                shapely.union_all(from_cli.geometry.values), tolerance=1e-6)
+    assert Path(results["QUICKLOOK"]).is_file()
+    # change: three years of layers of one GeoPackage, as QGIS layers
+    src = tmp_path / "years.gpkg"
+    _write_years(villages, src)
+    years = [f"--YEARS={src}|layername=villages_{y}" for y in ("2018", "2020", "2022")]
+    ran = _qgis_process(["--json", "run", "uvsam:change", *years, "--LABELS=2018,2020,2022",
+                         f"--OUTPUT={tmp_path / 'change.gpkg'}"], home, uvsam)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    changes = gpd.read_file(tmp_path / "change.gpkg", layer="changes")
+    assert set(changes["lifecycle"]) == set(LIFECYCLES)
+    # a uvsam error reaches the Processing log as its own line, and the algorithm fails
+    bad = _qgis_process(["run", "uvsam:predict", f"--SCENES={scene}", f"--MODEL={tmp_path / 'years.gpkg'}",
+                         f"--OUTPUT={tmp_path / 'bad.gpkg'}"], home, uvsam)
+    assert bad.returncode != 0 and "uvsam: error" in bad.stdout + bad.stderr

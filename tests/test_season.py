@@ -71,7 +71,7 @@ def test_a_season_shift_is_not_reported_as_change(seasons, model, tmp_path, caps
     # detection floor (2,500 m2) would appear and vanish with any change of input
     unit = 1.2 * PredictConfig.min_area_m2
     code, stdout, err = run_cli(["change", f"2019={villages}:y2019", f"2020={villages}:y2020", "--out", out,
-                                 "--min-area", unit, "--image", f"2019={seasons['2019']}",
+                                 "--mapping-unit", unit, "--image", f"2019={seasons['2019']}",
                                  "--image", f"2020={seasons['2020']}"], capsys)
     assert code == 0, err
     changes = pyogrio.read_dataframe(out, layer="changes")

@@ -93,10 +93,10 @@ def log(message: str) -> None:
 # Where a command's flag is not the config field's name (``--`` + the field with dashes).
 FLAGS = {
     "train": {"steps_per_epoch": "--steps", "scale": "--scale-aug", "gsd_m": "--gsd", "lcn_sigma_m": "--lcn-sigma",
-              "min_area_m2": "--min-village-area", "warmup_steps": "--warmup", "bands": "--band"},
-    "predict": {"min_area_m2": "--min-area", "simplify_m": "--simplify"},
+              "min_area_m2": "--min-prompt-area", "warmup_steps": "--warmup", "bands": "--band"},
+    "predict": {"min_area_m2": "--min-village-area", "simplify_m": "--simplify"},
     "evaluate": {},
-    "change": {"crs": "--analysis-crs", "output_crs": "--crs", "min_area_m2": "--min-area"},
+    "change": {"crs": "--analysis-crs", "output_crs": "--crs", "min_area_m2": "--mapping-unit"},
 }
 
 
@@ -176,8 +176,8 @@ def train(
     lcn_sigma: Annotated[float, typer.Option(help="Local contrast scale, metres on the ground.")] = TD("lcn_sigma_m"),
     tune_decoder: Annotated[bool, typer.Option(help="Also train the generalist's mask decoder.")] = TD("tune_decoder"),
     ladder: Annotated[bool, typer.Option(help="Add SAM-LST's ladder side network.")] = TD("ladder"),
-    min_village_area: Annotated[float | None, typer.Option(
-        help="m^2; smaller villages keep the specialist's mask "
+    min_prompt_area: Annotated[float | None, typer.Option(
+        help="Smallest village (m^2) the generalist is prompted for; smaller ones keep the specialist's mask "
         "(default: official 100 px at 0.916 m).")] = TD("min_area_m2"),
     views_per_scene: Annotated[int, typer.Option(
         help="Fixed views per scene for the UV-SAM path.")] = TD("views_per_scene"),
@@ -219,7 +219,7 @@ def train(
         encoder=_known_encoder(encoder), checkpoint=str(checkpoint) if checkpoint else None, specialist=specialist,
         mit_weights=str(mit_weights) if mit_weights else None, fusion=fusion,
         specialist_input=specialist_input, lcn_sigma_m=lcn_sigma, tune_decoder=tune_decoder,
-        ladder=ladder, min_area_m2=min_village_area, gsd_m=gsd_m, crop=crop,
+        ladder=ladder, min_area_m2=min_prompt_area, gsd_m=gsd_m, crop=crop,
         scale=_parse_floats(scale_aug, (2,), "--scale-aug"),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
         sam_epochs=sam_epochs, views_per_scene=views_per_scene, lr=lr, weight_decay=weight_decay,
@@ -306,7 +306,8 @@ def predict(
     block: Annotated[int, typer.Option(help="Vectorise the mosaic in square blocks of this many px.")] = PD("block"),
     overlap: Annotated[int, typer.Option(help="Tile overlap (px).")] = PD("overlap"),
     threshold: Annotated[float, typer.Option(help="Village probability threshold.")] = PD("threshold"),
-    min_area: Annotated[float, typer.Option(help="Smallest village or hole kept (m^2).")] = PD("min_area_m2"),
+    min_village_area: Annotated[float, typer.Option(
+        help="Smallest village (and hole in one) kept (m^2).")] = PD("min_area_m2"),
     simplify: Annotated[float | None, typer.Option(
         help="Simplification tolerance (m); default: the GSD.")] = PD("simplify_m"),
     acquired: Annotated[str | None, typer.Option(
@@ -333,7 +334,7 @@ def predict(
     cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, threshold=threshold, refine=refine,
                         force_refine=force_refine, refine_min_iou=refine_min_iou,
                         refine_min_stability=refine_min_stability, refine_min_overlap=refine_min_overlap,
-                        window=window, window_margin=window_margin, min_area_m2=min_area, simplify_m=simplify,
+                        window=window, window_margin=window_margin, min_area_m2=min_village_area, simplify_m=simplify,
                         block=block, acquired=acquired, grid_offset=grid_offset,
                         pif_reference=str(pif_reference) if pif_reference else None, force=force)
     if dry_run:
@@ -365,7 +366,7 @@ def change_cmd(
     min_overlap: Annotated[float, typer.Option(
         help="Share of the smaller village two must share to link.")] = CD("min_overlap"),
     stable_pct: Annotated[float, typer.Option(help="Area change (%) still counted as stable.")] = CD("stable_pct"),
-    min_area: Annotated[float, typer.Option(
+    mapping_unit: Annotated[float, typer.Option(
         help="Minimum mapping unit (m^2): events whose villages "
         "are all smaller are not reported.")] = CD("min_area_m2"),
     districts: Annotated[Path | None, typer.Option(help="Polygon layer of districts to sum by.")] = None,
@@ -392,7 +393,7 @@ def change_cmd(
         if not (-180 <= lon <= 180 and -90 <= lat <= 90):
             raise InputError(f"--centre {centre!r}: longitude or latitude out of range")
         point = (lon, lat)
-    cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs, min_area_m2=min_area)
+    cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs, min_area_m2=mapping_unit)
     typer.echo(json.dumps(run_change(years, out, cfg, districts, district_field, point, ring_km, crs, report,
                                      image, max_shift, log)))
 
