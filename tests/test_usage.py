@@ -89,3 +89,28 @@ def test_every_output_format_is_written_and_keeps_the_acquisition_date(villages,
         back = gpd.read_parquet(out) if fmt == "parquet" else pyogrio.read_dataframe(out)
         assert len(back) == len(villages) and back.crs.to_epsg() == (4326 if fmt == "geojson" else 3857), fmt
         assert (pd.to_datetime(back["acquired"]) == pd.Timestamp("2020-07-01")).all(), fmt
+
+
+def test_every_command_has_help_examples_that_use_its_real_options(capsys):
+    """Each command's --help ends with examples, and every option an example uses is one the
+    command has (the examples cannot drift from the interface)."""
+    import shlex
+
+    import typer
+
+    from uvsam.cli import EXAMPLES, app
+
+    group = typer.main.get_command(app)
+    names = {n for n in group.commands if n != "weights"} | {f"weights {n}" for n in group.commands["weights"].commands}
+    assert names == set(EXAMPLES)
+    for name, lines in EXAMPLES.items():
+        parts = name.split()
+        command = group.commands[parts[0]] if len(parts) == 1 else group.commands["weights"].commands[parts[1]]
+        options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for line in lines:
+            words = shlex.split(line, comments=True)
+            assert words[:1 + len(parts)] == ["uvsam", *parts], line
+            used = {w.split("=")[0] for w in words if w.startswith("--")}
+            assert used <= options, (name, used - options)
+        code, out, _ = run_cli([*parts, "--help"], capsys)
+        assert code == 0 and "Examples:" in out and f"$ uvsam {name}" in out, name

@@ -90,6 +90,39 @@ def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+# Examples shown at the end of every command's --help.
+EXAMPLES = {
+    "segment": ["uvsam segment scene.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --box 200,150,600,550 "
+                "--out mask.tif"],
+    "train": ["uvsam train --images labels/images --labels labels/villages.gpkg --out villages.ckpt "
+              "--checkpoint ~/.cache/uvsam/weights/efficientvit_sam_l0.pt",
+              "uvsam train --images tiles/images --labels tiles/masks --out villages.ckpt --folds 3"],
+    "evaluate": ["uvsam evaluate --model villages.ckpt --images test/images --labels test/masks --overlays overlays/",
+                 "uvsam evaluate --model villages.ckpt --cv"],
+    "predict": ["uvsam predict city_2020.tif --model villages.ckpt --out villages.gpkg --layer y2020 "
+                "--acquired 2020-06-01",
+                "uvsam predict 'tiles/*.tif' --model villages.ckpt --out villages.gpkg --probabilities prob.tif",
+                "uvsam predict city.tif --model villages.ckpt --out villages.geojson --dry-run"],
+    "change": ["uvsam change 2018=villages.gpkg:y2018 2020=villages.gpkg:y2020 --out change.gpkg --report "
+               "report.html --image 2018=city_2018.tif --image 2020=city_2020.tif"],
+    "demo": ["uvsam demo --out demo"],
+    "run": ["uvsam run workflows/single_city.yaml", "uvsam run city.yaml --dry-run"],
+    "import-xyz": ["uvsam import-xyz tiles/image --zoom 17 --masks tiles/mask --out georeferenced/"],
+    "plan-tiles": ["uvsam plan-tiles scene.tif --tile-size 512 --overlap 64 --gsd 2.0 --out plan.json"],
+    "encoders": ["uvsam encoders --only mobile_sam --only efficientvit_sam_l0", "uvsam encoders --json --no-measure"],
+    "weights list": ["uvsam weights list --check"],
+    "weights fetch": ["uvsam weights fetch sam_vit_b",
+                      "uvsam weights fetch efficientvit_sam_l0 --sha256 DIGEST  # its authors publish none"],
+    "weights import": ["uvsam weights import mobile_sam ~/Downloads/mobile_sam.pt --sha256 DIGEST"],
+    "weights verify": ["uvsam weights verify"],
+}
+
+
+def examples(command: str) -> str:
+    """The epilog of ``command``'s help: its examples, one per paragraph (typer joins single lines)."""
+    return "Examples:\n\n" + "\n\n".join(f"  $ {e}" for e in EXAMPLES[command])
+
+
 # Where a command's flag is not the config field's name (``--`` + the field with dashes).
 FLAGS = {
     "train": {"steps_per_epoch": "--steps", "scale": "--scale-aug", "gsd_m": "--gsd", "lcn_sigma_m": "--lcn-sigma",
@@ -119,7 +152,7 @@ def _parse_floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]
     return vals
 
 
-@app.command()
+@app.command(epilog=examples("segment"))
 def segment(
     image: Annotated[Path, typer.Argument(help="Raster to segment (GeoTIFF or any GDAL format).")],
     encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")],
@@ -144,7 +177,7 @@ def segment(
     typer.echo(json.dumps(result))
 
 
-@app.command()
+@app.command(epilog=examples("train"))
 def train(
     images: Annotated[str, typer.Option(help="Training rasters: a file, a folder or a glob.")],
     labels: Annotated[str, typer.Option(help="Masks named like the images (folder/glob) or a vector file.")],
@@ -236,7 +269,7 @@ def train(
     typer.echo(json.dumps(last))
 
 
-@app.command()
+@app.command(epilog=examples("evaluate"))
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
     images: Annotated[str | None, typer.Option(help="Rasters: a file, a folder or a glob.")] = None,
@@ -274,7 +307,7 @@ def _known_encoder(name: str) -> str:
     return get_spec(name).name
 
 
-@app.command()
+@app.command(epilog=examples("predict"))
 def predict(
     scenes: Annotated[list[str], typer.Argument(help="Rasters, VRTs, folders or globs.")],
     model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
@@ -359,7 +392,7 @@ def predict(
     typer.echo(json.dumps(summary))
 
 
-@app.command("change")
+@app.command("change", epilog=examples("change"))
 def change_cmd(
     years: Annotated[list[str], typer.Argument(help="YEAR=FILE[:LAYER], oldest first (e.g. 2018=v.gpkg:y2018).")],
     out: Annotated[Path, typer.Option(help="Output GeoPackage (changes, villages_tracked, tables); CSVs beside.")],
@@ -398,7 +431,7 @@ def change_cmd(
                                      image, max_shift, log)))
 
 
-@app.command("demo")
+@app.command("demo", epilog=examples("demo"))
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the synthetic scenes, model and GeoPackage.")] = Path("demo"),
     local: Annotated[bool, typer.Option(help="Predict in this process instead of a local Dask cluster.")] = False,
@@ -410,7 +443,7 @@ def demo_cmd(
     typer.echo(json.dumps({k: report[k] for k in ("synthetic", "geopackage", "score", "seconds")}))
 
 
-@app.command("run")
+@app.command("run", epilog=examples("run"))
 def run_cmd(
     workflow: Annotated[Path, typer.Argument(help="Workflow YAML (see workflows/).")],
     dry_run: Annotated[bool, typer.Option(help="Validate and print per-year estimates; write nothing.")] = False,
@@ -425,7 +458,7 @@ def run_cmd(
     typer.echo(json.dumps(run(workflow, log, dry_run, local, workers, scheduler), indent=2 if dry_run else None))
 
 
-@app.command("import-xyz")
+@app.command("import-xyz", epilog=examples("import-xyz"))
 def import_xyz_cmd(
     images: Annotated[Path, typer.Argument(help="Folder of {y}_{x}.png XYZ images.")],
     zoom: Annotated[int, typer.Option(help="XYZ zoom level of the file names.")],
@@ -457,7 +490,7 @@ def import_xyz_cmd(
                            "masks_vrt": str(res.masks_vrt) if res.masks_vrt else None}))
 
 
-@app.command("plan-tiles")
+@app.command("plan-tiles", epilog=examples("plan-tiles"))
 def plan_tiles_cmd(
     image: Annotated[Path, typer.Argument(help="Raster to tile (any GDAL format).")],
     tile_size: Annotated[float, typer.Option(help="Tile side, in --unit.")] = 1024,
@@ -485,7 +518,7 @@ def plan_tiles_cmd(
             tmp.write_text(text + "\n")
 
 
-@app.command()
+@app.command(epilog=examples("encoders"))
 def encoders(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     measure: Annotated[bool, typer.Option(help="Measure GFLOPs and CPU latency (slow for ViT-H).")] = True,
@@ -499,7 +532,7 @@ def encoders(
     typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
 
 
-@weights_app.command("list")
+@weights_app.command("list", epilog=examples("weights list"))
 def weights_list(
     check: Annotated[bool, typer.Option(help="Hash cached files against their digests.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -517,7 +550,7 @@ def weights_list(
         typer.echo(f"{'':<22} {r['url']}")
 
 
-@weights_app.command("fetch")
+@weights_app.command("fetch", epilog=examples("weights fetch"))
 def weights_fetch(
     name: str,
     url: Annotated[str | None, typer.Option(help="Mirror to download from instead of the official URL.")] = None,
@@ -535,7 +568,7 @@ def weights_fetch(
     typer.echo(str(path))
 
 
-@weights_app.command("import")
+@weights_app.command("import", epilog=examples("weights import"))
 def weights_import(
     name: str,
     file: Path,
@@ -547,7 +580,7 @@ def weights_import(
     typer.echo(str(import_file(name, file, sha256)))
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", epilog=examples("weights verify"))
 def weights_verify():
     """Re-hash every cached file; exit 2 if any does not match its digest."""
     from uvsam.weights import list_weights

@@ -163,7 +163,8 @@ def run_demo(out: str | Path, log=print, local: bool = False, workers: int = 1, 
         weights = None
     if weights is None:
         log(f"      no official {encoder} weights in the cache: UV-SAM is trained and run without its generalist "
-            f"(random weights would draw random boundaries); `uvsam weights fetch {encoder}` enables it")
+            f"(random weights would draw random boundaries); bring its official weights to enable it: `uvsam "
+            f"weights fetch {encoder} --sha256 DIGEST` with a digest you trust (its authors publish none)")
     t = time.perf_counter()
     model = out / "model.ckpt"
     what = f"specialist + fusion, frozen generalist {encoder}" if weights else "specialist only"

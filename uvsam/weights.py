@@ -132,9 +132,12 @@ def fetch(name: str, url: str | None = None, sha256: str | None = None, timeout:
             raise WeightsError(f"--sha256 {given} disagrees with the pinned digest {digest} of {name}")
         digest = given
     if digest is None:
+        pinned = ", ".join(n for n in ENCODERS if expected_sha256(get_spec(n)) is not None)
         raise WeightsError(
-            f"{name} has no published SHA-256; pass the digest you trust with --sha256 "
-            f"({spec.weights_note or 'see the README'})"
+            f"{name}: its authors publish no SHA-256, so a genuine file cannot be told from a corrupted or "
+            f"altered one; get the digest from a source you trust (or hash a copy you trust) and pin it: "
+            f"`uvsam weights fetch {name} --sha256 DIGEST` (or `uvsam weights import {name} FILE --sha256 DIGEST`)"
+            f"; weights whose digest uvsam knows: {pinned}"
         )
     src = url or spec.weights.url
     dest.parent.mkdir(parents=True, exist_ok=True)
