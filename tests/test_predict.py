@@ -478,3 +478,17 @@ def test_the_python_api_gives_what_the_command_line_gives(beijing, model, tmp_pa
     assert shapely.equals_exact(shapely.union_all(frame.geometry.values), shapely.union_all(cli.geometry.values),
                                 tolerance=1e-6)
     assert frame.attrs["quicklook"] is None and not (tmp_path / "api.png").exists()
+
+
+def test_dry_run_estimates_what_will_run(beijing, model, tmp_path):
+    """The generalist is measured only when it will refine (not with the test model's random
+    weights), the estimate includes the preparation a run spends too, and nothing is written."""
+    from uvsam.prediction import PredictConfig, dry_run
+
+    est = dry_run([str(beijing / "train/images.vrt")], model)
+    assert est["generalist_s_per_window"] == 0.0 and "refinement off" in est["estimate_note"]
+    assert est["tiles"] > 1 and est["specialist_s_per_tile"] > 0
+    assert est["estimated_s"] >= est["preparation_s"] + est["tiles"] * est["specialist_s_per_tile"] - 0.1
+    forced = dry_run([str(beijing / "train/images.vrt")], model, PredictConfig(force_refine=True))
+    assert forced["generalist_s_per_window"] > 0
+    assert not list(tmp_path.iterdir())
