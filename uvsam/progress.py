@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from tqdm import tqdm
@@ -71,6 +71,14 @@ def stage(name: str) -> Iterator[None]:
         STAGES.add(name, time.perf_counter() - t)
 
 
+def _interval_from_env() -> float:
+    """``UVSAM_PROGRESS_SECONDS`` (a positive number), else 30."""
+    try:
+        value = float(os.environ.get("UVSAM_PROGRESS_SECONDS", "30"))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
 
 @dataclass
 class ProgressSettings:
@@ -79,7 +87,7 @@ class ProgressSettings:
     refuse (False) the live bar, None: a bar exactly when stderr is a terminal."""
 
     quiet: bool = False
-    interval: float = float(os.environ.get("UVSAM_PROGRESS_SECONDS", "30"))
+    interval: float = field(default_factory=_interval_from_env)
     bar: bool | None = None
 
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import pandas as pd
 import pyogrio
 from pyproj import CRS
-from pyproj.aoi import AreaOfInterest
-from pyproj.database import query_utm_crs_info
 
 from uvsam.changes.track import LIFECYCLE_COLOURS, LIFECYCLES, ChangeResult
 from uvsam.errors import ConfigError, InputError
@@ -53,13 +51,9 @@ def output_crs(result: ChangeResult, sources: list[CRS], crs: str | CRS | None =
         return CRS.from_user_input(sources[0])
     if result.crs.to_authority() is not None:
         return result.crs
-    frame = result.villages if len(result.villages) else result.changes
-    west, south, east, north = frame.to_crs(4326).total_bounds
-    zones = query_utm_crs_info(datum_name="WGS 84", area_of_interest=AreaOfInterest(west, south, east, north))
-    lon, lat = (west + east) / 2, (south + north) / 2
-    zone = min(zones, key=lambda z: abs((z.area_of_use.west + z.area_of_use.east) / 2 - lon)
-               + 1000 * ((z.area_of_use.south + z.area_of_use.north) / 2 * lat < 0))
-    return CRS.from_authority(zone.auth_name, zone.code)
+    if not len(result.villages):  # nothing to place a zone on: the analysis CRS, whatever it is
+        return result.crs
+    return result.villages.estimate_utm_crs("WGS 84")
 
 
 def changes_qml() -> str:

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tiles.errors import TilesError
 from uvsam import __version__
 from uvsam.config import PredictConfig
-from uvsam.errors import ConfigError
+from uvsam.errors import ConfigError, UvsamError
 from uvsam.files import check_writable
 from uvsam.layers import check_format, date_column, write_layers
 from uvsam.pictures import quicklook as draw_quicklook
@@ -112,14 +113,17 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
         write_layers(out, fmt, layer, villages, candidates, pd_concat(tiles) if tiles else empty, run)
     picture = None
     if quicklook:
-        with stage("write"):
-            area = float(villages["area_m2"].sum()) / 1e6 if len(villages) else 0.0
-            picture = draw_quicklook(
-                quicklook_path(out, layer), paths, villages, candidates, bands=info.inputs.bands,
-                title=f"{layer}: {len(villages)} villages, {area:.2f} km² ({len(paths)} scene"
-                      f"{'s' if len(paths) != 1 else ''})",
-                subtitle=f"acquired {cfg.acquired or 'not given'} - model {Path(model).name} "
-                         f"({info.sha256[:12]}) - refinement {run['refinement']} - uvsam {__version__}").path
+        area = float(villages["area_m2"].sum()) / 1e6 if len(villages) else 0.0
+        try:
+            with stage("write"):
+                picture = draw_quicklook(
+                    quicklook_path(out, layer), paths, villages, candidates, bands=info.inputs.bands,
+                    title=f"{layer}: {len(villages)} villages, {area:.2f} km² ({len(paths)} scene"
+                          f"{'s' if len(paths) != 1 else ''})",
+                    subtitle=f"acquired {cfg.acquired or 'not given'} - model {Path(model).name} "
+                             f"({info.sha256[:12]}) - refinement {run['refinement']} - uvsam {__version__}").path
+        except (UvsamError, TilesError, OSError) as e:  # the layers are written: a picture is no reason to fail
+            log(f"warning: the quicklook was not drawn ({e})")
     for j in journals:  # the layers are written: the journal has served its purpose
         shutil.rmtree(j, ignore_errors=True)
     return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id,
