@@ -87,12 +87,18 @@ def test_change_geopackage_opens_in_qgis_with_lifecycle_styles(villages, tmp_pat
 
 def _qgis_process(args: list[str], home, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """Debian's ``qgis_process`` wrapper passes an option (--noversioncheck) its 3.22 binary refuses:
-    the binary is run directly, with a throw-away QGIS profile (HOME) and the plugin's folder."""
+    the binary is run directly, with a throw-away QGIS profile (HOME), the plugin's folder, and
+    the system's Python first on the PATH."""
     binary = "/usr/bin/qgis_process.bin" if os.path.exists("/usr/bin/qgis_process.bin") else "qgis_process"
     runtime = home / "xdg-runtime"
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-    env = {**os.environ, "HOME": str(home), "QT_QPA_PLATFORM": "offscreen", "XDG_RUNTIME_DIR": str(runtime),
-           "QGIS_PLUGINPATH": str(PLUGINS), **(env_extra or {})}
+    # QGIS's embedded Python finds its home through the first python3 on the PATH: an activated
+    # virtual environment (CI's) would hand it another Python's library, without QGIS's modules
+    venv = os.environ.get("VIRTUAL_ENV")
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if not (venv and p.startswith(venv))]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
+    env.update({"PATH": os.pathsep.join(["/usr/bin", *path]), "HOME": str(home), "QT_QPA_PLATFORM": "offscreen",
+                "XDG_RUNTIME_DIR": str(runtime), "QGIS_PLUGINPATH": str(PLUGINS), **(env_extra or {})})
     return subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
