@@ -113,6 +113,13 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -138,9 +145,11 @@ class Stages:
     def hook(self, module, stage: str, items=None) -> None:
         """Time ``module``'s forward as ``stage``; ``items(args)`` counts what one call processed."""
         def pre(mod, args):
+            _sync()  # on a GPU, work queued before this module is not this module's
             self._t0[id(mod)] = time.perf_counter()
 
         def post(mod, args, out):
+            _sync()
             self.seconds[stage] += time.perf_counter() - self._t0.pop(id(mod))
             self.calls[stage] += 1
             if items is not None:
@@ -160,7 +169,8 @@ class Stages:
         self.rss_mb.update(steps["rss_mb"])
 
 
-def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, plain: bool = False) -> dict:
+def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, plain: bool = False,
+                device: str = "auto", precision: str = "auto") -> dict:
     """``uvsam predict --local`` on ``scene``, timed by stage. ``plain``: without the batching
     (one tile per specialist call, one box per decoder call) and with smp's own SegFormer decoder
     order, the fp32 eager path to compare with."""
@@ -170,16 +180,18 @@ def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, pl
     from uvsam.progress import STAGES
 
     stages = Stages()
-    net = get_model(model_info(model))  # the instance predict will use (loaded once per process)
+    info = model_info(model, None, device, precision)
+    net = get_model(info)  # the instance predict will use (loaded once per process)
     stages.hook(net.specialist, "specialist", lambda a: a[0].shape[0])
     stages.hook(net.generalist.image_encoder, "encoder", lambda a: a[0].shape[0])
     stages.hook(net.generalist.prompt_encoder, "decoder")
     stages.hook(net.generalist.mask_decoder, "decoder", lambda a: a[2].shape[0])  # boxes decoded
     # The generalist here has random weights (none can be downloaded offline): predict would keep the
     # specialist's outlines; forced, it runs the whole UV-SAM path, as with the official weights.
-    cfg = PredictConfig(tile=tile, overlap=overlap, force_refine=True)
+    cfg = PredictConfig(tile=tile, overlap=overlap, force_refine=True, device=device, precision=precision)
     if plain:
-        cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=1, force_refine=True)
+        cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=1, force_refine=True, device=device,
+                            precision=precision)
         net.decode_chunk = 1
         net.specialist.reordered = False
     STAGES.reset()
@@ -189,7 +201,8 @@ def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, pl
     stages.merge(STAGES.snapshot())
     res = {"wall_s": wall, "stages_s": dict(stages.seconds), "calls": dict(stages.calls), "items": dict(stages.items),
            "rss_mb_by_stage": dict(stages.rss_mb), "peak_rss_mb": peak_rss_mb(), "villages": summary["villages"],
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "device": info.device.describe(),
+           "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None}
     res["flops"] = model_flops(net, cfg.tile, cfg.window)  # after the timings: the counter's runs are not the run's
     return res
 
@@ -256,7 +269,7 @@ def run_reference(scene: Path, tiles: int) -> dict:
 def _child(args) -> None:
     if args.child in ("default", "plain"):
         res = run_default(Path(args.scene), Path(args.model), Path(args.out), args.tile, args.overlap,
-                          plain=args.child == "plain")
+                          plain=args.child == "plain", device=args.device, precision=args.precision)
     else:
         res = run_reference(Path(args.scene), args.reference_tiles)
     res.setdefault("peak_rss_mb", peak_rss_mb())
@@ -291,7 +304,8 @@ def summarise(d: dict, km2: float) -> dict:
             "model_s": round(compute, 1), "overhead_ratio": round(d["wall_s"] / compute, 2),
             "stages_s": {k: round(v, 1) for k, v in sorted(d["stages_s"].items())},
             "tiles": n.get("specialist", 0) - windows, "windows": windows, "boxes": n.get("decoder", 0),
-            "villages": d["villages"], "peak_rss_mb": round(d["peak_rss_mb"]),
+            "villages": d["villages"], "peak_rss_mb": round(d["peak_rss_mb"]), "device": d["device"],
+            "peak_gpu_mb": d["peak_gpu_mb"],
             "rss_mb_by_stage": {k: round(v) for k, v in d["rss_mb_by_stage"].items()},
             "model_gflops": round(flops / 1e9, 1), "model_gflops_per_s": round(flops / 1e9 / compute, 1),
             "threads": d["threads"]}
@@ -306,6 +320,8 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=256)
     ap.add_argument("--reference-tiles", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="Where predict runs: auto, cpu, cuda[:N], mps.")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), fp32, bf16, fp16.")
     ap.add_argument("--json", action="store_true", help="One line of JSON (default: indented).")
     ap.add_argument("--write-docs", type=Path, default=None, metavar="MD",
                     help="Also rewrite the generated table in this Markdown file (docs/benchmarks.md).")
@@ -321,7 +337,8 @@ def main() -> None:
     scenes = {n: build_scene(work / f"beijing_{n}.tif", n) for n in sizes}
     model = Path(args.model) if args.model else train_model(work / "default.ckpt")
     gflops = matmul_gflops()
-    common = ["--model", str(model), "--tile", str(args.tile), "--overlap", str(args.overlap)]
+    common = ["--model", str(model), "--tile", str(args.tile), "--overlap", str(args.overlap),
+              "--device", args.device, "--precision", args.precision]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
@@ -330,6 +347,15 @@ def main() -> None:
         small = sizes[0]  # the fp32 eager path without batching, on the smaller scene
         plain = _spawn("--child", "plain", "--scene", str(scenes[small]), "--out", f"{tmp}/plain.gpkg", *common)
         iou = villages_iou(Path(f"{tmp}/default_{small}.gpkg"), Path(f"{tmp}/plain.gpkg"))
+        cpu = None
+        if not runs[small]["device"].startswith("cpu") or not runs[small]["device"].endswith("fp32"):
+            # on an accelerator or in reduced precision: the same scene on the CPU in fp32, the reference masks
+            base = ["--model", str(model), "--tile", str(args.tile), "--overlap", str(args.overlap)]
+            d = _spawn("--child", "default", "--scene", str(scenes[small]), "--out", f"{tmp}/cpu.gpkg", *base,
+                       "--device", "cpu", "--precision", "fp32")
+            cpu = {**summarise(d, scene_km2(scenes[small])), "scene_px": small,
+                   "mask_iou_vs_cpu_fp32": round(villages_iou(Path(f"{tmp}/default_{small}.gpkg"),
+                                                              Path(f"{tmp}/cpu.gpkg")), 4)}
     r = _spawn("--child", "reference", "--scene", str(scenes[sizes[-1]]),
                "--reference-tiles", str(args.reference_tiles))
     head = runs[sizes[-1]]
@@ -346,6 +372,9 @@ def main() -> None:
         "mask_iou_optimised_vs_fp32": round(iou, 4),
         "plain_fp32": {"scene_px": small, "wall_s": round(plain["wall_s"], 1), "villages": plain["villages"],
                        "peak_rss_mb": round(plain["peak_rss_mb"])},
+        "device": head["device"],
+        "peak_gpu_mb": max((run["peak_gpu_mb"] or 0) for run in runs.values()) or None,
+        "cpu_fp32": cpu,
         "scenes": {str(n): run for n, run in runs.items()},
         "reference": {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()},
     }

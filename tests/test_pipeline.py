@@ -200,8 +200,8 @@ RANKS = {
     0: ["uvsam", "uvsam.errors", "uvsam.labels", "uvsam.config", "uvsam.files", "uvsam.progress", "tiles.errors",
         "uvsam.polygons"],
     1: ["uvsam.modeling", "uvsam.modeling.*"],
-    2: ["uvsam.checkpoint", "uvsam.weights", "uvsam.generalist", "uvsam.embedding_cache", "uvsam.quantize",
-        "uvsam.encoders_table", "uvsam.predictor"],
+    2: ["uvsam.devices", "uvsam.checkpoint", "uvsam.weights", "uvsam.generalist", "uvsam.embedding_cache",
+        "uvsam.quantize", "uvsam.encoders_table", "uvsam.predictor"],
     10: ["tiles.reader", "tiles.radiometry", "tiles.grid", "tiles.vrt", "tiles.xyz", "uvsam.raster", "uvsam.folds",
          "uvsam.suitability"],  # raster
     15: ["uvsam.pictures"],  # what is drawn of rasters and polygons (quicklook, overlay, curves)

@@ -90,6 +90,9 @@ def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+DEVICE_HELP = "auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or mps."
+PRECISION_HELP = "auto (bf16 on a CUDA GPU, fp32 elsewhere), fp32, bf16 or fp16."
+
 # Examples shown at the end of every command's --help.
 EXAMPLES = {
     "segment": ["uvsam segment scene.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --box 200,150,600,550 "
@@ -284,10 +287,12 @@ def evaluate(
         help="Score the fold models of MODEL (from `train --folds`) on their held-out folds.")] = False,
     overlays: Annotated[Path | None, typer.Option(
         help="Folder for one PNG per scene: hits, false alarms and misses of the villages over the image.")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = PD("device"),
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = PD("precision"),
 ):
     """IoU/F1/precision/recall and object F1 of what `uvsam predict` ships (polygons), its specialist
     mosaic and the in-memory UV-SAM path, on the label grid (JSON)."""
-    cfg = PredictConfig(force_refine=force_refine)
+    cfg = PredictConfig(force_refine=force_refine, device=device, precision=precision)
     if cv:
         from uvsam.crossval import evaluate_cv
 
@@ -351,6 +356,8 @@ def predict(
         help="A reference year's raster: normalise each scene onto it on pseudo-invariant pixels.")] = None,
     force: Annotated[bool, typer.Option(
         help="Run scenes the suitability check refuses (resolution far from the model's, too small).")] = PD("force"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = PD("device"),
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = PD("precision"),
     scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local Dask workers (default: sized to the machine).")] = None,
     local: Annotated[bool | None, typer.Option(
@@ -369,7 +376,8 @@ def predict(
                         refine_min_stability=refine_min_stability, refine_min_overlap=refine_min_overlap,
                         window=window, window_margin=window_margin, min_area_m2=min_village_area, simplify_m=simplify,
                         block=block, acquired=acquired, grid_offset=grid_offset,
-                        pif_reference=str(pif_reference) if pif_reference else None, force=force)
+                        pif_reference=str(pif_reference) if pif_reference else None, force=force, device=device,
+                        precision=precision)
     if dry_run:
         from uvsam.prediction import dry_run as estimate
 
@@ -383,7 +391,7 @@ def predict(
     else:
         from uvsam.prediction.distributed import dask_runner, make_client, register_model
 
-        info = model_info(model, checkpoint)
+        info = model_info(model, checkpoint, cfg.device, cfg.precision)
         with make_client(scheduler, workers) as client:
             register_model(client, info)
             summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint,
@@ -524,11 +532,14 @@ def encoders(
     measure: Annotated[bool, typer.Option(help="Measure GFLOPs and CPU latency (slow for ViT-H).")] = True,
     only: Annotated[list[str], typer.Option(help="Restrict to these encoders; repeatable.")] = [],  # noqa: B006
     repeats: Annotated[int, typer.Option(help="Timed runs per encoder (median reported).")] = 3,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ):
     """Registered generalist variants: parameters, GFLOPs at native input, CPU latency."""
+    from uvsam.devices import select
     from uvsam.encoders_table import encoder_rows, format_table
 
-    rows = encoder_rows(only or None, measure=measure, repeats=repeats)
+    rows = encoder_rows(only or None, measure=measure, repeats=repeats, device=select(device, precision))
     typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
 
 

@@ -11,6 +11,7 @@ start-up.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -99,6 +100,8 @@ class PredictConfig:
     grid_offset: int = 0  # shift the tile grid up-left by this many pixels (a grid-invariance check)
     pif_reference: str | None = None  # a reference year's raster: normalise each scene on pseudo-invariant pixels
     force: bool = False  # run scenes the suitability check refuses (uvsam.suitability)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (uvsam.devices)
+    precision: str = "auto"  # auto (bf16 on a CUDA GPU, fp32 elsewhere), fp32, bf16, fp16
 
     def __post_init__(self):
         date_ok = True
@@ -119,7 +122,11 @@ class PredictConfig:
                 (self.min_area_m2 >= 0, "min_area_m2", f"cannot be negative, got {self.min_area_m2}"),
                 (self.simplify_m is None or self.simplify_m >= 0, "simplify_m",
                  f"cannot be negative, got {self.simplify_m}"),
-                (date_ok, "acquired", f"must be a date YYYY-MM-DD, got {self.acquired!r}")]
+                (date_ok, "acquired", f"must be a date YYYY-MM-DD, got {self.acquired!r}"),
+                (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
+                 f"{self.device!r}: use auto, cpu, cuda, cuda:N or mps"),
+                (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
+                 f"{self.precision!r}: use auto, fp32, bf16 or fp16")]
                + [(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
                   for name in ("refine_min_iou", "refine_min_stability", "refine_min_overlap")])
         _check([(self.pif_reference is None or Path(self.pif_reference).is_file(), "pif_reference",

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from uvsam.devices import Device
 from uvsam.modeling import ENCODERS, build_generalist, get_spec
 from uvsam.progress import Progress
 from uvsam.quantize import embedding_cosine, quantize_encoder_int8
@@ -23,21 +24,24 @@ def _sample_image(size: int, seed: int = 0) -> torch.Tensor:
     return (img.clamp(0, 1) * 255).round()
 
 
-def _latency(fn, x, repeats: int) -> float:
-    with torch.inference_mode():
+def _latency(fn, x, repeats: int, device: Device = Device()) -> float:
+    with torch.inference_mode(), device.autocast():
         fn(x)  # warm-up
+        device.synchronize()
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             fn(x)
+            device.synchronize()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: int = 3,
-                 image: torch.Tensor | None = None, int8: bool = True) -> list[dict]:
-    """One dict per encoder: params (M), GFLOPs at native input, median CPU latency (s) of
-    batch 1, and for int8: latency and embedding cosine similarity against fp32."""
+                 image: torch.Tensor | None = None, int8: bool = True, device: Device = Device()) -> list[dict]:
+    """One dict per encoder: params (M), GFLOPs at native input, median latency (s) of batch 1
+    on ``device`` (``cpu_latency_s`` on the CPU, ``latency_s`` and the device elsewhere), and on
+    the CPU for int8: latency and embedding cosine similarity against fp32."""
     rows = []
     names = names or list(ENCODERS)
     with Progress(len(names), "encoders", task="encoders") as bar:
@@ -62,9 +66,21 @@ def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: 
                 with torch.inference_mode(), counter:
                     ref = enc(x)
                 row["gflops"] = round(counter.get_total_flops() / 1e9, 1)
-                row["cpu_latency_s"] = round(_latency(enc, x, repeats), 3)
-                row["threads"] = torch.get_num_threads()
-                if int8:
+                if device.torch.type == "cpu" and device.dtype is None:
+                    row["cpu_latency_s"] = round(_latency(enc, x, repeats), 3)
+                    row["threads"] = torch.get_num_threads()
+                else:  # on the device, in its precision; the embedding compared with the CPU's fp32
+                    on = enc.to(device.torch)
+                    xd = x.to(device.torch)
+                    row["latency_s"] = round(_latency(on, xd, repeats, device), 4)
+                    row["device"] = device.describe()
+                    with torch.inference_mode(), device.autocast():
+                        row["cosine_vs_cpu_fp32"] = round(embedding_cosine(on(xd).float().cpu(), ref), 4)
+                    if device.torch.type == "cuda":
+                        row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device.torch) / 2**20)
+                        torch.cuda.reset_peak_memory_stats(device.torch)
+                    enc.to("cpu")
+                if int8 and device == Device():  # int8 is a CPU fp32 path
                     q = quantize_encoder_int8(enc)
                     row["int8_cpu_latency_s"] = round(_latency(q, x, repeats), 3)
                     with torch.inference_mode():
@@ -76,8 +92,8 @@ def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: 
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["name", "input", "encoder_params_m", "total_params_m", "gflops", "cpu_latency_s",
-            "int8_cpu_latency_s", "int8_cosine", "licence"]
+    cols = ["name", "input", "encoder_params_m", "total_params_m", "gflops", "cpu_latency_s", "latency_s",
+            "cosine_vs_cpu_fp32", "peak_gpu_mb", "int8_cpu_latency_s", "int8_cosine", "device", "licence"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

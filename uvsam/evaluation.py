@@ -55,7 +55,7 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
         overlays = check_writable(Path(overlays) / "x.png", folder=True).parent
     cfg = predict_config or PredictConfig()
     model_file = ModelFile.read(model_path)
-    info = model_info(model_path, checkpoint)
+    info = model_info(model_path, checkpoint, cfg.device, cfg.precision)
     model = None if specialist_only else get_model(info)  # the instance predict's steps use too
     refine = refines(cfg, info)
     names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])
@@ -87,7 +87,8 @@ def _score_pair(pair: LabelledScene, info, cfg, labels_crs, counts: dict, model,
     row = {"image": pair.image.name, "polygons_iou": _iou(scores["polygons"], scores["labels"]),
            "specialist_iou": _iou(scores["specialist"], scores["labels"]), "villages": scores["villages"]}
     if not specialist_only:
-        pred, labels, pixel_m = in_memory_uvsam(model, model_file, pair, window, labels_crs, refine, cfg)
+        pred, labels, pixel_m = in_memory_uvsam(model, model_file, pair, window, labels_crs, refine, cfg,
+                                                info.device)
         counts["uvsam"].update(pred, labels, pixel_m=pixel_m)
     if overlays is not None:
         png = overlays / f"{pair.image.stem}.overlay.png"
@@ -139,10 +140,11 @@ def score_scene(pair: LabelledScene, info, cfg, labels_crs: str | None = None) -
 
 
 def in_memory_uvsam(model, model_file: ModelFile, pair: LabelledScene, window: int, labels_crs: str | None,
-                    refine: bool, cfg) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+                    refine: bool, cfg, device=None) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """(prediction, labels, pixel size in metres) of the model's in-memory UV-SAM path at its
     training GSD, the scene read and preprocessed as training and predict read it."""
     scene = load_scene(pair, model_file.inputs, labels_crs)
     valid = scene.labels != IGNORE
-    pred = predict_in_memory(model, scene.image, valid, window=window, full=refine, rule=cfg.rule)
+    pred = predict_in_memory(model, scene.image, valid, window=window, full=refine, rule=cfg.rule,
+                             device=device)
     return (pred.uvsam if refine else pred.specialist), scene.labels, (scene.gsd_m, scene.gsd_m)

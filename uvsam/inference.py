@@ -11,6 +11,7 @@ a generalist mask only where :func:`uvsam.generalist.judge` accepts it (:func:`c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from tiles.grid import TileGrid
 from tiles.stitch import blend_weights
+from uvsam.devices import Device
 from uvsam.generalist import RefineRule, judge, stability_score
 from uvsam.modeling.uvsam import UVSAMOutput
 
@@ -62,10 +64,14 @@ def combine(out: UVSAMOutput, rule: RefineRule | None = None) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_scene(model, image: np.ndarray, valid: np.ndarray, window: int = 512, overlap: int = 64,
-                  batch_size: int = 2, full: bool = True, rule: RefineRule | None = None) -> ScenePrediction:
+                  batch_size: int = 2, full: bool = True, rule: RefineRule | None = None,
+                  device: Device | None = None) -> ScenePrediction:
     """Predict a (3, H, W) 0..255 image at the model's GSD; ``full=False`` runs the specialist only.
-    ``rule``: when a generalist mask replaces a village's outline (default :class:`RefineRule`)."""
+    ``rule``: when a generalist mask replaces a village's outline (default :class:`RefineRule`);
+    ``device``: its precision (autocast); inputs go wherever the model's weights are."""
     rule = rule or RefineRule()
+    where = next(model.parameters()).device
+    cast = device.autocast() if device is not None else contextlib.nullcontext()
     model.eval()
     h, w = image.shape[1:]
     size = min(window, max(h, w))
@@ -81,14 +87,15 @@ def predict_scene(model, image: np.ndarray, valid: np.ndarray, window: int = 512
             r0, c0, r1, c1 = t.bounds_px
             part = image[:, r0:min(r1, h), c0:min(c1, w)]
             batch[j] = np.pad(part, ((0, 0), (0, size - part.shape[1]), (0, size - part.shape[2])), mode="symmetric")
-        x = torch.from_numpy(batch)
-        if full:
-            out = model(x)
-            layers = [F.softmax(out.specialist_logits, 1)[:, 1], combine(out, rule).float()]
-        else:
-            logits, _ = model.run_specialist(x)
-            layers = [F.softmax(logits, 1)[:, 1]]
-        stacked = torch.stack(layers, 1).numpy()
+        x = torch.from_numpy(batch).to(where)
+        with cast:
+            if full:
+                out = model(x)
+                layers = [F.softmax(out.specialist_logits.float(), 1)[:, 1], combine(out, rule).float()]
+            else:
+                logits, _ = model.run_specialist(x)
+                layers = [F.softmax(logits.float(), 1)[:, 1]]
+        stacked = torch.stack(layers, 1).cpu().numpy()
         for j, t in enumerate(chunk):
             r0, c0, r1, c1 = t.bounds_px
             rh, cw = min(r1, h) - r0, min(c1, w) - c0

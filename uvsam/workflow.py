@@ -162,7 +162,8 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     """
     wf, text = load(path)
     found = [find_scenes(y.scenes) for y in wf.years]  # every scene of every year is found,
-    info = model_info(wf.model, wf.checkpoint)
+    first = wf.config(wf.years[0])
+    info = model_info(wf.model, wf.checkpoint, first.device, first.precision)
     prepared = [[prepare_scene(p, info, wf.config(y)) for p in paths]  # then opened and checked, before any
                 for y, paths in zip(wf.years, found, strict=True)]  # year runs (and not prepared again)
     if dry_run:
@@ -190,5 +191,5 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     if local:
         return each()
     with make_client(scheduler or ex.scheduler, workers or ex.workers) as client:
-        register_model(client, model_info(wf.model, wf.checkpoint))
+        register_model(client, info)
         return each(dask_runner(client))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uvsam.config import PredictConfig
+from uvsam.devices import Device, select
 from uvsam.modelfile import ModelFile, generalist_file, load_model
 from uvsam.preprocess import InputSpec
 
@@ -27,6 +28,7 @@ class ModelInfo:
     generalist_verified: bool = False
     generalist_note: str = ""
     training_gsd_m: float | None = None  # native resolution of the training imagery (None: recorded before it was)
+    device: Device = Device()  # where the networks run, resolved once (uvsam.devices)
 
     @property
     def gsd_m(self) -> float:
@@ -38,20 +40,23 @@ _MODELS: dict[tuple[str, str | None, str], object] = {}
 
 def get_model(info: ModelInfo):
     """The model, loaded once per process (a Dask worker plugin preloads it)."""
-    key = (info.path, info.checkpoint, info.sha256)
+    key = (info.path, info.checkpoint, info.sha256, info.device.name)
     if key not in _MODELS:
         _MODELS.clear()  # one model a process: a new one replaces the last
-        _MODELS[key] = load_model(ModelFile.read(info.path), info.checkpoint)[0]
+        _MODELS[key] = load_model(ModelFile.read(info.path), info.checkpoint)[0].to(info.device.torch)
     return _MODELS[key]
 
 
-def model_info(path: str | Path, checkpoint: str | Path | None = None) -> ModelInfo:
-    """The model file's :class:`ModelInfo`; its generalist's weights are checked (by SHA-256) first."""
+def model_info(path: str | Path, checkpoint: str | Path | None = None, device: str = "auto",
+               precision: str = "auto") -> ModelInfo:
+    """The model file's :class:`ModelInfo`; the device is resolved (:func:`uvsam.devices.select`)
+    and the generalist's weights are checked (by SHA-256) first."""
+    place = select(device, precision)
     model = ModelFile.read(path)
     generalist_file(model, checkpoint)  # the right weights are there, before any work
     status = model.status
     return ModelInfo(str(path), str(checkpoint) if checkpoint else None, model.sha256, model.inputs,
-                     model.config.min_area, status.verified, status.note, model.source_gsd_m)
+                     model.config.min_area, status.verified, status.note, model.source_gsd_m, place)
 
 
 def refines(cfg: PredictConfig, info: ModelInfo) -> bool:

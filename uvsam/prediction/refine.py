@@ -85,8 +85,10 @@ def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin
     model = get_model(info)
     win = Window(window.col, window.row, window.size, window.size)
     img, valid = read_tile(prep, info, win, open_source(prep))
-    with torch.inference_mode():
-        (masks, ious), = model.refine(torch.from_numpy(img)[None], [np.asarray(window.boxes, np.float32)])
+    with torch.inference_mode(), info.device.autocast():
+        (masks, ious), = model.refine(torch.from_numpy(img)[None].to(info.device.torch),
+                                      [np.asarray(window.boxes, np.float32)])
+    masks, ious = masks.float().cpu(), ious.float().cpu()
     transform = prep.affine @ Affine.translation(window.col, window.row)
     out = []
     for k, (x0, y0, x1, y1) in enumerate(window.boxes):

@@ -58,7 +58,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
         if probabilities.suffix.lower() not in (".tif", ".tiff"):
             raise ConfigError("must name a GeoTIFF (.tif)", probabilities, field="probabilities")
     paths = find_scenes(scenes)
-    info = model_info(model, checkpoint)
+    info = model_info(model, checkpoint, cfg.device, cfg.precision)
     identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     if prepared is None:  # every scene opened and checked before any work (a workflow did it for all years)
@@ -100,7 +100,7 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
                                      for c in VILLAGE_COLUMNS}, geometry=gpd.GeoSeries([], crs=out_crs))
     run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
            "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
-           "model_gsd_m": info.gsd_m, "generalist": info.generalist_note,
+           "model_gsd_m": info.gsd_m, "generalist": info.generalist_note, "device": info.device.describe(),
            "refinement": "on" if refines(cfg, info) else ("off" if not cfg.refine else "off: generalist not verified"),
            "normalisation": info.inputs.normalisation, "harmonise": info.inputs.harmonise,
            "harmonisation": json.dumps([harmonisation_record(prep) for _, prep in prepared]),
@@ -136,7 +136,7 @@ def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictCo
     one specialist batch and one refinement window measured on this machine. ``prepared``:
     :func:`prepare_scene` of each scene found, when the caller has it already."""
     t = time.perf_counter()
-    info = model_info(model, checkpoint)
+    info = model_info(model, checkpoint, cfg.device, cfg.precision)
     if prepared is None:
         prepared = [prepare_scene(p, info, cfg) for p in find_scenes(scenes)]
     fixed = time.perf_counter() - t  # what the run spends too before its first tile: model, scene checks
@@ -148,15 +148,19 @@ def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictCo
     specialist_batch(prep, info, window)
     t = time.perf_counter()
     specialist_batch(prep, info, window)
+    info.device.synchronize()
     per_tile = time.perf_counter() - t
     per_window = 0.0
     if refines(cfg, info):
         model_ = get_model(info)
         box = [np.array([[8, 8, cfg.window - 8, cfg.window - 8]], np.float32)]
-        with torch.inference_mode():
-            model_.refine(torch.zeros(1, 3, cfg.window, cfg.window), box)
+        image = torch.zeros(1, 3, cfg.window, cfg.window, device=info.device.torch)
+        with torch.inference_mode(), info.device.autocast():
+            model_.refine(image, box)
+            info.device.synchronize()
             t = time.perf_counter()
-            model_.refine(torch.zeros(1, 3, cfg.window, cfg.window), box)
+            model_.refine(image, box)
+            info.device.synchronize()
         per_window = time.perf_counter() - t
     tiles_total = sum(r["tiles"] for r in rows)
     widest = max(r["width"] for r in rows)

@@ -32,10 +32,10 @@ def specialist_batch(prep: ScenePrep, info: ModelInfo, windows: list[tuple[int, 
     model = get_model(info)
     src = open_source(prep)
     tiles = [read_tile(prep, info, Window(*w), src) for w in windows]
-    x = torch.from_numpy(np.stack([t[0] for t in tiles]))
-    with torch.inference_mode():
+    x = torch.from_numpy(np.stack([t[0] for t in tiles])).to(info.device.torch)
+    with torch.inference_mode(), info.device.autocast():
         logits, _ = model.run_specialist(x)
-        prob = torch.softmax(logits, 1)[:, 1].numpy().astype(np.float32)
+    prob = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy().astype(np.float32)
     prob[~np.stack([valid for _, valid in tiles])] = np.nan
     return {"prob": prob, "seconds": np.float64(time.perf_counter() - t0)}
 

@@ -1,0 +1,91 @@
+"""Where the networks run: ``--device auto|cpu|cuda[:N]|mps`` and ``--precision auto|fp32|bf16|fp16``.
+
+``auto`` takes CUDA when PyTorch sees a GPU, else Apple's MPS, else the CPU. Precision ``auto``
+is bf16 autocast on a CUDA GPU that supports it (fp16 on older ones) and fp32 elsewhere: CPU
+autocast is slower than fp32 on most CPUs, and MPS autocast is not reliable across PyTorch
+versions. A device that is asked for and absent is a :class:`~uvsam.errors.ConfigError` naming
+the option, before any work.
+
+:class:`Device` is a small picklable record (what a Dask worker needs to place the model the
+same way); :meth:`Device.autocast` wraps a forward pass, and outputs come back to the CPU in
+float32 whatever ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from uvsam.errors import ConfigError
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A resolved device (``cpu``, ``cuda:0``, ``mps``) and precision (``fp32``, ``bf16``, ``fp16``)."""
+
+    name: str = "cpu"
+    precision: str = "fp32"
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device(self.name)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype (None: plain fp32)."""
+        return PRECISIONS[self.precision]
+
+    def autocast(self):
+        """A context in which forward passes run in this precision (nothing for fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.torch.type, dtype=self.dtype)
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (timings)."""
+        if self.torch.type == "cuda":
+            torch.cuda.synchronize(self.torch)
+
+    def describe(self) -> str:
+        """For the runs table and benchmarks: ``cuda:0 (NVIDIA H200), bf16``."""
+        what = torch.cuda.get_device_name(self.torch) if self.torch.type == "cuda" else self.name
+        return f"{self.name} ({what}), {self.precision}" if what != self.name else f"{self.name}, {self.precision}"
+
+
+def select(device: str = "auto", precision: str = "auto") -> Device:
+    """The :class:`Device` for the options ``--device`` and ``--precision``."""
+    device = (device or "auto").strip().lower()
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"{device!r}: use auto, cpu, cuda, cuda:N or mps", field="device")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else ("mps" if _mps() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}); use cpu or auto",
+                              field="device")
+        index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{device}: there are {torch.cuda.device_count()} CUDA GPU(s) (cuda:0..)",
+                              field="device")
+        device = f"cuda:{index}"
+    if device == "mps" and not _mps():
+        raise ConfigError("mps: PyTorch sees no Apple GPU here; use cpu or auto", field="device")
+    precision = (precision or "auto").strip().lower()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{precision!r}: use auto, fp32, bf16 or fp16", field="precision")
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("fp16 on the CPU is slower and less exact than fp32: use fp32 or bf16", field="precision")
+    return Device(device, precision)
+
+
+def _mps() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
