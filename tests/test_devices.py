@@ -59,3 +59,45 @@ def test_encoder_latency_on_a_device_in_its_precision_is_compared_with_fp32():
     assert row["latency_s"] > 0 and row["device"] == "cpu, bf16" and "cpu_latency_s" not in row
     assert row["cosine_vs_cpu_fp32"] > 0.98
     assert np.isfinite(row["gflops"])
+
+
+def test_training_places_the_model_on_its_device_and_refuses_fp16(beijing, tmp_path, capsys):
+    """A short training in CPU bf16 autocast learns (the loss falls) and writes a model file whose
+    tensors are all on the CPU; fp16 training (no loss scaling) and an absent GPU are refused in
+    one line before any work."""
+    import torch
+
+    from uvsam.modelfile import read_model_file
+
+    args = ["train", "--images", beijing / "train/images", "--labels", beijing / "train/masks", "--epochs", "3",
+            "--steps", "8", "--warmup", "2", "--sam-epochs", "0", "--batch-size", "2", "--encoder", "mobile_sam"]
+    code, _, err = run_cli([*args, "--out", tmp_path / "bf16.ckpt", "--device", "cpu", "--precision", "bf16"], capsys)
+    assert code == 0, err
+    payload = read_model_file(tmp_path / "bf16.ckpt")
+    tensors = [v for v in payload["state"].values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())  # autocast keeps fp32 weights
+    history = payload["meta"]["history"]
+    assert history[-1]["train_total"] < history[0]["train_total"]
+    for extra, says in ((["--precision", "fp16"], "fp16"), (["--device", "cuda:5"], "--device cuda:5")):
+        if extra[0] == "--device" and torch.cuda.is_available():
+            continue
+        code, _, err = run_cli([*args, "--out", tmp_path / "x.ckpt", *extra], capsys)
+        assert code == 2 and err.count("\n") == 1 and says in err and not (tmp_path / "x.ckpt").exists(), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refusing an absent GPU needs a machine without one")
+def test_every_command_that_runs_a_model_refuses_an_absent_gpu_in_one_line(mobile_sam_ckpt, data_dir, tmp_path,
+                                                                            capsys):
+    scene = data_dir / "rasterio-rgb/RGB.byte.tif"
+    commands = {
+        "segment": ["segment", scene, "--encoder", "mobile_sam", "--checkpoint", mobile_sam_ckpt, "--box",
+                    "10,10,100,100", "--out", tmp_path / "m.tif"],
+        "evaluate": ["evaluate", "--model", tmp_path / "none.ckpt", "--images", scene, "--labels", scene],
+        "encoders": ["encoders", "--only", "mobile_sam", "--repeats", "1"],
+        "predict": ["predict", scene, "--model", tmp_path / "none.ckpt", "--out", tmp_path / "v.gpkg"],
+    }
+    for name, args in commands.items():
+        code, _, err = run_cli([*args, "--device", "cuda"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "--device cuda" in err, (name, err)
+    assert not (tmp_path / "m.tif").exists() and not (tmp_path / "v.gpkg").exists()

@@ -164,6 +164,8 @@ def segment(
     box: Annotated[list[str], typer.Option(help="X0,Y0,X1,Y1 in pixels; repeatable.")] = [],  # noqa: B006
     point: Annotated[list[str], typer.Option(help="X,Y[,LABEL] in pixels, LABEL 1 (default) or 0.")] = [],  # noqa: B006
     multimask: Annotated[bool, typer.Option(help="Pick the best of three masks per prompt.")] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ):
     """Prompted segmentation of one image with a generalist."""
     from uvsam.segment import segment_image
@@ -176,7 +178,7 @@ def segment(
         if label not in (0, 1):
             raise InputError(f"--point {p!r}: label must be 1 (foreground) or 0 (background)")
         points.append((v[0], v[1], label))
-    result = segment_image(image, encoder, checkpoint, out, boxes, points, multimask)
+    result = segment_image(image, encoder, checkpoint, out, boxes, points, multimask, device, precision)
     typer.echo(json.dumps(result))
 
 
@@ -232,6 +234,8 @@ def train(
     band: Annotated[list[int], typer.Option(help="Band to read (1-based); repeatable.")] = [],  # noqa: B006
     labels_crs: Annotated[str | None, typer.Option(help="CRS of vector labels that name none.")] = TD("labels_crs"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = TD("seed"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = TD("device"),
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP + " Training: not fp16.")] = TD("precision"),
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the training saved in --out.")] = False,
 ):
@@ -261,7 +265,7 @@ def train(
         sam_epochs=sam_epochs, views_per_scene=views_per_scene, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise, photometric=photometric,
         force_refine=force_refine,
-        bands=tuple(band) or None, labels_crs=labels_crs, seed=seed,
+        bands=tuple(band) or None, labels_crs=labels_crs, seed=seed, device=device, precision=precision,
     )
     if folds:
         from uvsam.crossval import cross_validate

@@ -78,6 +78,14 @@ class RefineRule:
         return asdict(self)
 
 
+def _device_checks(device: str, precision: str) -> list[tuple[bool, str, str]]:
+    """The spelling of ``device`` and ``precision`` (their presence is checked by uvsam.devices)."""
+    return [(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None, "device",
+             f"{device!r}: use auto, cpu, cuda, cuda:N or mps"),
+            (precision in ("auto", "fp32", "bf16", "fp16"), "precision",
+             f"{precision!r}: use auto, fp32, bf16 or fp16")]
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """How a scene is predicted (all sizes in pixels at the model's GSD unless named _m/_m2)."""
@@ -123,10 +131,7 @@ class PredictConfig:
                 (self.simplify_m is None or self.simplify_m >= 0, "simplify_m",
                  f"cannot be negative, got {self.simplify_m}"),
                 (date_ok, "acquired", f"must be a date YYYY-MM-DD, got {self.acquired!r}"),
-                (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
-                 f"{self.device!r}: use auto, cpu, cuda, cuda:N or mps"),
-                (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
-                 f"{self.precision!r}: use auto, fp32, bf16 or fp16")]
+                *_device_checks(self.device, self.precision)]
                + [(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
                   for name in ("refine_min_iou", "refine_min_stability", "refine_min_overlap")])
         _check([(self.pif_reference is None or Path(self.pif_reference).is_file(), "pif_reference",
@@ -195,9 +200,12 @@ class TrainConfig:
     labels_crs: str | None = None
     seed: int = 0
     val_window: int = 512
+    device: str = "auto"  # where training runs (uvsam.devices); a resumed run may change it
+    precision: str = "auto"  # autocast of the forward passes: bf16 on a CUDA GPU, fp32 elsewhere
 
     def __post_init__(self):
         _check([
+            *_device_checks(self.device, self.precision),
             (self.crop >= 32, "crop", f"must be at least 32 px, got {self.crop}"),
             (self.batch_size >= 1, "batch_size", "must be at least 1"),
             (self.epochs >= 1, "epochs", "must be at least 1"),

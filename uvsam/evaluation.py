@@ -54,8 +54,8 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     if overlays is not None:
         overlays = check_writable(Path(overlays) / "x.png", folder=True).parent
     cfg = predict_config or PredictConfig()
+    info = model_info(model_path, checkpoint, cfg.device, cfg.precision)  # the device is checked first
     model_file = ModelFile.read(model_path)
-    info = model_info(model_path, checkpoint, cfg.device, cfg.precision)
     model = None if specialist_only else get_model(info)  # the instance predict's steps use too
     refine = refines(cfg, info)
     names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])

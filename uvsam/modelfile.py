@@ -55,9 +55,21 @@ def save_model(path: str | Path, model: UVSAM, meta: dict, training: dict | None
         payload["generalist_state"] = {k: v.detach().clone() for k, v in model.generalist.state_dict().items()}
     if training is not None:
         payload["training"] = training
+    payload = _on_cpu(payload)  # trained on a GPU, the file still loads on a machine without one
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def _on_cpu(obj):
+    """``obj`` with every tensor in it moved to the CPU (dicts, lists and tuples walked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 @dataclass(frozen=True)

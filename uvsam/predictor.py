@@ -114,4 +114,5 @@ class Predictor:
         masks = self.model.postprocess_masks(low, h, w)
         if not return_logits:
             masks = masks > self.model.mask_threshold
+        masks = masks if masks.dtype == torch.bool else masks.float()  # logits of a reduced-precision run: fp32
         return Prediction(masks.cpu().numpy(), iou.float().cpu().numpy(), low.float().cpu().numpy())

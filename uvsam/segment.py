@@ -8,6 +8,7 @@ import numpy as np
 import rasterio
 
 from uvsam.checkpoint import load_generalist
+from uvsam.devices import select
 from uvsam.errors import InputError
 from uvsam.files import atomic_path, check_writable
 from uvsam.predictor import Predictor
@@ -16,12 +17,14 @@ from uvsam.raster import read_rgb
 
 def segment_image(image: str | Path, encoder: str, checkpoint: str | Path, out: str | Path,
                   boxes: list[tuple[float, float, float, float]], points: list[tuple[float, float, int]],
-                  multimask: bool = False) -> dict:
+                  multimask: bool = False, device: str = "auto", precision: str = "auto") -> dict:
     """Segment ``image`` with box and/or point prompts (pixel coordinates) and write a mask.
 
     Each box is decoded as its own prompt (together with all points); the written mask is the
     union. Nodata pixels stay 0 in the mask and are flagged as the GeoTIFF's nodata mask.
+    ``device``/``precision``: where the generalist runs (:func:`uvsam.devices.select`).
     """
+    place = select(device, precision)
     if not boxes and not points:
         raise InputError("give at least one --box or --point prompt")
     out = check_writable(out)
@@ -32,17 +35,19 @@ def segment_image(image: str | Path, encoder: str, checkpoint: str | Path, out: 
             raise InputError(f"box {b} is empty: expected X0,Y0,X1,Y1 with X0<X1 and Y0<Y1")
         if b[2] <= 0 or b[3] <= 0 or b[0] >= w or b[1] >= h:
             raise InputError(f"box {b} lies outside the {w} x {h} image", image)
-    model = load_generalist(encoder, checkpoint)
+    model = load_generalist(encoder, checkpoint).to(place.torch)
     pred = Predictor(model)
-    pred.set_image(img.pixels)
+    with place.autocast():
+        pred.set_image(img.pixels)
     pc = pl = None
     if points:
         pts = np.array([[p[0], p[1]] for p in points], dtype=np.float32)
         lab = np.array([p[2] for p in points])
         n = max(len(boxes), 1)
         pc, pl = np.repeat(pts[None], n, 0), np.repeat(lab[None], n, 0)
-    result = pred.predict(boxes=np.array(boxes, dtype=np.float32) if boxes else None,
-                          point_coords=pc, point_labels=pl, multimask_output=multimask)
+    with place.autocast():
+        result = pred.predict(boxes=np.array(boxes, dtype=np.float32) if boxes else None,
+                              point_coords=pc, point_labels=pl, multimask_output=multimask)
     # best of the candidate masks of each prompt, then union over prompts
     best = result.iou.argmax(axis=1)
     masks = result.masks[np.arange(len(best)), best]

@@ -29,6 +29,7 @@ from uvsam.augment import View, photometric, random_view, render
 from uvsam.checkpoint import load_generalist
 from uvsam.config import TrainConfig
 from uvsam.datasets import LabelledScene, SceneArrays, load_scene, native_gsd, pair_scenes
+from uvsam.devices import select
 from uvsam.errors import ConfigError, InputError
 from uvsam.files import atomic_path, check_writable, sha256_file
 from uvsam.folds import check_leakage, group_scenes, make_folds
@@ -46,7 +47,7 @@ from uvsam.preprocess import InputSpec, training_radiometry
 from uvsam.progress import Progress
 
 # Settings that may change on --resume without changing what is being trained.
-RESUMABLE = {"out", "val_images", "val_labels", "val_window", "checkpoint"}
+RESUMABLE = {"out", "val_images", "val_labels", "val_window", "checkpoint", "device", "precision"}
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -249,11 +250,15 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     elif out.exists():
         raise InputError("exists; give --resume to continue its training, or another --out", out)
 
+    place = select(cfg.device, cfg.precision)  # an absent GPU is refused before any work
+    if place.precision == "fp16":
+        raise ConfigError("fp16 training would need loss scaling: use bf16 or fp32", field="precision")
     generalist = None
     if cfg.checkpoint:  # a wrong or broken weights file is refused before the data are read
         generalist = load_generalist(cfg.encoder, cfg.checkpoint)
     data = prepare_data(cfg, log)
     model, generalist_meta = build_model(cfg, data.gsd_m, log, generalist)
+    model.to(place.torch)
     sam_epochs = uvsam_path_epochs(cfg, generalist_meta, log)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -283,7 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     store = EmbeddingStore()
     average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     if average is not None and payload is not None and "average" in payload["training"]:
-        average.shadow = dict(payload["training"]["average"])
+        average.shadow = {k: v.to(place.torch) for k, v in payload["training"]["average"].items()}
     weights = LossWeights(sam=cfg.sam_weight)
     progress = Progress(total, "step", done=start * cfg.steps_per_epoch, task="train")
     meta = {"generalist": generalist_meta,  # the GSD is the config's (UVSAMConfig.gsd_m), stored once
@@ -310,16 +315,18 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
                     views = [random_view(rng, data.train, cfg.crop, cfg.scale) for _ in range(cfg.batch_size)]
                 rendered = [render(v, data.train, cfg.crop) for v in views]
                 images = torch.stack([r[0] for r in rendered])
-                labels = torch.stack([r[1] for r in rendered])
-                spec_images = photometric(images, gen) if cfg.photometric else images
-                if sam_on:
-                    emb = store.get(model, views, images)
-                    out_ = model(images, frozen_embeddings=emb, specialist_images=spec_images)
-                    parts = uvsam_loss(out_, labels, weights)
-                else:
-                    logits, _ = model.run_specialist(spec_images)
-                    ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE)
-                    parts = {"total": ce, "ce": ce}
+                labels = torch.stack([r[1] for r in rendered]).to(place.torch)
+                spec_images = photometric(images, gen) if cfg.photometric else images  # CPU generator
+                images, spec_images = images.to(place.torch), spec_images.to(place.torch)
+                with place.autocast():  # losses run in fp32 under autocast's own rules
+                    if sam_on:
+                        emb = store.get(model, views, images)
+                        out_ = model(images, frozen_embeddings=emb, specialist_images=spec_images)
+                        parts = uvsam_loss(out_, labels, weights)
+                    else:
+                        logits, _ = model.run_specialist(spec_images)
+                        ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE)
+                        parts = {"total": ce, "ce": ce}
                 if not torch.isfinite(parts["total"]):
                     raise RuntimeError(f"training diverged at epoch {epoch + 1} step {step + 1} "
                                        f"(loss {parts['total']})")
