@@ -321,7 +321,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=256)
     ap.add_argument("--reference-tiles", type=int, default=2)
     ap.add_argument("--device", default="auto", help="Where predict runs: auto, cpu, cuda[:N], mps.")
-    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), fp32, bf16, fp16.")
+    ap.add_argument("--precision", default="auto", help="auto (fp32), fp32, bf16, fp16.")
     ap.add_argument("--json", action="store_true", help="One line of JSON (default: indented).")
     ap.add_argument("--write-docs", type=Path, default=None, metavar="MD",
                     help="Also rewrite the generated table in this Markdown file (docs/benchmarks.md).")

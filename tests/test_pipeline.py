@@ -202,8 +202,8 @@ RANKS = {
     1: ["uvsam.modeling", "uvsam.modeling.*"],
     2: ["uvsam.devices", "uvsam.checkpoint", "uvsam.weights", "uvsam.generalist", "uvsam.embedding_cache",
         "uvsam.quantize", "uvsam.encoders_table", "uvsam.predictor"],
-    10: ["tiles.reader", "tiles.radiometry", "tiles.grid", "tiles.vrt", "tiles.xyz", "uvsam.raster", "uvsam.folds",
-         "uvsam.suitability"],  # raster
+    10: ["tiles.remote", "tiles.reader", "tiles.radiometry", "tiles.grid", "tiles.vrt", "tiles.xyz", "uvsam.raster",
+         "uvsam.folds", "uvsam.suitability"],  # raster
     15: ["uvsam.pictures"],  # what is drawn of rasters and polygons (quicklook, overlay, curves)
     20: ["uvsam.harmonise", "uvsam.preprocess"],  # harmonise
     25: ["uvsam.modelfile"],  # the train -> predict contract (records the preprocessing)

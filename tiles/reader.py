@@ -26,6 +26,7 @@ from rasterio.warp import calculate_default_transform
 from rasterio.windows import Window
 
 from tiles.errors import TilesError
+from tiles.remote import RETRY, gdal_name, location
 
 _GEOD = Geod(ellps="WGS84")
 GDAL_CACHE_MB = 256  # GDAL's block cache defaults to 5% of RAM; tiling needs about one block row
@@ -59,6 +60,10 @@ def bound_gdal_cache() -> None:
     global _CACHE_BOUND
     if not _CACHE_BOUND and "GDAL_CACHEMAX" not in os.environ:
         set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 2**20)  # in bytes: a small number would be bytes too
+    if not _CACHE_BOUND:  # remote rasters: transient errors retried with back-off, unless the user chose
+        for key, value in RETRY.items():
+            if key not in os.environ:
+                set_gdal_config(key, value)
     _CACHE_BOUND = True
 
 
@@ -83,7 +88,7 @@ class RasterSource:
     """
 
     def __init__(self, path: str | Path, options: ReadOptions | None = None):
-        self.path = Path(path)
+        self.path = location(path)  # a Path, or a RemotePath (URL or /vsi path) GDAL reads by ranges
         self.options = options or ReadOptions()
         self._src = None
         self._vrt = None
@@ -96,7 +101,7 @@ class RasterSource:
             raise TilesError("file does not exist", self.path)
         bound_gdal_cache()
         try:
-            self._src = rasterio.open(self.path)
+            self._src = rasterio.open(gdal_name(self.path))
         except rasterio.errors.RasterioIOError as e:
             raise TilesError(f"not a raster GDAL can read ({_first_line(e)})", self.path) from None
         src = self._src
@@ -299,7 +304,7 @@ def default_bands(colorinterp) -> tuple[int, ...]:
     return tuple(colour[:3]) if len(colour) >= 3 else tuple(colour or range(1, len(colorinterp) + 1))
 
 
-def _check_integrity(src, path: Path) -> None:
+def _check_integrity(src, path) -> None:
     """Refuse a GeoTIFF whose header promises more than the file holds (truncated downloads,
     headers claiming huge dimensions) before any work is planned on it.
 
@@ -308,8 +313,8 @@ def _check_integrity(src, path: Path) -> None:
     """
     if src.driver != "GTiff":
         return
-    size = path.stat().st_size
-    if src.compression is None:
+    size = path.stat().st_size if isinstance(path, Path) else None  # a remote object: its blocks are checked
+    if src.compression is None and size is not None:
         need = src.width * src.height * sum(np.dtype(d).itemsize for d in src.dtypes)
         if need > size:
             raise TilesError(f"header says {src.width} x {src.height} px x {src.count} bands ({need / 1e6:,.0f} MB) "

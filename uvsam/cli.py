@@ -91,7 +91,7 @@ def log(message: str) -> None:
 
 
 DEVICE_HELP = "auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or mps."
-PRECISION_HELP = "auto (bf16 on a CUDA GPU, fp32 elsewhere), fp32, bf16 or fp16."
+PRECISION_HELP = "auto (fp32; TF32 products on a CUDA GPU), fp32, or bf16 / fp16 autocast."
 
 # Examples shown at the end of every command's --help.
 EXAMPLES = {

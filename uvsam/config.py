@@ -109,7 +109,7 @@ class PredictConfig:
     pif_reference: str | None = None  # a reference year's raster: normalise each scene on pseudo-invariant pixels
     force: bool = False  # run scenes the suitability check refuses (uvsam.suitability)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (uvsam.devices)
-    precision: str = "auto"  # auto (bf16 on a CUDA GPU, fp32 elsewhere), fp32, bf16, fp16
+    precision: str = "auto"  # auto (fp32), fp32, bf16, fp16 (autocast; uvsam.devices)
 
     def __post_init__(self):
         date_ok = True
@@ -201,7 +201,7 @@ class TrainConfig:
     seed: int = 0
     val_window: int = 512
     device: str = "auto"  # where training runs (uvsam.devices); a resumed run may change it
-    precision: str = "auto"  # autocast of the forward passes: bf16 on a CUDA GPU, fp32 elsewhere
+    precision: str = "auto"  # autocast of the forward passes (auto: fp32; bf16 a choice)
 
     def __post_init__(self):
         _check([

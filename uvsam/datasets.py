@@ -25,6 +25,7 @@ from rasterio.windows import Window
 
 from tiles.radiometry import Stretch
 from tiles.reader import RasterSource, ReadOptions
+from tiles.remote import is_remote, location
 from uvsam.errors import InputError
 from uvsam.labels import IGNORE
 from uvsam.preprocess import InputSpec, Preprocessing, scene_preprocessing
@@ -37,6 +38,8 @@ MAX_SCENE_PIXELS = 12_000 * 12_000  # one training scene in memory (at the train
 def find_files(spec: str | Path, exts: tuple[str, ...], what: str) -> list[Path]:
     """Files named by ``spec``: a file, a folder (its files with ``exts``, sorted) or a glob."""
     text = str(spec)
+    if is_remote(text):  # a URL or /vsi path: one raster, opened (and checked) by GDAL
+        return [location(text)]
     p = Path(text)
     if p.is_file():
         return [p]

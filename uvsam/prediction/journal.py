@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tiles.remote import RemotePath, location
 from uvsam.files import atomic_path
 
 FORMAT = 3  # of the stored results; part of every journal's identity, so older ones are never misread
@@ -63,6 +64,10 @@ class Journal:
 
 
 def scene_identity(path: str | Path) -> str:
-    """Name, size and modification time: a changed file is a new scene."""
+    """Name, size and modification time (a remote raster: URL, ETag or Last-Modified, and size):
+    a changed file or object is a new scene."""
+    path = location(path)
+    if isinstance(path, RemotePath):
+        return path.identity()
     st = os.stat(path)
     return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"

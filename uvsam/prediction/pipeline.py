@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from tiles.remote import location
 from uvsam.config import PredictConfig
 from uvsam.errors import InputError
 from uvsam.prediction.assemble import SceneResult, assemble, mean_probability
@@ -39,7 +40,7 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
     ``progress(stage, n)`` is called as tiles and windows finish. ``prepared``: the scene's
     :func:`~uvsam.prediction.scene.prepare_scene` when the caller has it already.
     """
-    path = Path(path)
+    path = location(path)
     scene, prep = prepared if prepared is not None else prepare_scene(path, info, cfg)
     journal = Journal(workdir / "journal", scene_identity(path), info.sha256, json.dumps(cfg.to_dict(), sort_keys=True))
     if prep.crs is None:

@@ -13,6 +13,7 @@ from rasterio.windows import Window
 
 from tiles.plan import TilingConfig, plan
 from tiles.reader import RasterSource, ReadOptions
+from tiles.remote import is_remote
 from uvsam.config import PredictConfig
 from uvsam.datasets import RASTER_EXT, find_files
 from uvsam.prediction.model import ModelInfo
@@ -133,8 +134,11 @@ def open_source(prep: ScenePrep) -> RasterSource:
     them from GDAL's block cache, where opening it for every task would decode every
     compressed block four times or more.
     """
-    stat = Path(prep.path).stat()
-    key = (prep.path, prep.read, stat.st_mtime_ns, stat.st_size)  # a file replaced on disk is reopened
+    if is_remote(prep.path):  # its version was fixed when the run began (the journal's scene identity)
+        key = (prep.path, prep.read)
+    else:
+        stat = Path(prep.path).stat()
+        key = (prep.path, prep.read, stat.st_mtime_ns, stat.st_size)  # a file replaced on disk is reopened
     cached = getattr(_SOURCES, "open", None)
     if cached is None or cached[0] != key:
         if cached is not None:

@@ -1,0 +1,111 @@
+"""Rasters where they live: ``http(s)://``, ``s3://``, ``gs://``, ``az://`` URLs and GDAL ``/vsi...``
+paths, read by windows through GDAL's virtual file systems (a COG costs a few range requests per
+tile, never a download).
+
+:class:`RemotePath` is the name of such a raster: a ``str`` (the URL as given) with the parts of
+a path people read (``name``, ``stem``, ``suffix``) and what GDAL opens (``gdal``); it is never a
+``pathlib.Path``, which folds ``https://host`` into ``https:/host``. :func:`location` turns what a
+user wrote into a ``Path`` or a ``RemotePath``.
+
+Credentials come from GDAL's usual environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_S3_ENDPOINT``,
+``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_CONNECTION_STRING``, ...). Transient failures
+(HTTP 429/5xx, dropped connections) are retried by GDAL with back-off (:data:`RETRY`, unless the
+environment sets them). :meth:`RemotePath.identity` names the object's version (ETag or
+Last-Modified, and size), so a resumed run never mixes results of a replaced object.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+from tiles.errors import TilesError
+
+SCHEMES = {"http": "/vsicurl/", "https": "/vsicurl/", "s3": "/vsis3/", "gs": "/vsigs/", "az": "/vsiaz/"}
+# GDAL's retries of transient HTTP errors, with its back-off between them (GDAL >= 3.2 doubles the delay)
+RETRY = {"GDAL_HTTP_MAX_RETRY": "5", "GDAL_HTTP_RETRY_DELAY": "1", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+         "GDAL_HTTP_TIMEOUT": "60"}
+
+
+def is_remote(spec: str | os.PathLike) -> bool:
+    text = str(spec) if not isinstance(spec, Path) else ""
+    return text.startswith("/vsi") or urlsplit(text).scheme in SCHEMES
+
+
+class RemotePath(str):
+    """A raster behind a URL or a GDAL ``/vsi`` path (see the module docstring)."""
+
+    @property
+    def gdal(self) -> str:
+        """What GDAL opens: ``/vsicurl/https://...``, ``/vsis3/bucket/key``, or the ``/vsi`` path as given."""
+        if self.startswith("/vsi"):
+            return str(self)
+        parts = urlsplit(self)
+        if parts.scheme in ("http", "https"):
+            return SCHEMES[parts.scheme] + str(self)
+        return SCHEMES[parts.scheme] + parts.netloc + parts.path
+
+    @property
+    def _pure(self) -> PurePosixPath:
+        return PurePosixPath(urlsplit(self).path if not self.startswith("/vsi") else self)
+
+    @property
+    def name(self) -> str:
+        return self._pure.name
+
+    @property
+    def stem(self) -> str:
+        return self._pure.stem
+
+    @property
+    def suffix(self) -> str:
+        return self._pure.suffix
+
+    def exists(self) -> bool:  # whether it opens is GDAL's to say, with its own error
+        return True
+
+    is_file = exists
+
+    def is_dir(self) -> bool:
+        return False
+
+    def resolve(self) -> RemotePath:
+        return self
+
+    def identity(self, attempts: int = 4) -> str:
+        """The object's version: ``URL|ETag|Last-Modified|size`` from an HTTP HEAD (retried with
+        back-off); other schemes: the URL alone (their version is not visible without their SDKs)."""
+        if urlsplit(self).scheme not in ("http", "https"):
+            return str(self)
+        delay = 0.5
+        for attempt in range(attempts):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(self, method="HEAD"), timeout=30) as r:
+                    h = r.headers
+                    return "|".join([str(self), h.get("ETag", ""), h.get("Last-Modified", ""),
+                                     h.get("Content-Length", "")])
+            except urllib.error.HTTPError as e:
+                if e.code not in (408, 429, 500, 502, 503, 504) or attempt == attempts - 1:
+                    raise TilesError(f"cannot reach the raster (HTTP {e.code})", self) from None
+            except (urllib.error.URLError, OSError) as e:
+                if attempt == attempts - 1:
+                    raise TilesError(f"cannot reach the raster ({getattr(e, 'reason', e)})", self) from None
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+
+def location(spec: str | os.PathLike) -> Path | RemotePath:
+    """A local ``Path`` or a :class:`RemotePath`, from what the user wrote."""
+    if isinstance(spec, RemotePath):
+        return spec
+    return RemotePath(str(spec)) if is_remote(spec) else Path(spec)
+
+
+def gdal_name(path: Path | RemotePath) -> str | Path:
+    """What ``rasterio.open`` takes for ``path``."""
+    return path.gdal if isinstance(path, RemotePath) else path
