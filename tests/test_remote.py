@@ -52,3 +52,42 @@ def test_a_cog_over_http_gives_the_villages_of_the_local_file(beijing, model, tm
         code, _, err = run_cli(["predict", f"{server.url}/missing.tif", "--model", model, "--out",
                                 tmp_path / "m.gpkg"], capsys)
         assert code == 2 and err.count("\n") == 1 and "missing.tif" in err
+
+
+def test_a_cog_in_s3_gives_the_villages_of_the_local_file(beijing, model, tmp_path, capsys, monkeypatch):
+    """An S3-compatible server on 127.0.0.1 (moto's): ``s3://bucket/scene.tif`` read by GDAL with
+    the usual AWS variables; its ETag keys the journal."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    cog = _cog(beijing / "val/images.vrt", tmp_path / "scene.tif")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                           "AWS_S3_ENDPOINT": f"{host}:{port}", "AWS_HTTPS": "NO",
+                           "AWS_VIRTUAL_HOSTING": "FALSE"}.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+        s3.create_bucket(Bucket="city")
+        s3.upload_file(str(cog), "city", "2019/scene.tif")
+        url = "s3://city/2019/scene.tif"
+        assert location(url).gdal == "/vsis3/city/2019/scene.tif"
+        before = scene_identity(url)
+        assert s3.head_object(Bucket="city", Key="2019/scene.tif")["ETag"] in before
+        code, _, err = run_cli(["predict", url, "--model", model, "--out", tmp_path / "s3.gpkg", "--local",
+                                "--no-quicklook"], capsys)
+        assert code == 0, err
+        code, _, err = run_cli(["predict", cog, "--model", model, "--out", tmp_path / "local.gpkg", "--local",
+                                "--no-quicklook"], capsys)
+        assert code == 0, err
+        a = pyogrio.read_dataframe(tmp_path / "local.gpkg", layer="villages")
+        b = pyogrio.read_dataframe(tmp_path / "s3.gpkg", layer="villages")
+        assert len(a) == len(b) > 0
+        assert shapely.equals_exact(shapely.union_all(a.geometry.values), shapely.union_all(b.geometry.values),
+                                    tolerance=1e-6)
+        s3.put_object(Bucket="city", Key="2019/scene.tif", Body=cog.read_bytes() + b"\0")  # replaced
+        assert scene_identity(url) != before
+    finally:
+        server.stop()

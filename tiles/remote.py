@@ -78,8 +78,12 @@ class RemotePath(str):
 
     def identity(self, attempts: int = 4) -> str:
         """The object's version: ``URL|ETag|Last-Modified|size`` from an HTTP HEAD (retried with
-        back-off); other schemes: the URL alone (their version is not visible without their SDKs)."""
-        if urlsplit(self).scheme not in ("http", "https"):
+        back-off), or for ``s3://`` from S3's HEAD through botocore when installed (with GDAL's
+        ``AWS_S3_ENDPOINT``/``AWS_HTTPS`` settings); other schemes: the URL alone."""
+        scheme = urlsplit(self).scheme
+        if scheme == "s3":
+            return self._s3_identity()
+        if scheme not in ("http", "https"):
             return str(self)
         delay = 0.5
         for attempt in range(attempts):
@@ -97,6 +101,24 @@ class RemotePath(str):
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
+
+
+    def _s3_identity(self) -> str:
+        try:
+            import botocore.session
+        except ImportError:  # GDAL reads s3 without it; only the object's version stays unknown
+            return str(self)
+        parts = urlsplit(self)
+        endpoint = os.environ.get("AWS_S3_ENDPOINT")
+        if endpoint and "://" not in endpoint:
+            endpoint = ("https://" if os.environ.get("AWS_HTTPS", "YES").upper() != "NO" else "http://") + endpoint
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION")))
+        try:
+            h = client.head_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+        except Exception as e:  # noqa: BLE001 - botocore's ClientError and connection errors
+            raise TilesError(f"cannot reach the raster ({str(e).splitlines()[0][:120]})", self) from None
+        return "|".join([str(self), h.get("ETag", ""), str(h.get("LastModified", "")), str(h.get("ContentLength", ""))])
 
 
 def location(spec: str | os.PathLike) -> Path | RemotePath:
