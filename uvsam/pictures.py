@@ -29,6 +29,7 @@ from pyproj import CRS
 from rasterio.transform import array_bounds
 from rasterio.warp import transform_bounds
 
+from tiles.radiometry import compute_stretch
 from tiles.reader import RasterSource, ReadOptions, ground_resolution
 from uvsam import __version__
 from uvsam.files import atomic_path
@@ -75,15 +76,13 @@ def map_grid(bounds: tuple[float, float, float, float], longest: int = LONGEST) 
 
 
 def stretch(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(bands, h, w) -> (h, w, 3) uint8: each band's 2-98 percentile of valid pixels to 0..255;
-    one band shown grey; invalid pixels light grey."""
+    """(bands, h, w) -> (h, w, 3) uint8: each band's 2-98 percentile of valid pixels to 0..255
+    (:func:`tiles.radiometry.compute_stretch`); one band shown grey; invalid pixels light grey."""
     bands = data if data.shape[0] >= 3 else np.repeat(data[:1], 3, axis=0)
     out = np.full((*valid.shape, 3), 235, np.uint8)
     if valid.any():
-        for b in range(3):
-            lo, hi = np.percentile(bands[b][valid], (2, 98))
-            scaled = np.clip((bands[b] - lo) / max(hi - lo, 1e-9), 0, 1) * 255
-            out[..., b] = np.where(valid, scaled, 235).astype(np.uint8)
+        scaled = np.clip(compute_stretch(bands[:3], valid, "percentile").apply(bands[:3], valid), 0, 1) * 255
+        out[valid] = np.moveaxis(scaled, 0, -1)[valid].astype(np.uint8)
     return out
 
 
