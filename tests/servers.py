@@ -11,6 +11,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     """Static files with what cloud object stores answer: HEAD, byte ranges (206), ETag and
@@ -47,6 +49,11 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             fault = self.server.faults.pop(0) if self.server.faults else None
             self.server.gets += 1
+        if not hasattr(self, "peer_pid"):  # once per connection: which process on this machine opened it
+            self.peer_pid = next((c.pid for c in psutil.net_connections("tcp")
+                                  if c.laddr and c.laddr.port == self.client_address[1] and c.pid), None)
+            with self.server.lock:
+                self.server.clients.add(self.peer_pid)
         if fault == "503":
             self.send_response(503)
             self.send_header("Content-Length", "0")
@@ -83,6 +90,7 @@ def http_server(root: str | os.PathLike):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     server.root, server.faults, server.lock = Path(root).resolve(), [], threading.Lock()
     server.gets = server.ranges = 0
+    server.clients = set()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -79,17 +79,21 @@ class RemotePath(str):
     def identity(self, attempts: int = 4) -> str:
         """The object's version: ``URL|ETag|Last-Modified|size`` from an HTTP HEAD (retried with
         back-off), or for ``s3://`` from S3's HEAD through botocore when installed (with GDAL's
-        ``AWS_S3_ENDPOINT``/``AWS_HTTPS`` settings); other schemes: the URL alone."""
+        ``AWS_S3_ENDPOINT``/``AWS_HTTPS`` settings). Where the store names no version (``gs://``,
+        ``az://``, other ``/vsi`` paths, an HTTP server without ETag or Last-Modified, S3 without
+        botocore): :meth:`content_identity`."""
         scheme = urlsplit(self).scheme
         if scheme == "s3":
             return self._s3_identity()
         if scheme not in ("http", "https"):
-            return str(self)
+            return self.content_identity()
         delay = 0.5
         for attempt in range(attempts):
             try:
                 with urllib.request.urlopen(urllib.request.Request(self, method="HEAD"), timeout=30) as r:
                     h = r.headers
+                    if not (h.get("ETag") or h.get("Last-Modified")):
+                        return self.content_identity()
                     return "|".join([str(self), h.get("ETag", ""), h.get("Last-Modified", ""),
                                      h.get("Content-Length", "")])
             except urllib.error.HTTPError as e:
@@ -102,12 +106,37 @@ class RemotePath(str):
             delay *= 2
         raise AssertionError("unreachable")
 
+    def content_identity(self, blocks: int = 16) -> str:
+        """A version read from the raster itself, for stores that name none: its shape, type and
+        georeferencing, the compressed sizes of ``blocks`` tiles spread over a GeoTIFF (from its
+        header: no pixel is read) and the checksum of its smallest overview. Any re-encoding of
+        the pixels changes the tile sizes; a few requests, whatever the raster's size."""
+        import rasterio  # the tiling engine's reader; imported here so that naming a path stays light
+
+        env = {k: v for k, v in RETRY.items() if k not in os.environ}
+        try:
+            with rasterio.Env(**env), rasterio.open(self.gdal) as ds:
+                parts = [str(self), ds.driver, ds.width, ds.height, ds.count, *ds.dtypes, *tuple(ds.transform)[:6],
+                         ds.crs.to_wkt() if ds.crs else ""]
+                if ds.driver in ("GTiff", "COG"):
+                    bh, bw = ds.block_shapes[0]
+                    nx, ny = -(-ds.width // bw), -(-ds.height // bh)
+                    for i in range(blocks):  # along the diagonal and the anti-diagonal
+                        x, y = i * nx // blocks, (i * ny // blocks if i % 2 else ny - 1 - i * ny // blocks)
+                        parts.append(ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=1))
+                levels = len(ds.overviews(1))
+            smallest = {"overview_level": levels - 1} if levels else {}
+            with rasterio.Env(**env), rasterio.open(self.gdal, **smallest) as ov:
+                parts += [ov.checksum(b) for b in ov.indexes] if ov.width * ov.height <= 4_000_000 else []
+        except rasterio.errors.RasterioIOError as e:
+            raise TilesError(f"cannot read the raster ({str(e).splitlines()[0][:160]})", self) from None
+        return "|".join(str(p) for p in parts)
 
     def _s3_identity(self) -> str:
         try:
             import botocore.session
-        except ImportError:  # GDAL reads s3 without it; only the object's version stays unknown
-            return str(self)
+        except ImportError:  # GDAL reads s3 without it; the version is then read from the raster
+            return self.content_identity()
         parts = urlsplit(self)
         endpoint = os.environ.get("AWS_S3_ENDPOINT")
         if endpoint and "://" not in endpoint:

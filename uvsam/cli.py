@@ -157,7 +157,7 @@ def _parse_floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]
 
 @app.command(epilog=examples("segment"))
 def segment(
-    image: Annotated[Path, typer.Argument(help="Raster to segment (GeoTIFF or any GDAL format).")],
+    image: Annotated[str, typer.Argument(help="Raster to segment (GeoTIFF or any GDAL format; a file or URL).")],
     encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")],
     checkpoint: Annotated[Path, typer.Option(help="Its weights, in the official layout.")],
     out: Annotated[Path, typer.Option(help="Mask GeoTIFF to write (CRS and transform of IMAGE).")],
@@ -356,8 +356,8 @@ def predict(
         help="Acquisition date of the imagery (YYYY-MM-DD).")] = PD("acquired"),
     grid_offset: Annotated[int, typer.Option(
         help="Shift the tile grid by this many px (invariance checks).")] = PD("grid_offset"),
-    pif_reference: Annotated[Path | None, typer.Option(
-        help="A reference year's raster: normalise each scene onto it on pseudo-invariant pixels.")] = None,
+    pif_reference: Annotated[str | None, typer.Option(
+        help="A reference year's raster (file or URL): normalise each scene onto its pseudo-invariant pixels.")] = None,
     force: Annotated[bool, typer.Option(
         help="Run scenes the suitability check refuses (resolution far from the model's, too small).")] = PD("force"),
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = PD("device"),
@@ -380,7 +380,7 @@ def predict(
                         refine_min_stability=refine_min_stability, refine_min_overlap=refine_min_overlap,
                         window=window, window_margin=window_margin, min_area_m2=min_village_area, simplify_m=simplify,
                         block=block, acquired=acquired, grid_offset=grid_offset,
-                        pif_reference=str(pif_reference) if pif_reference else None, force=force, device=device,
+                        pif_reference=pif_reference or None, force=force, device=device,
                         precision=precision)
     if dry_run:
         from uvsam.prediction import dry_run as estimate
@@ -504,7 +504,7 @@ def import_xyz_cmd(
 
 @app.command("plan-tiles", epilog=examples("plan-tiles"))
 def plan_tiles_cmd(
-    image: Annotated[Path, typer.Argument(help="Raster to tile (any GDAL format).")],
+    image: Annotated[str, typer.Argument(help="Raster to tile (any GDAL format; a file or URL).")],
     tile_size: Annotated[float, typer.Option(help="Tile side, in --unit.")] = 1024,
     overlap: Annotated[float, typer.Option(help="Overlap of neighbouring tiles, in --unit.")] = 128,
     unit: Annotated[str, typer.Option(help="px, or m (metres on the ground).")] = "px",

@@ -134,8 +134,9 @@ class PredictConfig:
                 *_device_checks(self.device, self.precision)]
                + [(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
                   for name in ("refine_min_iou", "refine_min_stability", "refine_min_overlap")])
-        _check([(self.pif_reference is None or Path(self.pif_reference).is_file(), "pif_reference",
-                 f"raster {self.pif_reference} does not exist")])
+        ref = self.pif_reference  # a URL or GDAL /vsi path is checked where it is opened
+        _check([(ref is None or "://" in ref or ref.startswith("/vsi") or Path(ref).is_file(), "pif_reference",
+                 f"raster {ref} does not exist")])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from tiles.reader import read_on_grid
+from tiles.remote import location
 from uvsam.coregister import common_grid
 
 MAX_VILLAGE_IOU = 0.5  # village areas of two years overlapping less than this: a massive disagreement
@@ -68,8 +69,8 @@ def imagery_change(before: str | Path, after: str | Path, crs, max_px: int = 102
     grid = common_grid(before, after, crs, max_px)
     if grid is None:
         return None
-    a, va = read_on_grid(Path(before), *grid)
-    b, vb = read_on_grid(Path(after), *grid)
+    a, va = read_on_grid(location(before), *grid)
+    b, vb = read_on_grid(location(after), *grid)
     valid = va & vb
     if valid.mean() < 0.25 or a.shape[0] != b.shape[0]:
         return None

@@ -19,6 +19,7 @@ from rasterio.warp import transform_bounds
 from scipy.ndimage import gaussian_filter
 
 from tiles.reader import RasterSource, read_on_grid
+from tiles.remote import location
 from uvsam.errors import InputError
 
 MIN_PSR = 8.0  # noise alone peaks near 5 sigma on a 256 x 256 surface
@@ -79,8 +80,8 @@ def estimate_shift(before: str | Path, after: str | Path, crs, max_px: int = 102
         return None
     _, (x0, _, x1, _), w, h = grid
     pixel = (x1 - x0) / w
-    a, va = read_on_grid(Path(before), *grid)
-    b, vb = read_on_grid(Path(after), *grid)
+    a, va = read_on_grid(location(before), *grid)
+    b, vb = read_on_grid(location(after), *grid)
     a, b = a.mean(axis=0), b.mean(axis=0)  # grey levels
     valid = va & vb
     if valid.mean() < 0.25:

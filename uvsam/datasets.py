@@ -65,7 +65,7 @@ class LabelledScene:
 def pair_scenes(images: str | Path, labels: str | Path) -> list[LabelledScene]:
     """Pair each image with its labels (same stem in a folder or glob, or one shared vector file)."""
     image_files = find_files(images, RASTER_EXT, "rasters")
-    label_path = Path(str(labels))
+    label_path = location(str(labels))
     if label_path.is_file():
         if label_path.suffix.lower() in VECTOR_EXT or len(image_files) == 1:
             return [LabelledScene(im, label_path) for im in image_files]

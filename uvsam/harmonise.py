@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from tiles.radiometry import compute_stretch
 from tiles.reader import RasterSource, read_on_grid
+from tiles.remote import location
 from uvsam.errors import InputError
 from uvsam.raster import to_rgb
 
@@ -165,8 +165,8 @@ def pif_against(path, reference, read, stretch, normalisation: str, max_pixels: 
         t = src.transform
         bounds = (t.c, t.f + t.e * src.height, t.c + t.a * src.width, t.f)
         crs, bands = src.crs, list(src.bands)
-    a, va = read_on_grid(Path(path), crs, bounds, w, h, bands)
-    b, vb = read_on_grid(Path(reference), crs, bounds, w, h)
+    a, va = read_on_grid(location(path), crs, bounds, w, h, bands)
+    b, vb = read_on_grid(location(reference), crs, bounds, w, h)
     with RasterSource(reference) as ref_src:  # stretched as it would be read itself: by its own data type
         kind = ref_src.dtype
     if kind.kind in "iu":

@@ -19,6 +19,7 @@ from rasterio.windows import Window
 
 from tiles.radiometry import compute_stretch
 from tiles.reader import RasterSource, ReadOptions
+from tiles.remote import location
 from uvsam.errors import ConfigError, InputError
 
 MAX_PIXELS = 16384 * 16384  # one-shot reads; larger scenes go through the tiling engine
@@ -45,7 +46,7 @@ class RGBImage:
 
 def read_rgb(path: str | Path, bands: tuple[int, ...] | None = None) -> RGBImage:
     """The whole image as RGB on the 0..255 scale (invalid pixels 0) with its georeferencing."""
-    path = Path(path)
+    path = location(path)
     with RasterSource(path, ReadOptions(bands)) as src:  # tiles' errors name the file themselves
         if src.width * src.height > MAX_PIXELS:
             raise InputError(f"raster is {src.width} x {src.height} px, too large to read at once; use `uvsam predict`",

@@ -18,6 +18,7 @@ from typing import get_type_hints
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from tiles.remote import is_remote
 from uvsam.config import FORMATS, PredictConfig
 from uvsam.errors import InputError, OutputError, UvsamError
 from uvsam.files import check_writable
@@ -131,7 +132,7 @@ def load(path: str | Path) -> tuple[Workflow, str]:
         raise InputError("; ".join(problems), path) from None
     base = path.parent
     ref = wf.predict.pif_reference
-    if ref is not None and not Path(ref).is_absolute():
+    if ref is not None and not is_remote(ref) and not Path(ref).is_absolute():
         wf = wf.model_copy(update={"predict": wf.predict.model_copy(update={"pif_reference": str(base / ref)})})
     try:
         [wf.config(y) for y in wf.years]  # the prediction options checked together
@@ -142,7 +143,7 @@ def load(path: str | Path) -> tuple[Workflow, str]:
         return None if p is None else (p if p.is_absolute() else base / p)
 
     def scene(s: str) -> str:
-        return s if Path(s).is_absolute() else str(base / s)
+        return s if is_remote(s) or Path(s).is_absolute() else str(base / s)
 
     years = [y.model_copy(update={"scenes": [scene(s) for s in y.scenes]}) for y in wf.years]
     wf = wf.model_copy(update={"model": resolve(wf.model), "checkpoint": resolve(wf.checkpoint),

@@ -10,6 +10,7 @@ import pyogrio
 import shapely
 
 from tiles.reader import RasterSource
+from tiles.remote import location
 from uvsam.errors import ConfigError, InputError
 
 
@@ -76,12 +77,13 @@ def parse_images(specs: list[str], years: list[str]) -> dict[str, Path]:
         year, path = spec.split("=", 1)
         if year not in years:
             raise ConfigError(f"{spec!r}: year {year!r} is not one of {', '.join(years)}", field="image")
-        if not Path(path).is_file():
+        path = location(path)  # a file, or a URL / /vsi path GDAL reads by ranges
+        if not path.is_file():
             raise InputError("image does not exist", path)
         with RasterSource(path) as src:  # readable, whole and georeferenced, before any work
             if src.crs is None:
                 raise InputError("image has no CRS", path)
             if not src.read_overview(250_000)[1].any():
                 raise InputError("image has no valid pixels (all nodata or NaN)", path)
-        out[year] = Path(path)
+        out[year] = path
     return out

@@ -59,7 +59,8 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
             raise ConfigError("must name a GeoTIFF (.tif)", probabilities, field="probabilities")
     paths = find_scenes(scenes)
     info = model_info(model, checkpoint, cfg.device, cfg.precision)
-    identity = [scene_identity(p) for p in paths] + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
+    versions = [scene_identity(p) for p in paths]  # a remote scene's version asked for once, here
+    identity = versions + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     if prepared is None:  # every scene opened and checked before any work (a workflow did it for all years)
         prepared = [prepare_scene(p, info, cfg) for p in paths]
@@ -77,8 +78,9 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     frames, cands, tiles, journals = [], [], [], []
     out_crs = crs
     with tiles_progress([scene_row(scene, info) for scene, _ in prepared]) as bar:
-        for path, prep in zip(paths, prepared, strict=True):
-            res = predict_scene(path, info, cfg, workdir, runner, progress=bar_callback(bar), prepared=prep)
+        for path, prep, version in zip(paths, prepared, versions, strict=True):
+            res = predict_scene(path, info, cfg, workdir, runner, progress=bar_callback(bar), prepared=prep,
+                                identity=version)
             journals.append(res.journal)
             if probabilities is not None:
                 with stage("write"):
