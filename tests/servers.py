@@ -5,11 +5,15 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import http.server
+import json
 import os
 import re
 import threading
+import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import psutil
 
@@ -47,6 +51,16 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         with self.server.lock:
+            self.server.in_flight += 1
+            self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
+        try:
+            self._get()
+        finally:
+            with self.server.lock:
+                self.server.in_flight -= 1
+
+    def _get(self):
+        with self.server.lock:
             fault = self.server.faults.pop(0) if self.server.faults else None
             self.server.gets += 1
         if not hasattr(self, "peer_pid"):  # once per connection: which process on this machine opened it
@@ -54,8 +68,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
                                   if c.laddr and c.laddr.port == self.client_address[1] and c.pid), None)
             with self.server.lock:
                 self.server.clients.add(self.peer_pid)
-        if fault == "503":
-            self.send_response(503)
+        if fault is not None and fault.isdigit():  # an HTTP error status (503: retried; 403: not)
+            self.send_response(int(fault))
             self.send_header("Content-Length", "0")
             self.send_header("Retry-After", "0")
             self.end_headers()
@@ -63,6 +77,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         if fault == "drop":
             self.connection.close()
             return
+        time.sleep(self.server.delay)
         path = self._file()
         if path is None:
             self.send_error(404)
@@ -85,12 +100,11 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def http_server(root: str | os.PathLike):
-    """Serve ``root`` on 127.0.0.1 (a free port); yields the server (``url``, ``faults``, counts)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    server.root, server.faults, server.lock = Path(root).resolve(), [], threading.Lock()
-    server.gets = server.ranges = 0
-    server.clients = set()
+def serving(handler, **state):
+    """A threaded HTTP server of ``handler`` on 127.0.0.1 (a free port), ``state`` set on it; yields it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for key, value in state.items():
+        setattr(server, key, value)
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -99,3 +113,107 @@ def http_server(root: str | os.PathLike):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def http_server(root: str | os.PathLike):
+    """Serve ``root`` on 127.0.0.1 (a free port); yields the server (``url``, ``faults``, counts)."""
+    return serving(RangeHandler, root=Path(root).resolve(), faults=[], lock=threading.Lock(), gets=0, ranges=0,
+                   in_flight=0, max_in_flight=0, clients=set(), delay=0.0)
+
+
+class StacApiHandler(http.server.BaseHTTPRequestHandler):
+    """A minimal STAC API (core + item-search, as pystac-client speaks it): the landing page at /
+    and POST/GET /search over ``server.items`` (dicts), filtered by bbox and datetime."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, body: dict, status: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/geo+json" if body.get("type") == "FeatureCollection"
+                         else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        url = urlsplit(self.path)
+        if url.path in ("", "/"):
+            root = self.server.url + "/"
+            self._json({"type": "Catalog", "id": "test-api", "stac_version": "1.0.0", "description": "test",
+                        "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
+                                       "https://api.stacspec.org/v1.0.0/item-search"],
+                        "links": [{"rel": "self", "href": root, "type": "application/json"},
+                                  {"rel": "root", "href": root, "type": "application/json"},
+                                  {"rel": "search", "href": self.server.url + "/search",
+                                   "type": "application/geo+json", "method": "GET"},
+                                  {"rel": "search", "href": self.server.url + "/search",
+                                   "type": "application/geo+json", "method": "POST"}]})
+        elif url.path == "/search":
+            q = parse_qs(url.query)
+            self._search({"bbox": [float(v) for v in q["bbox"][0].split(",")] if "bbox" in q else None,
+                          "datetime": q.get("datetime", [None])[0]})
+        else:
+            self._json({"code": "NotFound", "description": url.path}, 404)
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self._search(body)
+
+    def _search(self, query: dict) -> None:
+        self.server.searches.append(query)
+        found = []
+        for item in self.server.items:
+            if query.get("bbox"):
+                w, s, e, n = query["bbox"]
+                iw, is_, ie, in_ = item["bbox"]
+                if ie < w or iw > e or in_ < s or is_ > n:
+                    continue
+            if query.get("datetime"):
+                t = datetime.fromisoformat(item["properties"]["datetime"].replace("Z", "+00:00"))
+                lo, _, hi = query["datetime"].partition("/")
+                hi = hi or lo
+                if (lo not in ("", "..") and t < datetime.fromisoformat(lo.replace("Z", "+00:00"))) or (
+                        hi not in ("", "..") and t > datetime.fromisoformat(hi.replace("Z", "+00:00"))):
+                    continue
+            found.append(item)
+        self._json({"type": "FeatureCollection", "features": found, "links": []})
+
+
+def stac_api_server(items: list[dict]):
+    """A STAC API on 127.0.0.1 serving ``items``; yields the server (``url``, ``searches``)."""
+    return serving(StacApiHandler, items=items, searches=[])
+
+
+def xyz_pyramid(mosaic: str | os.PathLike, zoom: int, root: str | os.PathLike) -> int:
+    """Cut a mosaic on the Web Mercator grid of ``zoom`` (as `uvsam import-xyz` writes them) into
+    the standard 256 px tiles of a tile server, ``root/{z}/{x}/{y}.png`` (RGBA: alpha is the
+    mosaic's validity; tiles without a valid pixel are left out, a server's 404). Returns how many."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    from tiles.xyz import HALF_CIRCUMFERENCE
+
+    n = 0
+    with rasterio.open(mosaic) as ds:
+        res = 2 * HALF_CIRCUMFERENCE / 2**zoom / 256
+        col0 = round((ds.transform.c + HALF_CIRCUMFERENCE) / res)
+        row0 = round((HALF_CIRCUMFERENCE - ds.transform.f) / res)
+        assert abs(ds.transform.a - res) < 1e-9 * res and col0 % 256 == 0 and row0 % 256 == 0, "not on the tile grid"
+        for r in range(0, ds.height, 256):
+            for c in range(0, ds.width, 256):
+                window = Window(c, r, 256, 256)
+                valid = ds.read_masks(1, window=window, boundless=True)
+                if not valid.any():
+                    continue
+                rgb = ds.read([1, 2, 3], window=window, boundless=True, fill_value=0)
+                out = Path(root) / str(zoom) / str((col0 + c) // 256) / f"{(row0 + r) // 256}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with rasterio.open(out, "w", driver="PNG", width=256, height=256, count=4, dtype="uint8") as png:
+                    png.write(np.concatenate([rgb, valid[None]]))
+                n += 1
+    return n

@@ -102,3 +102,26 @@ def test_every_command_that_runs_a_model_refuses_an_absent_gpu_in_one_line(mobil
         code, _, err = run_cli([*args, "--device", "cuda"], capsys)
         assert code == 2 and err.count("\n") == 1 and "--device cuda" in err, (name, err)
     assert not (tmp_path / "m.tif").exists() and not (tmp_path / "v.gpkg").exists()
+
+
+def test_a_local_cluster_gives_each_gpu_a_worker_of_its_own():
+    """One worker process per GPU, each started seeing only its own (CUDA_VISIBLE_DEVICES), so the
+    model's cuda:0 is a different GPU in every worker; checked here on the workers' environment,
+    which needs no GPU. Where there are no GPUs, ``auto`` asks for none and nothing changes."""
+    import os
+
+    import torch
+
+    from uvsam.devices import gpus_for
+    from uvsam.prediction.distributed import ClusterClient, per_gpu_cluster
+    from uvsam.prediction.execution import runs_in_process
+
+    assert gpus_for("auto") == gpus_for("cuda") == list(range(torch.cuda.device_count()))
+    assert gpus_for("cpu") == gpus_for("cuda:0") == []
+    assert runs_in_process(None, gpus=2) is False and runs_in_process(None, gpus=1) is True
+    with ClusterClient(per_gpu_cluster([0, 1], threads=1)) as client:
+        cluster = client.cluster
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(seen.values()) == ["0", "1"] and len(seen) == 2
+        assert all(w.startswith("tcp://127.0.0.1:") for w in seen)
+    assert cluster.status.name == "closed"  # closing the client closed its cluster: no worker outlives it

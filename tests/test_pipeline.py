@@ -167,7 +167,9 @@ def test_one_prediction_reads_the_model_once_and_hashes_each_weights_file_once(b
     assert summary["scenes"] == 1
     assert reads == [model]  # loaded once (memory-mapped)
     # each weights file hashed once: the model file, and the generalist's 40 MB (2.5 GB for ViT-H)
-    assert sorted(hashes) == sorted([model, mobile_sam_ckpt])
+    weights = [h for h in hashes if h.suffix in (".ckpt", ".pt")]
+    assert sorted(weights) == sorted([model, mobile_sam_ckpt])
+    assert sorted(h.name for h in hashes if h not in weights) == ["v.gpkg", "v.png"]  # the STAC Item's checksums
     record = uvsam.modelfile.ModelFile.read(model)
     assert record.generalist["source"] == "file" and record.inferred == ()
 
@@ -198,26 +200,26 @@ def test_an_older_model_file_loads_and_says_what_was_inferred(model, tmp_path):
 # one), the graph has no cycle, and commands (rank 100 and up) import no command of their own rank.
 RANKS = {
     0: ["uvsam", "uvsam.errors", "uvsam.labels", "uvsam.config", "uvsam.files", "uvsam.progress", "tiles.errors",
-        "uvsam.polygons"],
+        "uvsam.polygons", "uvsam.stac"],
     1: ["uvsam.modeling", "uvsam.modeling.*"],
     2: ["uvsam.devices", "uvsam.checkpoint", "uvsam.weights", "uvsam.generalist", "uvsam.embedding_cache",
         "uvsam.quantize", "uvsam.encoders_table", "uvsam.predictor"],
     10: ["tiles.remote", "tiles.reader", "tiles.radiometry", "tiles.grid", "tiles.vrt", "tiles.xyz", "uvsam.raster",
-         "uvsam.folds", "uvsam.suitability"],  # raster
+         "uvsam.folds", "uvsam.suitability", "uvsam.stac.scenes", "tiles.service"],  # raster
     15: ["uvsam.pictures"],  # what is drawn of rasters and polygons (quicklook, overlay, curves)
     20: ["uvsam.harmonise", "uvsam.preprocess"],  # harmonise
     25: ["uvsam.modelfile"],  # the train -> predict contract (records the preprocessing)
     30: ["tiles.plan", "tiles.stitch", "tiles.dataset", "tiles", "uvsam.datasets", "uvsam.augment", "uvsam.losses",
          "uvsam.metrics"],  # tiles
     40: ["uvsam.prediction.model", "uvsam.prediction.execution", "uvsam.prediction.journal", "uvsam.prediction.scene",
-         "uvsam.prediction.distributed", "uvsam.prediction.specialist"],  # specialist
+         "uvsam.prediction.distributed", "uvsam.prediction.specialist", "uvsam.prediction.sources"],  # specialist
     50: ["uvsam.prediction.candidates"],  # prompts
     60: ["uvsam.prediction.refine", "uvsam.inference"],  # generalist
     70: ["uvsam.prediction.assemble", "uvsam.prediction.pipeline",
          "uvsam.prediction.probabilities"],  # masks -> polygons
-    80: ["uvsam.layers", "uvsam.prediction.run", "uvsam.prediction"],  # layers
+    80: ["uvsam.layers", "uvsam.stac.items", "uvsam.prediction.run", "uvsam.prediction"],  # layers
     90: ["uvsam.changes.sources", "uvsam.changes.track", "uvsam.changes.summaries", "uvsam.coregister",
-         "uvsam.consistency", "uvsam.changes.imagery", "uvsam.changes.outputs"],  # change
+         "uvsam.consistency", "uvsam.changes.imagery", "uvsam.changes.outputs", "uvsam.changes.accuracy"],  # change
     95: ["uvsam.changes.report", "uvsam.changes.run", "uvsam.changes"],  # report
     100: ["uvsam.training", "uvsam.evaluation", "uvsam.segment"],  # commands
     110: ["uvsam.crossval", "uvsam.workflow", "uvsam.demo"],  # commands made of commands
@@ -327,7 +329,7 @@ def test_cli_defaults_are_the_configs_and_every_predict_setting_has_a_flag():
     assert out.returncode == 0 and "predict" in out.stdout and "change" in out.stdout
     text = subprocess.run([sys.executable, "-m", "uvsam", "predict", "--help"], capture_output=True, text=True,
                           env=env).stdout
-    for name in ("tile", "overlap", "batch_size", "window", "threshold", "min_area_m2", "block"):
+    for name in ("tile", "overlap", "window", "threshold", "min_area_m2", "block"):  # batch_size: None, by device
         shown = re.search(re.escape(flag_for("predict", name)) + r"\s.*?\[default: ([^\]]+)\]", text)
         assert shown and float(shown.group(1)) == float(getattr(PredictConfig, name)), name
 

@@ -33,7 +33,8 @@ PROBE = textwrap.dedent('''
                      "colour": list(r.symbol().color().getRgb()) if single else None,
                      "categories": [c.value() for c in r.categories()] if r.type() == "categorizedSymbol" else None,
                      "labels": layer.labelsEnabled(), "features": layer.featureCount(),
-                     "types": {f.name(): f.typeName() for f in layer.fields()}}
+                     "types": {f.name(): f.typeName() for f in layer.fields()},
+                     "widgets": {f.name(): layer.editorWidgetSetup(i).type() for i, f in enumerate(layer.fields())}}
     print(json.dumps(out), flush=True)
     os._exit(0)  # QGIS's own teardown can crash a headless process after the work is done
 ''')
@@ -148,3 +149,18 @@ def test_the_qgis_processing_algorithms_give_the_command_line_results(beijing, m
     bad = _qgis_process(["run", "uvsam:predict", f"--SCENES={scene}", f"--MODEL={tmp_path / 'years.gpkg'}",
                          f"--OUTPUT={tmp_path / 'bad.gpkg'}"], home, uvsam)
     assert bad.returncode != 0 and "uvsam: error" in bad.stdout + bad.stderr
+
+
+def test_an_accuracy_sample_opens_in_qgis_ready_to_label(beijing, tmp_path):
+    """`uvsam sample`'s points: coloured by label (grey until labelled), numbered, and the
+    reference field a drop-down of the two classes (a value map), so a label cannot be misspelt."""
+    from tests.test_accuracy import _truth_and_map
+    from uvsam.changes.accuracy import SampleDesign, draw_sample
+
+    *_, map_file = _truth_and_map(beijing, tmp_path)
+    draw_sample(str(map_file), tmp_path / "sample.gpkg", SampleDesign(n=120, min_per_stratum=50))
+    shown, err = qgis_open(tmp_path / "sample.gpkg", ["sample"])
+    s = shown["sample"]
+    assert s["valid"] and s["features"] == 120 and s["renderer"] == "categorizedSymbol", s
+    assert s["categories"] == ["village", "not village", ""] and s["labels"]
+    assert s["widgets"]["reference"] == "ValueMap" and s["crs"] == "EPSG:3857"

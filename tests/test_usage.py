@@ -12,7 +12,7 @@ from tests.conftest import run_cli
 
 USAGE_ERRORS = [
     (["nosuch"], "No such command 'nosuch'"),
-    (["predict"], "Missing argument 'scenes'"),
+    (["predict"], "Missing option '--model'"),
     (["predict", "a.tif"], "Missing option '--model'"),
     (["predict", "a.tif", "--model"], "requires an argument"),
     (["predict", "a.tif", "--model", "m.ckpt", "--out", "v.gpkg", "--tile", "big"], "Invalid value for '--tile'"),

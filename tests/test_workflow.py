@@ -61,7 +61,7 @@ def test_several_years_example_writes_one_layer_per_year(beijing, model, tmp_pat
     ("name: x\nmodel: m.ckpt\nout: o.gpkg\nyears:\n  - layer: runs\n    scenes: [a.tif]\n",
      ["years.0.layer", "reserved"]),
     ("name: x\nmodel: m.ckpt\nout: o.gpkg\ntile: 5\nyears:\n  - layer: y\n    scenes: []\n",
-     ["tile: Extra inputs are not permitted", "years.0.scenes: List should have at least 1 item"]),
+     ["tile: Extra inputs are not permitted", "years.0: give scenes, a stac source, or both"]),
     ("name: x\nmodel: m.ckpt\nout: o.gpkg\npredict: {tile: 256, overlap: 300}\nyears:\n  - layer: y\n"
      "    scenes: [a.tif]\n", ["predict: overlap must be in [0, tile 256), got 300"]),
     ("name: x\nmodel: m.ckpt\nout: o.gpkg\nyears:\n  - layer: y\n    acquired: July\n    scenes: [a.tif]\n",

@@ -10,8 +10,11 @@ Windows may reach past the scene: the outside is filled and marked invalid.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from rasterio.warp import calculate_default_transform
 from rasterio.windows import Window
 
 from tiles.errors import TilesError
-from tiles.remote import RETRY, gdal_name, location
+from tiles.remote import RETRY, RemotePath, gdal_name, location
 
 _GEOD = Geod(ellps="WGS84")
 GDAL_CACHE_MB = 256  # GDAL's block cache defaults to 5% of RAM; tiling needs about one block row
@@ -80,6 +83,31 @@ def ground_resolution(crs, transform: Affine, width: int, height: int) -> tuple[
     return gx, gy
 
 
+_REMOTE_LOCKS: dict[str, threading.RLock] = {}
+_REMOTE_LOCKS_GUARD = threading.Lock()
+
+
+def _guard(path) -> contextlib.AbstractContextManager:
+    """What a source's GDAL calls hold: for a remote raster, one lock per URL and process. Two
+    threads of a process that open or read the same object at once can hang for good in GDAL's
+    /vsicurl/ when a download fails meanwhile (seen with GDAL 3.10: both threads waiting on the
+    region being downloaded, after a dropped connection); reading an object one call at a time
+    per process avoids it, and processes (Dask workers) still read in parallel. Local files: none."""
+    if not isinstance(path, RemotePath):
+        return contextlib.nullcontext()
+    with _REMOTE_LOCKS_GUARD:
+        return _REMOTE_LOCKS.setdefault(str(path), threading.RLock())
+
+
+def _serial(method):
+    """Run a :class:`RasterSource` method holding its source's guard (:func:`_guard`)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._guard:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class RasterSource:
     """A scene opened for tiling (a context manager).
 
@@ -93,9 +121,11 @@ class RasterSource:
         self._src = None
         self._vrt = None
         self._added_alpha = False
+        self._guard = _guard(self.path)
         self.open()
 
     # -- opening ---------------------------------------------------------------------------
+    @_serial
     def open(self) -> None:
         if not self.path.exists():
             raise TilesError("file does not exist", self.path)
@@ -159,6 +189,7 @@ class RasterSource:
         )
         return self._vrt
 
+    @_serial
     def close(self) -> None:
         for ds in (self._vrt, self._src):
             if ds is not None:
@@ -177,9 +208,11 @@ class RasterSource:
     def __setstate__(self, state):
         self.path, self.options = state["path"], state["options"]
         self._src = self._vrt = None
+        self._guard = _guard(self.path)
         self.open()
 
     # -- reading ---------------------------------------------------------------------------
+    @_serial
     def read(self, window: Window, per_band: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(bands, h, w) data in the source dtype and (h, w) bool validity for ``window``.
 
@@ -233,6 +266,7 @@ class RasterSource:
                 return np.ones(block.shape, bool)
         return block != np.asarray(nd).astype(block.dtype)
 
+    @_serial
     def read_overview(self, max_pixels: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
         """The whole scene decimated to at most ``max_pixels`` (GDAL uses overviews where present)."""
         f = max(1.0, math.sqrt(self.width * self.height / max_pixels))
@@ -248,6 +282,7 @@ class RasterSource:
             valid &= np.isfinite(data).all(axis=0)
         return data, valid
 
+    @_serial
     def read_on_grid(self, crs, transform: Affine, width: int, height: int,
                      resampling: str = "average") -> tuple[np.ndarray, np.ndarray]:
         """(bands, height, width) float64 data and (height, width) validity of the source's

@@ -17,6 +17,7 @@ from uvsam.changes import run_change
 from uvsam.config import ChangeConfig, PredictConfig, TrainConfig
 from uvsam.evaluation import evaluate as run_evaluation
 from uvsam.prediction import run_prediction
+from uvsam.prediction.sources import scene_sources
 from uvsam.training import train as run_training
 
 __all__ = ["change", "evaluate", "predict", "train"]
@@ -33,14 +34,22 @@ def train(images: str | Path, labels: str | Path, out: str | Path, *, resume: bo
     return Path(out)
 
 
-def predict(scenes: str | Path | list, model: str | Path, out: str | Path, *, layer: str = "villages",
+def predict(scenes: str | Path | list | None, model: str | Path, out: str | Path, *, layer: str = "villages",
             crs: str | None = None, checkpoint: str | Path | None = None, probabilities: str | Path | None = None,
-            quicklook: bool = True, log=None, **options) -> gpd.GeoDataFrame:
-    """``uvsam predict``: the villages of ``scenes`` (files, folders or globs) written to ``out``
-    (format from its extension) and returned as a GeoDataFrame. ``options``: any field of
-    :class:`uvsam.config.PredictConfig` (``refine``, ``threshold``, ``acquired`` ...). The
-    frame's ``attrs`` hold the run's summary (output, quicklook, run id)."""
-    scenes = [str(s) for s in scenes] if isinstance(scenes, list | tuple) else [str(scenes)]
+            quicklook: bool = True, log=None, stac: str | None = None, asset: str | None = None,
+            bbox: tuple[float, float, float, float] | None = None, datetime: str | None = None,
+            tiles: str | None = None, zoom: int | None = None, tile_cache: str | Path | None = None,
+            **options) -> gpd.GeoDataFrame:
+    """``uvsam predict``: the villages of ``scenes`` (files, folders, globs or URLs; or None),
+    of the items of ``stac`` (an Item, ItemCollection, Catalog, Collection or API; ``asset``,
+    ``bbox``, ``datetime`` choose) and of the tile service ``tiles`` (an XYZ template or GDAL WMS
+    XML, read over ``bbox`` at ``zoom``), written to ``out`` (format from its extension) and
+    returned as a GeoDataFrame. ``options``: any field of :class:`uvsam.config.PredictConfig`
+    (``refine``, ``threshold``, ``acquired`` ...). The frame's ``attrs`` hold the run's summary
+    (output, quicklook, STAC Item, run id)."""
+    named = [] if scenes is None else ([str(s) for s in scenes] if isinstance(scenes, list | tuple) else [str(scenes)])
+    scenes = scene_sources(named, stac=stac, asset=asset, bbox=bbox, datetime=datetime, tiles=tiles, zoom=zoom,
+                           tile_cache=tile_cache, acquired=options.get("acquired"))
     summary = run_prediction(scenes, model, out, PredictConfig(**options), layer=layer, crs=crs,
                              checkpoint=checkpoint, log=log or _quiet, probabilities=probabilities,
                              quicklook=quicklook)

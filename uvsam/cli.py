@@ -105,9 +105,16 @@ EXAMPLES = {
     "predict": ["uvsam predict city_2020.tif --model villages.ckpt --out villages.gpkg --layer y2020 "
                 "--acquired 2020-06-01",
                 "uvsam predict 'tiles/*.tif' --model villages.ckpt --out villages.gpkg --probabilities prob.tif",
-                "uvsam predict city.tif --model villages.ckpt --out villages.geojson --dry-run"],
+                "uvsam predict city.tif --model villages.ckpt --out villages.geojson --dry-run",
+                "uvsam predict s3://imagery/city_2020.tif --model villages.ckpt --out villages.gpkg",
+                "uvsam predict --stac https://example.org/stac/catalog.json --datetime 2019/2021 --bbox "
+                "116.2,39.7,116.6,40.1 --model villages.ckpt --out villages.gpkg",
+                "uvsam predict --tiles 'https://tiles.example.org/{z}/{x}/{y}.jpg' --bbox 116.2,39.7,116.6,40.1 "
+                "--model villages.ckpt --out villages.gpkg"],
     "change": ["uvsam change 2018=villages.gpkg:y2018 2020=villages.gpkg:y2020 --out change.gpkg --report "
                "report.html --image 2018=city_2018.tif --image 2020=city_2020.tif"],
+    "sample": ["uvsam sample villages.gpkg:y2020 --out sample_2020.gpkg --n 300 --min-per-stratum 50"],
+    "accuracy": ["uvsam accuracy sample_2020.gpkg --csv accuracy_2020.csv"],
     "demo": ["uvsam demo --out demo"],
     "run": ["uvsam run workflows/single_city.yaml", "uvsam run city.yaml --dry-run"],
     "import-xyz": ["uvsam import-xyz tiles/image --zoom 17 --masks tiles/mask --out georeferenced/"],
@@ -318,9 +325,29 @@ def _known_encoder(name: str) -> str:
 
 @app.command(epilog=examples("predict"))
 def predict(
-    scenes: Annotated[list[str], typer.Argument(help="Rasters, VRTs, folders or globs.")],
-    model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
-    out: Annotated[Path, typer.Option(help="Output: villages.gpkg (or another format with --format).")],
+    scenes: Annotated[list[str] | None, typer.Argument(
+        help="Rasters: files, VRTs, folders, globs, or URLs (http(s)://, s3://, gs://, az://, /vsi...).")] = None,
+    model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")] = ...,
+    out: Annotated[Path, typer.Option(help="Output: villages.gpkg (or another format with --format).")] = ...,
+    stac: Annotated[str | None, typer.Option(
+        help="Scenes from STAC: an Item, ItemCollection, Catalog or Collection (file or URL), or a STAC API to "
+             "search; each item's date fills `acquired`.")] = None,
+    asset: Annotated[str | None, typer.Option(help="With --stac: the asset to read (default: the visual one).")] = None,
+    tiles: Annotated[str | None, typer.Option(
+        "--tiles", help="A tile service to read over --bbox: an XYZ/TMS URL template ({z}/{x}/{y}, or {-y}) or a "
+                        "GDAL WMS/WMTS XML file.")] = None,
+    zoom: Annotated[int | None, typer.Option(
+        help="With --tiles: the zoom to read (default: the coarsest as fine as the model's GSD).")] = None,
+    tile_cache: Annotated[Path | None, typer.Option(
+        help="With --tiles: the on-disk tile cache (default: ~/.cache/uvsam/tiles).")] = None,
+    max_connections: Annotated[int, typer.Option(
+        help="With --tiles: requests at once to the tile server.")] = 2,
+    requests_per_second: Annotated[float, typer.Option(
+        help="With --tiles: requests per second to the tile server at most.")] = 8.0,
+    bbox: Annotated[str | None, typer.Option(
+        help="WEST,SOUTH,EAST,NORTH (degrees): the area --tiles reads, or the items of --stac kept.")] = None,
+    stac_datetime: Annotated[str | None, typer.Option(
+        "--datetime", help="With --stac: only items of this date, year, YYYY-MM or interval A/B (.. open).")] = None,
     layer: Annotated[str, typer.Option(help="Villages layer name (one per year); other layers are kept.")] = "villages",
     fmt: Annotated[str | None, typer.Option("--format", help="Default: from the extension of --out. " + "; ".join(
         f"{f.name} ({f.suffix}): {f.holds}" for f in FORMATS.values()) + ".")] = None,
@@ -335,7 +362,8 @@ def predict(
     force_refine: Annotated[bool, typer.Option(
         help="Refine even with a generalist whose weights are not verified official ones.")] = PD("force_refine"),
     tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = PD("tile"),
-    batch_size: Annotated[int, typer.Option(help="Tiles per specialist call.")] = PD("batch_size"),
+    batch_size: Annotated[int | None, typer.Option(
+        help="Tiles per specialist call (default: 2 on a CPU, by free memory on a GPU).")] = PD("batch_size"),
     window: Annotated[int, typer.Option(help="Refinement window (px at the model's GSD).")] = PD("window"),
     window_margin: Annotated[int, typer.Option(
         help="Margin (px) a refined outline may grow past its box.")] = PD("window_margin"),
@@ -373,8 +401,13 @@ def predict(
 
     Resumable: run the same command again after an interruption and finished work is skipped.
     """
+    from uvsam.devices import gpus_for
     from uvsam.prediction import model_info, run_prediction, runs_in_process
+    from uvsam.prediction.sources import scene_sources
 
+    scenes = scene_sources(scenes, stac=stac, asset=asset, bbox=bbox, datetime=stac_datetime, tiles=tiles, zoom=zoom,
+                           tile_cache=tile_cache, max_connections=max_connections,
+                           requests_per_second=requests_per_second, acquired=acquired)
     cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, threshold=threshold, refine=refine,
                         force_refine=force_refine, refine_min_iou=refine_min_iou,
                         refine_min_stability=refine_min_stability, refine_min_overlap=refine_min_overlap,
@@ -389,14 +422,15 @@ def predict(
         return
     _STATE["resume"] = (f"finished tiles and windows are kept in {out.with_name(out.stem + '.work')}: run the same "
                         f"command again to resume; {out} was not changed")
-    if runs_in_process(local, scheduler, workers):
+    gpus = gpus_for(cfg.device)  # a worker per GPU when Dask runs locally
+    if runs_in_process(local, scheduler, workers, len(gpus)):
         summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log,
                                  probabilities=probabilities, quicklook=quicklook)
     else:
         from uvsam.prediction.distributed import dask_runner, make_client, register_model
 
         info = model_info(model, checkpoint, cfg.device, cfg.precision)
-        with make_client(scheduler, workers) as client:
+        with make_client(scheduler, workers, gpus=gpus) as client:
             register_model(client, info)
             summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint,
                                      runner=dask_runner(client), log=log, probabilities=probabilities,
@@ -425,6 +459,9 @@ def change_cmd(
     image: Annotated[list[str], typer.Option(
         help="YEAR=RASTER imagery (co-registration, report); repeatable.")] = [],  # noqa: B006
     max_shift: Annotated[float, typer.Option(help="Warn when years' imagery is shifted more (m).")] = 5.0,
+    accuracy: Annotated[list[str], typer.Option(
+        help="YEAR=SAMPLE.gpkg: a labelled `uvsam sample` of that year's map; its error-adjusted areas with 95 % "
+             "confidence intervals go in the accuracy table and the report; repeatable.")] = [],  # noqa: B006
 ):
     """Village lifecycles across years (new, demolished, stable, expanded, shrunk, split, merged)."""
     from uvsam.changes import run_change
@@ -440,7 +477,49 @@ def change_cmd(
         point = (lon, lat)
     cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs, min_area_m2=mapping_unit)
     typer.echo(json.dumps(run_change(years, out, cfg, districts, district_field, point, ring_km, crs, report,
-                                     image, max_shift, log)))
+                                     image, max_shift, accuracy, log)))
+
+
+@app.command("sample", epilog=examples("sample"))
+def sample_cmd(
+    villages: Annotated[str, typer.Argument(help="The map: FILE[:LAYER] of village polygons (a predict GeoPackage).")],
+    out: Annotated[Path, typer.Option(help="Sample GeoPackage to write: points to label (field reference), strata.")],
+    n: Annotated[int, typer.Option(help="Points in all, shared by mapped area.")] = 300,
+    min_per_stratum: Annotated[int, typer.Option(help="At least this many points per stratum.")] = 50,
+    area: Annotated[str | None, typer.Option(
+        help="Polygon file of the mapped area (default: the GeoPackage's tiles that ran).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (the same seed draws the same points).")] = 0,
+):
+    """Draw a stratified random sample of points to label, for an accuracy assessment.
+
+    Strata: village and not village over the mapped area. Label each point's `reference` in QGIS
+    (village or not village) from better imagery or fieldwork, then run `uvsam accuracy`.
+    """
+    from uvsam.changes.accuracy import SampleDesign, draw_sample
+
+    typer.echo(json.dumps(draw_sample(villages, out, SampleDesign(n, min_per_stratum, seed), area)))
+
+
+@app.command("accuracy", epilog=examples("accuracy"))
+def accuracy_cmd(
+    sample: Annotated[Path, typer.Argument(help="A sample GeoPackage from `uvsam sample`, its points labelled.")],
+    confidence: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
+    csv: Annotated[Path | None, typer.Option(help="Also write the per-class table as CSV.")] = None,
+):
+    """Error matrix, user's and producer's accuracy and error-adjusted areas with confidence
+    intervals, from a labelled stratified sample (Olofsson et al. 2014)."""
+    from statistics import NormalDist
+
+    from uvsam.changes.accuracy import assess
+    from uvsam.files import atomic_path
+
+    if not 0.5 <= confidence < 1:
+        raise InputError(f"--confidence {confidence}: give a level in [0.5, 1), e.g. 0.95")
+    result = assess(sample, NormalDist().inv_cdf(0.5 + confidence / 2))
+    if csv is not None:
+        with atomic_path(csv) as tmp:
+            result.table().to_csv(tmp, index=False)
+    typer.echo(json.dumps(result.to_dict()))
 
 
 @app.command("demo", epilog=examples("demo"))

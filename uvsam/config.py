@@ -27,20 +27,22 @@ SPECIALIST_INPUTS = ("rgb", "lcn", "lcn_rgb")
 @dataclass(frozen=True)
 class Format:
     """An output format: its name (``--format``), OGR driver (None: written by geopandas),
-    file suffix, and what it holds."""
+    file suffix, what it holds, and its media type (as a STAC asset's ``type``)."""
 
     name: str
     driver: str | None
     suffix: str
     holds: str
+    media_type: str
 
 
 # The one table of output formats (the CLI, the workflow schema and the writers read it).
 FORMATS = {f.name: f for f in (
-    Format("gpkg", "GPKG", ".gpkg", "villages, candidates, tiles, runs and a QGIS style; a layer per year"),
-    Format("geojson", "GeoJSON", ".geojson", "the villages alone, in WGS84 (RFC 7946)"),
-    Format("parquet", None, ".parquet", "the villages alone (GeoParquet)"),
-    Format("fgb", "FlatGeobuf", ".fgb", "the villages alone (FlatGeobuf)"),
+    Format("gpkg", "GPKG", ".gpkg", "villages, candidates, tiles, runs and a QGIS style; a layer per year",
+           "application/geopackage+sqlite3"),
+    Format("geojson", "GeoJSON", ".geojson", "the villages alone, in WGS84 (RFC 7946)", "application/geo+json"),
+    Format("parquet", None, ".parquet", "the villages alone (GeoParquet)", "application/vnd.apache.parquet"),
+    Format("fgb", "FlatGeobuf", ".fgb", "the villages alone (FlatGeobuf)", "application/vnd.flatgeobuf"),
 )}
 
 
@@ -92,7 +94,7 @@ class PredictConfig:
 
     tile: int = 512
     overlap: int = 256  # half a tile: measured to halve the disagreement of shifted grids (issue 5 note)
-    batch_size: int = 2  # tiles a specialist call: on CPU as fast per tile as 1 or 4 (docs/benchmarks.md)
+    batch_size: int | None = None  # tiles a specialist call; None: for the device (uvsam.devices.Device.tile_batch)
     threshold: float = 0.5
     refine: bool = True
     force_refine: bool = False  # refine even with a generalist whose weights are not verified official ones
@@ -125,7 +127,8 @@ class PredictConfig:
                 (0 < self.threshold < 1, "threshold", f"must be in (0, 1), got {self.threshold}"),
                 (self.window >= 64 and self.window > 2 * self.window_margin, "window",
                  f"refinement window {self.window} px too small for its margin {self.window_margin}"),
-                (self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}"),
+                (self.batch_size is None or self.batch_size >= 1, "batch_size",
+                 f"must be positive, got {self.batch_size}"),
                 (self.block >= 1, "block", f"must be positive, got {self.block}"),
                 (self.min_area_m2 >= 0, "min_area_m2", f"cannot be negative, got {self.min_area_m2}"),
                 (self.simplify_m is None or self.simplify_m >= 0, "simplify_m",

@@ -196,8 +196,7 @@ def run_demo(out: str | Path, log=print, local: bool = False, workers: int = 1, 
                                  **kwargs)
     finally:
         if not local:
-            client.close()
-            client.cluster.close()
+            client.close()  # and its local cluster
     times["predict_s"] = time.perf_counter() - t
 
     log("[4/4] scoring the villages layer against the synthetic truth")

@@ -53,6 +53,17 @@ class Device:
         if self.torch.type == "cuda":
             torch.cuda.synchronize(self.torch)
 
+    def tile_batch(self, tile_px: int) -> int:
+        """Tiles per specialist call when the user did not say: 2 on a CPU (as fast per tile as 1
+        or 4 there, docs/benchmarks.md) or MPS; on a CUDA GPU as many as a quarter of its free
+        memory holds at ~150 float32 activations per input pixel (SegFormer and the fusion head,
+        an estimate), from 2 to 64."""
+        if self.torch.type != "cuda":
+            return 2
+        free, _ = torch.cuda.mem_get_info(self.torch)
+        per_tile = tile_px * tile_px * 4 * 150 * (0.5 if self.precision != "fp32" else 1.0)
+        return int(max(2, min(64, 0.25 * free // per_tile)))
+
     def describe(self) -> str:
         """For the runs table and benchmarks: ``cuda:0 (NVIDIA H200), bf16``."""
         what = torch.cuda.get_device_name(self.torch) if self.torch.type == "cuda" else self.name
@@ -87,6 +98,15 @@ def select(device: str = "auto", precision: str = "auto") -> Device:
     if precision == "fp16" and device == "cpu":
         raise ConfigError("fp16 on the CPU is slower and less exact than fp32: use fp32 or bf16", field="precision")
     return Device(device, precision)
+
+
+def gpus_for(device: str) -> list[int]:
+    """The GPUs a local Dask cluster gives a worker each (:mod:`uvsam.prediction.distributed`):
+    every GPU for ``auto``/``cuda`` where PyTorch sees some, none otherwise (``cuda:N`` runs on
+    the one GPU it names; the CPU and MPS need no layout)."""
+    if (device or "auto").strip().lower() in ("auto", "cuda") and torch.cuda.is_available():
+        return list(range(torch.cuda.device_count()))
+    return []
 
 
 def _mps() -> bool:

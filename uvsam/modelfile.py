@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -130,7 +130,9 @@ class ModelFile:
             if len(_READ) >= 8:  # a long-lived process (a notebook, cross-validation) does not accumulate them
                 _READ.pop(next(iter(_READ)))
             _READ[key] = _from_payload(path, *_load_payload(path))
-        return _READ[key]
+        record = _READ[key]
+        # the same file under another name (a symlink): the record names the path given this time
+        return record if record.path == path else replace(record, path=path)
 
 
 _READ: dict[tuple, ModelFile] = {}

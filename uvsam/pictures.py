@@ -31,6 +31,7 @@ from rasterio.warp import transform_bounds
 
 from tiles.radiometry import compute_stretch
 from tiles.reader import RasterSource, ReadOptions, ground_resolution
+from tiles.remote import location
 from uvsam import __version__
 from uvsam.files import atomic_path
 
@@ -176,7 +177,7 @@ def quicklook(png: str | Path, scenes: list[str | Path], villages, candidates=No
               subtitle: str = "", bands: tuple[int, ...] | None = None) -> Picture:
     """The scenes' thumbnail with the villages outlined (and candidates dashed), a legend and a
     scale bar, in the first scene's CRS. ``villages``/``candidates``: GeoDataFrames (any CRS)."""
-    paths = [Path(s) for s in scenes]
+    paths = [location(s) for s in scenes]  # files or URLs
     crs, boxes = None, []
     for p in paths:
         with RasterSource(p, ReadOptions(bands)) as src:

@@ -20,12 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tiles.remote import is_remote
 from uvsam.config import FORMATS, PredictConfig
+from uvsam.devices import gpus_for
 from uvsam.errors import InputError, OutputError, UvsamError
 from uvsam.files import check_writable
 from uvsam.layers import layer_problem
 from uvsam.prediction import dry_run as estimate
 from uvsam.prediction import find_scenes, model_info, prepare_scene, run_prediction, runs_in_process
 from uvsam.prediction.distributed import dask_runner, make_client, register_model
+from uvsam.stac.items import collection_path, write_collection
+from uvsam.stac.scenes import StacQuery, find_stac_scenes
 
 _HINTS = get_type_hints(PredictConfig)
 
@@ -34,12 +37,45 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StacSource(Strict):
+    """A year's scenes from STAC (``uvsam predict --stac``): a catalogue, item(s) or API, with the
+    asset, area and dates to take."""
+
+    source: str
+    asset: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    datetime: str | None = None
+
+    @model_validator(mode="after")
+    def _query(self):
+        try:
+            self.query()
+        except UvsamError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def query(self, base: Path | None = None) -> StacQuery:
+        source = self.source
+        if base is not None and not is_remote(source) and not Path(source).is_absolute():
+            source = str(base / source)
+        return StacQuery(source, self.asset, self.bbox, self.datetime)
+
+
 class Year(Strict):
-    """One year (or date) of imagery and the layer its villages go to."""
+    """One year (or date) of imagery and the layer its villages go to: scenes, a STAC source, or both."""
 
     layer: str
-    scenes: list[str] = Field(min_length=1)
+    scenes: list[str] = []
+    stac: StacSource | None = None
     acquired: str | None = Field(default=None, description="YYYY-MM-DD; stored with every village")
+
+    @model_validator(mode="after")
+    def _imagery(self):
+        if not self.scenes and self.stac is None:
+            raise ValueError("give scenes, a stac source, or both")
+        if self.stac is not None and self.acquired is not None and not self.scenes:
+            raise ValueError("acquired with only a stac source: the items' dates are the acquisition dates")
+        return self
 
     @field_validator("layer")
     @classmethod
@@ -145,7 +181,9 @@ def load(path: str | Path) -> tuple[Workflow, str]:
     def scene(s: str) -> str:
         return s if is_remote(s) or Path(s).is_absolute() else str(base / s)
 
-    years = [y.model_copy(update={"scenes": [scene(s) for s in y.scenes]}) for y in wf.years]
+    years = [y.model_copy(update={"scenes": [scene(s) for s in y.scenes],
+                                  "stac": y.stac.model_copy(update={"source": y.stac.query(base).source})
+                                  if y.stac else None}) for y in wf.years]
     wf = wf.model_copy(update={"model": resolve(wf.model), "checkpoint": resolve(wf.checkpoint),
                                "out": resolve(wf.out), "years": years})
     if not wf.model.is_file():
@@ -162,16 +200,19 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     ``local``, ``workers`` and ``scheduler`` override the file's ``execution`` section.
     """
     wf, text = load(path)
-    found = [find_scenes(y.scenes) for y in wf.years]  # every scene of every year is found,
+    specs = [y.scenes + (find_stac_scenes(y.stac.query()) if y.stac else []) for y in wf.years]
     first = wf.config(wf.years[0])
     info = model_info(wf.model, wf.checkpoint, first.device, first.precision)
+    found = [find_scenes(s, info.gsd_m) for s in specs]  # every scene of every year is found,
     prepared = [[prepare_scene(p, info, wf.config(y)) for p in paths]  # then opened and checked, before any
                 for y, paths in zip(wf.years, found, strict=True)]  # year runs (and not prepared again)
     if dry_run:
-        return [{"layer": y.layer, **estimate(y.scenes, wf.model, wf.config(y), wf.checkpoint, prepared=scenes)}
-                for y, scenes in zip(wf.years, prepared, strict=True)]
+        return [{"layer": y.layer, **estimate(s, wf.model, wf.config(y), wf.checkpoint, prepared=scenes)}
+                for y, s, scenes in zip(wf.years, specs, prepared, strict=True)]
     ex = wf.execution
-    local = runs_in_process(ex.local if local is None else local, scheduler or ex.scheduler, workers or ex.workers)
+    gpus = gpus_for(first.device)  # a worker per GPU when Dask runs locally
+    local = runs_in_process(ex.local if local is None else local, scheduler or ex.scheduler, workers or ex.workers,
+                            len(gpus))
     try:
         if not wf.out.parent.exists():
             wf.out.parent.mkdir(parents=True)  # a workflow names its output folder: create it
@@ -182,15 +223,20 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
 
     def each(runner=None) -> list[dict]:
         out = []
-        for y, scenes in zip(wf.years, prepared, strict=True):
-            log(f"{wf.name}: {y.layer} ({len(y.scenes)} scene spec(s))")
+        for y, s, scenes in zip(wf.years, specs, prepared, strict=True):
+            log(f"{wf.name}: {y.layer} ({len(scenes)} scene(s))")
             kwargs = {"runner": runner} if runner is not None else {}
-            out.append(run_prediction(y.scenes, wf.model, wf.out, wf.config(y), y.layer, wf.format, wf.crs,
+            out.append(run_prediction(s, wf.model, wf.out, wf.config(y), y.layer, wf.format, wf.crs,
                                       wf.checkpoint, log=log, run_extra=extra, prepared=scenes, **kwargs))
         return out
 
     if local:
-        return each()
-    with make_client(scheduler or ex.scheduler, workers or ex.workers) as client:
-        register_model(client, info)
-        return each(dask_runner(client))
+        summaries = each()
+    else:
+        with make_client(scheduler or ex.scheduler, workers or ex.workers, gpus=gpus) as client:
+            register_model(client, info)
+            summaries = each(dask_runner(client))
+    collection = write_collection(collection_path(wf.out), wf.name, [Path(s["stac_item"]) for s in summaries],
+                                  f"Urban villages mapped by uvsam, workflow {wf.name}: "
+                                  + ", ".join(y.layer for y in wf.years))
+    return [{**s, "stac_collection": str(collection)} for s in summaries]

@@ -5,6 +5,7 @@
 :mod:`.track`      lifecycles and persistent ids in one equal-area analysis CRS
 :mod:`.summaries`  per district, per distance ring, agreement of two years
 :mod:`.imagery`    co-registration and colour-only change between years
+:mod:`.accuracy`   a stratified sample to label, and error-adjusted areas with confidence intervals
 :mod:`.outputs`    the GeoPackage and CSVs
 :mod:`.report`     the HTML report for decision makers
 :mod:`.run`        ``uvsam change``

@@ -163,6 +163,27 @@ def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:,.4g}")
 
 
+def accuracy_section(acc: pd.DataFrame) -> str:
+    """Mapped village area beside the error-adjusted estimate and its confidence interval, with
+    user's, producer's and overall accuracy, per year that has a labelled sample."""
+    v = acc[acc["class"] == "village"]
+    level = f"{100 * float(v['confidence'].iloc[0]):g} %"
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r['year']))}</td><td>{r['mapped_m2'] / 1e6:,.3f}</td>"
+        f"<td><strong>{r['estimated_m2'] / 1e6:,.3f}</strong> &plusmn; {r['estimated_m2_ci'] / 1e6:,.3f}</td>"
+        f"<td>{r['estimated_m2_low'] / 1e6:,.3f} - {r['estimated_m2_high'] / 1e6:,.3f}</td>"
+        f"<td>{r['users_accuracy']:.2f} &plusmn; {r['users_accuracy_ci']:.2f}</td>"
+        f"<td>{r['producers_accuracy']:.2f} &plusmn; {r['producers_accuracy_ci']:.2f}</td>"
+        f"<td>{r['overall_accuracy']:.3f} &plusmn; {r['overall_accuracy_ci']:.3f}</td>"
+        f"<td>{int(acc[acc['year'] == r['year']]['points'].sum()):,}</td></tr>" for _, r in v.iterrows())
+    return ("<h2>Accuracy and estimated village area</h2><p>From a stratified random sample of points labelled by "
+            "an analyst (<code>uvsam sample</code>, <code>uvsam accuracy</code>; Olofsson et al. 2014): the mapped "
+            f"area corrected for the map's errors, with its {level} confidence interval.</p>"
+            "<table class='t'><tr><th>year</th><th>mapped km&sup2;</th><th>estimated km&sup2;</th>"
+            f"<th>{level} interval km&sup2;</th><th>user's accuracy</th><th>producer's accuracy</th>"
+            "<th>overall accuracy</th><th>points</th></tr>" + rows + "</table>")
+
+
 def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
            images: dict[str, Path] | None = None, largest: int = 6) -> str:
     """The report's HTML text."""
@@ -180,6 +201,8 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
                     + bar_chart(years, {"area": list(result.years["area_km2"])}, "km2")
                     + bar_chart(years, {"villages": [float(v) for v in result.years["villages"]]}, "villages")
                     + "</div>" + _table(result.years))
+    if "accuracy" in tables:
+        sections.append(accuracy_section(tables["accuracy"]))
     for y0, y1 in zip(years, years[1:], strict=False):
         pair = result.changes[(result.changes["year_from"] == y0) & (result.changes["year_to"] == y1)]
         sections.append(f"<h2>Changes {html.escape(y0)} -> {html.escape(y1)}</h2>" + change_map(pair))

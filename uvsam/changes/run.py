@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import NormalDist
 
 import pandas as pd
 import pyogrio
 
 from uvsam import __version__
+from uvsam.changes.accuracy import Accuracy, assess
 from uvsam.changes.imagery import check_consistency, coregistration
 from uvsam.changes.outputs import parse_crs, write_outputs
 from uvsam.changes.report import write_report
-from uvsam.changes.sources import parse_images, read_layer
+from uvsam.changes.sources import parse_images, read_layer, year_specs
 from uvsam.changes.summaries import by_district, by_ring
 from uvsam.changes.track import LIFECYCLES, ChangeConfig, track
 from uvsam.errors import InputError
@@ -24,11 +26,14 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
                districts: str | Path | None = None, district_field: str | None = None,
                centre: tuple[float, float] | None = None, ring_km: float = 2.0, crs: str | None = None,
                report: str | Path | None = None, images: list[str] | None = None, max_shift_m: float = 5.0,
-               log=print) -> dict:
+               accuracy: list[str] | None = None, log=print) -> dict:
     """``uvsam change``: read the years, track, aggregate, write (and report); returns a summary.
 
     ``images``: ``YEAR=RASTER`` specs: their co-registration is checked for consecutive years
     (a warning through ``log`` above ``max_shift_m``) and the report's thumbnails show them.
+    ``accuracy``: ``YEAR=SAMPLE`` specs, labelled samples of ``uvsam sample``: each year's
+    error-adjusted areas and accuracies with 95 % confidence intervals (the ``accuracy`` table,
+    and the report beside the mapped areas).
     """
     if crs is not None:
         parse_crs(crs)  # a wrong --crs is refused before any work
@@ -38,6 +43,7 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
             layers.append(read_layer(s))
             bar.advance(1, step=f"read {layers[-1].year}")
         pictures = parse_images(images or [], [ly.year for ly in layers])
+        assessed = parse_accuracy(accuracy or [], [ly.year for ly in layers])
         check_writable(out)
         if report is not None:
             check_writable(report)
@@ -50,6 +56,8 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
             tables["districts"] = by_district(result.villages, pyogrio.read_dataframe(districts), district_field)
         if centre is not None:
             tables["rings"] = by_ring(result.villages, centre, ring_km)
+        if assessed:
+            tables["accuracy"] = accuracy_table(assessed)
         coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
         consistency = check_consistency(result, pictures, log)
         bar.advance(1, step="imagery checked")
@@ -57,7 +65,9 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
         run = {"years": [ly.year for ly in layers], "sources": [ly.source for ly in layers], "config": cfg.to_dict(),
                "analysis_crs": result.crs.to_wkt(), "districts": str(districts) if districts else None,
                "centre": list(centre) if centre else None, "ring_km": ring_km if centre else None,
-               "images": {y: str(p) for y, p in pictures.items()}, "coregistration": coreg, "consistency": consistency,
+               "images": {y: str(p) for y, p in pictures.items()},
+               "accuracy_samples": {y: str(s) for y, (s, _) in assessed.items()}, "coregistration": coreg,
+               "consistency": consistency,
                "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         files = write_outputs(out, result, tables, run, crs, [ly.villages.crs for ly in layers])
         bar.advance(1, step="written")
@@ -66,3 +76,22 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
             bar.advance(1, step="report")
     return {"out": str(out), "files": [str(f) for f in files], "years": run["years"], "coregistration": coreg,
             "consistency": consistency, "lifecycles": {k: int(counts.get(k, 0)) for k in LIFECYCLES}}
+
+
+def parse_accuracy(specs: list[str], years: list[str]) -> dict[str, tuple[str, Accuracy]]:
+    """``YEAR=SAMPLE`` specs -> {year: (sample file, its :class:`~uvsam.changes.accuracy.Accuracy`)}."""
+    return {year: (path, assess(path))
+            for year, path in year_specs(specs, years, "accuracy", "YEAR=SAMPLE.gpkg (a labelled `uvsam sample`)")}
+
+
+def accuracy_table(assessed: dict[str, tuple[str, Accuracy]]) -> pd.DataFrame:
+    """One row per year and class: mapped and error-adjusted area with its interval, user's and
+    producer's accuracy with theirs, the year's overall accuracy, the sample's size."""
+    frames = []
+    for year, (_, acc) in assessed.items():
+        t = acc.table()
+        t.insert(0, "year", year)
+        t["overall_accuracy"], t["overall_accuracy_ci"] = acc.overall.value, acc.overall.ci
+        t["confidence"] = round(2 * NormalDist().cdf(acc.z) - 1, 4)
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True)

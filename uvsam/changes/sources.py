@@ -68,15 +68,24 @@ def read_layer(spec: str) -> YearLayer:
     return YearLayer(year, f"{path}:{layer}", gdf)
 
 
+def year_specs(specs: list[str], years: list[str], field: str, form: str) -> list[tuple[str, str]]:
+    """``YEAR=VALUE`` specs -> (year, value) pairs, each year one of ``years``; ConfigErrors name
+    ``field`` and the ``form`` expected (``YEAR=RASTER``)."""
+    out = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"{spec!r}: give {form}", field=field)
+        year, value = spec.split("=", 1)
+        if year not in years:
+            raise ConfigError(f"{spec!r}: year {year!r} is not one of {', '.join(years)}", field=field)
+        out.append((year, value))
+    return out
+
+
 def parse_images(specs: list[str], years: list[str]) -> dict[str, Path]:
     """``YEAR=RASTER`` specs -> {year: path}, each year one of ``years`` and each file present."""
     out = {}
-    for spec in specs:
-        if "=" not in spec:
-            raise ConfigError(f"{spec!r}: give YEAR=RASTER", field="image")
-        year, path = spec.split("=", 1)
-        if year not in years:
-            raise ConfigError(f"{spec!r}: year {year!r} is not one of {', '.join(years)}", field="image")
+    for year, path in year_specs(specs, years, "image", "YEAR=RASTER"):
         path = location(path)  # a file, or a URL / /vsi path GDAL reads by ranges
         if not path.is_file():
             raise InputError("image does not exist", path)

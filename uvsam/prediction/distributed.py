@@ -4,6 +4,13 @@ Tasks are the plain functions of :mod:`uvsam.prediction` (a batch of tiles, a re
 :func:`dask_runner` submits them with a bounded number in flight (so image blocks are read
 ahead while the model computes, without flooding memory) and yields results in submission
 order. The local cluster binds its scheduler and dashboard to 127.0.0.1 only.
+
+On a machine with GPUs (``--device auto`` or ``cuda``), the local cluster is one worker per GPU,
+each seeing only its own (``CUDA_VISIBLE_DEVICES``), so the model's ``cuda:0`` is a different
+GPU in every worker: dask-cuda's ``LocalCUDACluster`` when installed, else the same layout built
+from distributed's own parts (:func:`per_gpu_cluster`). ``--device cuda:N`` keeps one GPU. On a
+cluster of your own (``--scheduler``), start one worker per GPU (``dask cuda worker``, or
+``dask worker`` with ``CUDA_VISIBLE_DEVICES`` set per worker).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, WorkerPlugin
 
 from uvsam.prediction.model import ModelInfo, get_model
 
@@ -34,8 +41,34 @@ class ModelPlugin(WorkerPlugin):
         get_model(self.info)
 
 
-def make_client(scheduler: str | None = None, workers: int | None = None, threads: int = 2) -> Client:
-    """A client of ``scheduler`` (``tcp://host:port``), or of a local cluster sized to this machine.
+class ClusterClient(Client):
+    """A client of a local cluster it was made for: closing it (``with``, ``close()``) closes the
+    cluster too, whose worker processes would otherwise outlive the run (a Client closes only a
+    cluster it started itself, not one it was handed)."""
+
+    def close(self, *args, **kwargs):
+        cluster = self.cluster
+        try:
+            return super().close(*args, **kwargs)
+        finally:
+            if cluster is not None:
+                cluster.close()
+
+
+def per_gpu_cluster(gpus: list[int], threads: int = 2) -> SpecCluster:
+    """A local cluster of one worker process per GPU in ``gpus``, each started with
+    ``CUDA_VISIBLE_DEVICES`` set to its GPU alone (what dask-cuda's LocalCUDACluster does)."""
+    workers = {f"gpu-{g}": {"cls": Nanny, "options": {
+        "nthreads": threads, "env": {"CUDA_VISIBLE_DEVICES": str(g)}, "host": "127.0.0.1",
+        "memory_limit": "auto", "silence_logs": 40}} for g in gpus}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
+
+
+def make_client(scheduler: str | None = None, workers: int | None = None, threads: int = 2,
+                gpus: list[int] | None = None) -> Client:
+    """A client of ``scheduler`` (``tcp://host:port``), or of a local cluster sized to this machine:
+    one worker per GPU in ``gpus`` (at most ``workers``), else CPU workers.
 
     Each local worker is a process running ``threads`` tasks at once (one computes while the
     next reads), with torch using the worker's share of the cores.
@@ -43,11 +76,19 @@ def make_client(scheduler: str | None = None, workers: int | None = None, thread
     if scheduler:
         return Client(scheduler)
     logging.getLogger("distributed").setLevel(logging.WARNING)  # no INFO chatter on the user's terminal
+    if gpus:
+        gpus = gpus[: workers or len(gpus)]
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            return ClusterClient(per_gpu_cluster(gpus, threads))
+        return ClusterClient(LocalCUDACluster(CUDA_VISIBLE_DEVICES=gpus, threads_per_worker=threads, host="127.0.0.1",
+                                       dashboard_address="127.0.0.1:0", silence_logs=40))
     cores = os.cpu_count() or 1
     n = workers or max(1, cores // 4)
     cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, host="127.0.0.1",
                            dashboard_address="127.0.0.1:0", memory_limit="auto", silence_logs=40)
-    return Client(cluster)
+    return ClusterClient(cluster)
 
 
 def register_model(client: Client, info: ModelInfo) -> None:

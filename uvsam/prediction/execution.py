@@ -12,15 +12,20 @@ Runner = Callable[[Callable, Iterable[tuple]], Iterator]
 LOCAL_CLUSTER_MIN_CORES = 8
 
 
-def runs_in_process(local: bool | None, scheduler: str | None = None, workers: int | None = None) -> bool:
+def runs_in_process(local: bool | None, scheduler: str | None = None, workers: int | None = None,
+                    gpus: int = 0) -> bool:
     """Where a prediction runs when the user did not say (``local`` None): on a named scheduler
-    or a requested number of workers, Dask; otherwise in this process on machines with fewer
-    than ``LOCAL_CLUSTER_MIN_CORES`` cores, where one model's threads already use every core and
-    a local cluster only adds processes and memory (docs/benchmarks.md), else a local cluster."""
+    or a requested number of workers, Dask; with ``gpus`` GPUs to use, Dask (a worker per GPU)
+    when there are several and this process when one; otherwise in this process on machines
+    with fewer than ``LOCAL_CLUSTER_MIN_CORES`` cores, where one model's threads already use
+    every core and a local cluster only adds processes and memory (docs/benchmarks.md), else a
+    local cluster."""
     if local is not None:
         return local
     if scheduler or workers:
         return False
+    if gpus:
+        return gpus == 1
     return (os.cpu_count() or 1) < LOCAL_CLUSTER_MIN_CORES
 
 

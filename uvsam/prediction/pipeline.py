@@ -33,14 +33,15 @@ from uvsam.progress import stage
 
 def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir: Path,
                   runner: Runner = run_local, progress: Callable[[str, int], None] | None = None,
-                  prepared: tuple | None = None, identity: str | None = None) -> SceneResult:
+                  prepared: tuple | None = None, identity: str | None = None, name: str | None = None) -> SceneResult:
     """Run the four steps on one scene; the probability mosaic is written into ``workdir``.
 
     Finished tasks are journaled in ``workdir``: an interrupted run, run again, skips them.
     ``progress(stage, n)`` is called as tiles and windows finish. ``prepared``: the scene's
     :func:`~uvsam.prediction.scene.prepare_scene` when the caller has it already; ``identity``: the
     scene's :func:`~uvsam.prediction.journal.scene_identity` when the caller has it (a remote
-    scene's version is then asked for once per run).
+    scene's version is then asked for once per run); ``name``: what the scene goes by in the run
+    (its files in ``workdir``), default its file name.
     """
     path = location(path)
     scene, prep = prepared if prepared is not None else prepare_scene(path, info, cfg)
@@ -48,7 +49,7 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
                       json.dumps(cfg.to_dict(), sort_keys=True))
     if prep.crs is None:
         raise InputError("raster has no CRS; village polygons need georeferenced imagery", path)
-    mosaic = workdir / f"{path.stem}.probability.tif"
+    mosaic = workdir / f"{Path(name).stem if name else path.stem}.probability.tif"
     tile_rows = specialist_mosaic(scene, prep, info, cfg, mosaic, runner, journal, progress)
     # a speck under half the minimum village area cannot become a village (clean() drops it)
     with stage("vectorise"):

@@ -7,6 +7,7 @@ import json
 import resource
 import shutil
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import pandas as pd
 import torch
 
 from tiles.errors import TilesError
+from tiles.remote import location
 from uvsam import __version__
-from uvsam.config import PredictConfig
+from uvsam.config import FORMATS, PredictConfig
 from uvsam.errors import ConfigError, UvsamError
 from uvsam.files import check_writable
 from uvsam.layers import check_format, date_column, write_layers
@@ -32,10 +34,13 @@ from uvsam.prediction.probabilities import scene_output, write_probabilities
 from uvsam.prediction.scene import find_scenes, harmonisation_record, prepare_scene, scene_row
 from uvsam.prediction.specialist import specialist_batch, tile_windows
 from uvsam.progress import Progress, stage
+from uvsam.stac.items import build_item, item_path, write_item
+from uvsam.stac.scenes import StacScene
 
 
-def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: PredictConfig = PredictConfig(),
-                   layer: str = "villages", fmt: str | None = None, crs: str | None = None,
+def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | Path,
+                   cfg: PredictConfig = PredictConfig(), layer: str = "villages", fmt: str | None = None,
+                   crs: str | None = None,
                    checkpoint: str | Path | None = None, runner: Runner = run_local, log=print,
                    run_extra: dict | None = None, prepared: list[tuple] | None = None,
                    probabilities: str | Path | None = None, quicklook: bool = True) -> dict:
@@ -49,16 +54,21 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     ``probabilities``: a GeoTIFF to write the village probabilities to, on the exact grid of the
     model's GSD (:mod:`.probabilities`; one file per scene beside it when there are several);
     ``quicklook``: a PNG of the scenes with the villages outlined beside the output
-    (:func:`quicklook_path`).
+    (:func:`quicklook_path`). A scene may be a :class:`~uvsam.stac.scenes.StacScene`: its
+    villages are then ``acquired`` on the item's date (``cfg.acquired`` dates the others), and
+    the runs table names its item.
     """
     out = check_writable(out)
-    fmt = check_format(fmt, layer, out)  # None: the extension's
+    fmt = check_format(fmt, layer, out)  # given, else the extension's
     if probabilities is not None:
         probabilities = check_writable(probabilities)
         if probabilities.suffix.lower() not in (".tif", ".tiff"):
             raise ConfigError("must name a GeoTIFF (.tif)", probabilities, field="probabilities")
-    paths = find_scenes(scenes)
     info = model_info(model, checkpoint, cfg.device, cfg.precision)
+    paths = find_scenes(scenes, info.gsd_m)
+    from_stac = {str(location(s.href)): s for s in scenes if isinstance(s, StacScene)}
+    dates = {str(p): from_stac[str(p)].acquired if str(p) in from_stac else cfg.acquired for p in paths}
+    names = scene_names(paths, {k: s.item_id for k, s in from_stac.items()})
     versions = [scene_identity(p) for p in paths]  # a remote scene's version asked for once, here
     identity = versions + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
@@ -69,9 +79,9 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
             "bring the official weights, or give --force-refine to refine anyway")
     for _, prep in prepared:
         for line in (prep.suitability or {}).get("warnings", []):
-            log(f"warning: {Path(prep.path).name}: {line}")
+            log(f"warning: {names.get(prep.path, prep.path)}: {line}")
         if (prep.suitability or {}).get("problems"):
-            log(f"warning: {Path(prep.path).name}: run with --force despite: "
+            log(f"warning: {names.get(prep.path, prep.path)}: run with --force despite: "
                 + "; ".join(prep.suitability["problems"]))
     workdir = out.with_name(out.stem + ".work")
     workdir.mkdir(exist_ok=True)
@@ -79,21 +89,22 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
     out_crs = crs
     with tiles_progress([scene_row(scene, info) for scene, _ in prepared]) as bar:
         for path, prep, version in zip(paths, prepared, versions, strict=True):
+            name = names[str(path)]
             res = predict_scene(path, info, cfg, workdir, runner, progress=bar_callback(bar), prepared=prep,
-                                identity=version)
+                                identity=version, name=name)
             journals.append(res.journal)
             if probabilities is not None:
                 with stage("write"):
-                    write_probabilities(res.mosaic, scene_output(probabilities, path, len(paths)), info.gsd_m)
+                    write_probabilities(res.mosaic, scene_output(probabilities, name, len(paths)), info.gsd_m)
             out_crs = out_crs or res.crs
-            frames.append(village_frame(path, res, cfg, info, run_id).to_crs(out_crs))
-            cands.append(gpd.GeoDataFrame({"scene": [path.name] * len(res.candidates)}, geometry=res.candidates,
+            frames.append(village_frame(name, res, dates[str(path)], info, run_id).to_crs(out_crs))
+            cands.append(gpd.GeoDataFrame({"scene": [name] * len(res.candidates)}, geometry=res.candidates,
                                           crs=res.crs).to_crs(out_crs) if res.candidates else None)
             t = gpd.GeoDataFrame(res.tiles, geometry="geometry", crs=res.crs) if res.tiles else None
             if t is not None:
-                t["scene"] = path.name
+                t["scene"] = name
                 tiles.append(t.to_crs(out_crs))
-            log(f"{path.name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
+            log(f"{name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
                 f"{len(res.candidates)} candidates, {sum(r['status'] == 'done' for r in res.tiles)} tiles")
     if frames:
         villages = gpd.GeoDataFrame(pd_concat(frames), geometry="geometry", crs=out_crs)
@@ -107,6 +118,8 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
            "normalisation": info.inputs.normalisation, "harmonise": info.inputs.harmonise,
            "harmonisation": json.dumps([harmonisation_record(prep) for _, prep in prepared]),
            "suitability": json.dumps([prep.suitability for _, prep in prepared]),
+           "acquired": json.dumps(dates),
+           "stac_items": json.dumps([asdict(s) for s in from_stac.values()]),
            "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            **(run_extra or {})}
     empty = gpd.GeoDataFrame({"scene": []}, geometry=[], crs=out_crs)
@@ -122,14 +135,22 @@ def run_prediction(scenes: list[str], model: str | Path, out: str | Path, cfg: P
                     quicklook_path(out, layer), paths, villages, candidates, bands=info.inputs.bands,
                     title=f"{layer}: {len(villages)} villages, {area:.2f} km² ({len(paths)} scene"
                           f"{'s' if len(paths) != 1 else ''})",
-                    subtitle=f"acquired {cfg.acquired or 'not given'} - model {Path(model).name} "
+                    subtitle=f"acquired {acquired_text(dates.values())} - model {Path(model).name} "
                              f"({info.sha256[:12]}) - refinement {run['refinement']} - uvsam {__version__}").path
         except (UvsamError, TilesError, OSError) as e:  # the layers are written: a picture is no reason to fail
             log(f"warning: the quicklook was not drawn ({e})")
+    with stage("write"):  # the STAC Item describing what was written (the layers, COGs, quicklook)
+        grids = [(prep.crs, prep.transform, prep.width, prep.height) for _, prep in prepared]
+        written = ([scene_output(probabilities, names[str(p)], len(paths)) for p in paths]
+                   if probabilities is not None else [])
+        item = build_item(out, FORMATS[fmt], layer, run, grids,
+                          [dates[str(p)] for p in paths], "EPSG:4326" if fmt == "geojson" else out_crs, written,
+                          picture, list(from_stac.values()), info.gsd_m)
+        stac_item = write_item(item, item_path(out, layer))
     for j in journals:  # the layers are written: the journal has served its purpose
         shutil.rmtree(j, ignore_errors=True)
     return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id,
-            "quicklook": str(picture) if picture else None}
+            "quicklook": str(picture) if picture else None, "stac_item": str(stac_item)}
 
 
 def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictConfig(),
@@ -140,7 +161,7 @@ def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictCo
     t = time.perf_counter()
     info = model_info(model, checkpoint, cfg.device, cfg.precision)
     if prepared is None:
-        prepared = [prepare_scene(p, info, cfg) for p in find_scenes(scenes)]
+        prepared = [prepare_scene(p, info, cfg) for p in find_scenes(scenes, info.gsd_m)]
     fixed = time.perf_counter() - t  # what the run spends too before its first tile: model, scene checks
     rows = [scene_row(scene, info) for scene, _ in prepared]
     scene, prep = prepared[0]
@@ -181,16 +202,53 @@ VILLAGE_COLUMNS = ["village_id", "area_m2", "perimeter_m", "mean_prob", "refined
                    "scene", "acquired", "model_sha256", "run_id"]
 
 
-def village_frame(path: Path, res, cfg: PredictConfig, info, run_id: str) -> gpd.GeoDataFrame:
-    """One scene's villages with the layer's columns (:data:`VILLAGE_COLUMNS`), scene CRS."""
+def village_frame(name: str, res, acquired: str | None, info, run_id: str) -> gpd.GeoDataFrame:
+    """One scene's villages with the layer's columns (:data:`VILLAGE_COLUMNS`), scene CRS;
+    ``name``: the scene's (:func:`scene_names`), ``acquired``: its date (YYYY-MM-DD) or None."""
     area, perim = measure_polygons(res.villages, res.crs)
     return gpd.GeoDataFrame({
-        "village_id": [village_id(path.name, p, res.crs) for p in res.villages],
+        "village_id": [village_id(name, p, res.crs) for p in res.villages],
         "area_m2": area.round(1), "perimeter_m": perim.round(1), "mean_prob": res.mean_prob.round(4),
         "refined": np.asarray(res.refined, bool), "refine_reason": pd.array(res.reasons, dtype=object),
         "predicted_iou": pd.array([None if v is None else round(v, 4) for v in res.predicted_iou], dtype="Float64"),
-        "scene": path.name, "acquired": date_column(cfg.acquired, len(res.villages)), "model_sha256": info.sha256,
+        "scene": name, "acquired": date_column(acquired, len(res.villages)), "model_sha256": info.sha256,
         "run_id": run_id}, geometry=res.villages, crs=res.crs)
+
+
+def scene_names(paths: list, items: dict[str, str]) -> dict[str, str]:
+    """The name each scene goes by in the layers (``scene``, village ids, per-scene files): its
+    STAC item's id (``items``: path -> id), else its file name; names two scenes would share
+    (``a/scene.tif``, ``b/scene.tif``; several items' ``visual.tif``) take their folders until
+    they differ."""
+    def name(p, depth: int) -> str:
+        if str(p) in items:
+            return items[str(p)]
+        parts = [x for x in str(p).replace("\\", "/").split("/") if x]
+        return "_".join(parts[-1 - depth:])
+
+    depth = {str(p): 0 for p in paths}
+    while True:
+        names = {str(p): name(p, depth[str(p)]) for p in paths}
+        seen: dict[str, list[str]] = {}
+        for key, n in names.items():
+            seen.setdefault(n, []).append(key)
+        clashes = [keys for keys in seen.values() if len(keys) > 1]
+        grown = False
+        for keys in clashes:
+            for key in keys:
+                if key not in items and depth[key] < len([x for x in key.split("/") if x]) - 1:
+                    depth[key] += 1
+                    grown = True
+        if not clashes or not grown:
+            return names
+
+
+def acquired_text(dates) -> str:
+    """The scenes' dates for a caption: one date, a range, or "not given"."""
+    known = sorted({d for d in dates if d})
+    if not known:
+        return "not given"
+    return known[0] if len(known) == 1 else f"{known[0]} to {known[-1]} ({len(known)} dates)"
 
 
 def bar_callback(bar: Progress):

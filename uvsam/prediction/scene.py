@@ -14,11 +14,13 @@ from rasterio.windows import Window
 from tiles.plan import TilingConfig, plan
 from tiles.reader import RasterSource, ReadOptions
 from tiles.remote import is_remote
+from tiles.service import TileService, service_raster
 from uvsam.config import PredictConfig
 from uvsam.datasets import RASTER_EXT, find_files
 from uvsam.prediction.model import ModelInfo
 from uvsam.preprocess import Preprocessing, read_overview, read_window, scene_preprocessing
 from uvsam.progress import stage
+from uvsam.stac.scenes import StacScene
 from uvsam.suitability import check_radiometry, check_resolution
 
 
@@ -51,11 +53,14 @@ class ScenePrep:
         return self.preprocessing.to_dict()["pif"]
 
 
-def find_scenes(specs: list[str]) -> list[Path]:
-    """Rasters named by files, VRTs, folders or globs, in the given order, without repeats."""
+def find_scenes(specs: list[str | StacScene | TileService], gsd_m: float | None = None) -> list[Path]:
+    """Rasters named by files, VRTs, folders, globs, URLs, STAC scenes or tile services (read at
+    the zoom nearest ``gsd_m`` unless they name one), in the given order, without repeats."""
     out: list[Path] = []
     for spec in specs:
-        for f in find_files(spec, RASTER_EXT, "rasters"):
+        if isinstance(spec, TileService):
+            spec = str(service_raster(spec, gsd_m))
+        for f in find_files(spec.href if isinstance(spec, StacScene) else spec, RASTER_EXT, "rasters"):
             if f not in out:
                 out.append(f)
     return out

@@ -58,7 +58,7 @@ def specialist_mosaic(scene, prep: ScenePrep, info: ModelInfo, cfg: PredictConfi
     rows = []
     with Stitcher(mosaic, scene.grid, channels=1, dtype="float32", crs=prep.crs, nodata=float("nan"),
                   driver="COG") as stitcher:
-        groups = list(batches(jobs, cfg.batch_size))
+        groups = list(batches(jobs, cfg.batch_size or info.device.tile_batch(scene.grid.size)))
         keys = [f"{g[0][0].index}-{g[-1][0].index}" for g in groups]
         resumed = {k for k in keys if journal.has_arrays(k)}
         results = run_journaled(runner, specialist_batch, [(prep, info, [w for _, w in g]) for g in groups], keys,
