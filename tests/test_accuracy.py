@@ -145,6 +145,8 @@ def test_the_change_report_shows_estimated_areas_beside_mapped_ones(beijing, tmp
     text = report.read_text()
     assert "Accuracy and estimated village area" in text
     assert f"<strong>{row['estimated_m2'] / 1e6:,.3f}</strong> &plusmn; {row['estimated_m2_ci'] / 1e6:,.3f}" in text
+    summary = text[text.index("id='summary'"):text.index("</section>")]
+    assert "Estimated village area 2020" in summary
     code, _, err = run_cli(["change", f"2018={path}:villages", f"2020={path}:villages", "--out", tmp_path / "d.gpkg",
                             "--accuracy", f"2019={sample_file}"], capsys)
     assert code == 2 and "--accuracy" in err and "2019" in err and not (tmp_path / "d.gpkg").exists()

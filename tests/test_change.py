@@ -244,6 +244,37 @@ def test_coregistration_shift_is_measured_in_metres_and_warned_about(villages, b
     assert '"warning": true' in stdout
 
 
+def test_report_reads_as_a_summary_first_with_plain_numbers(report):
+    """What a decision maker reads first is the summary (before any chart or table); figures have
+    thousands separators and no exponent; no "nan"; the run is a table of words, not JSON."""
+    import re
+
+    text = re.sub(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+", "", report.read_text())  # the thumbnails' bytes
+    headings = re.findall(r"<h2>(.*?)</h2>", text)
+    assert headings[0] == "Summary"
+    summary = text[text.index("id='summary'"):text.index("</section>")]
+    assert "villages covering" in summary and "km&sup2;" in summary and "Largest change" in summary
+    assert not re.search(r"\d\.\d+e[+-]\d", text)  # no 3.251e+05
+    assert not re.search(r"\bnan\b", text.lower())
+    run = text[text.index("<h2>Run</h2>"):]
+    assert "{" not in run and "<th>uvsam version</th>" in run
+
+
+def test_change_pct_is_defined_for_new_villages(villages):
+    result = track(_years(villages))
+    new = result.changes[result.changes["lifecycle"] == "new"]
+    assert len(new) and (new["change_pct"] == 100.0).all()
+    assert result.changes["change_pct"].notna().all()
+
+
+def test_crowded_chart_labels_are_slanted_not_overlapping():
+    from uvsam.changes.report import bar_chart
+
+    few = bar_chart(["2018", "2020"], {"area": [1.0, 2.0]}, "km2")
+    many = bar_chart([f"{a}-{a + 2} km" for a in range(0, 40, 2)], {"area": [1.0] * 20}, "km2")
+    assert "rotate(" not in few and many.count("rotate(-40") == 20
+
+
 def test_report_renders_in_headless_chromium(report):
     """Opened in a real browser: it renders, every image loads, no console errors, the page is not blank."""
     from tests.browser import render

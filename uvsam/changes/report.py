@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,9 @@ def _nice(v: float) -> float:
 
 def bar_chart(labels: list[str], series: dict[str, list[float]], unit: str, width: int = 520) -> str:
     """Grouped bars (one group per label, one bar per series) as SVG."""
-    height, left, bottom = 220, 56, 40
+    widest = max((len(lab) for lab in labels), default=1) * 6.0  # px of the longest label at font-size 10
+    tilt = widest > 0.9 * (width - 66) / max(1, len(labels))  # labels that would overlap are slanted
+    height, left, bottom = (220 + int(0.7 * widest), 56, 40 + int(0.7 * widest)) if tilt else (220, 56, 40)
     top = max((max(v) for v in series.values() if v), default=0.0) or 1.0
     n, k = len(labels), max(1, len(series))
     group = (width - left - 10) / max(1, n)
@@ -93,17 +95,19 @@ def bar_chart(labels: list[str], series: dict[str, list[float]], unit: str, widt
         v = top * t / 4
         y = height - bottom - (height - bottom - 10) * t / 4
         out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-                   f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{v:.3g}</text>')
+                   f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{number(v)}</text>')
     for s, (name, values) in enumerate(series.items()):
         for i, v in enumerate(values):
             h = (height - bottom - 10) * v / top
             x = left + i * group + 0.1 * group + s * bw
             out.append(f'<rect x="{x:.1f}" y="{height - bottom - h:.1f}" width="{bw:.1f}" height="{h:.1f}" '
                        f'fill="{palette[s % len(palette)]}"><title>{html.escape(name)} {html.escape(labels[i])}: '
-                       f'{v:.4g} {unit}</title></rect>')
+                       f'{number(v)} {unit}</title></rect>')
     for i, lab in enumerate(labels):
-        out.append(f'<text x="{left + (i + 0.5) * group:.1f}" y="{height - bottom + 14}" font-size="10" '
-                   f'text-anchor="middle">{html.escape(lab)}</text>')
+        x, y = left + (i + 0.5) * group, height - bottom + 14
+        turn = f' transform="rotate(-40 {x:.1f} {y})"' if tilt else ""
+        out.append(f'<text x="{x:.1f}" y="{y}" font-size="10" text-anchor="{"end" if tilt else "middle"}"{turn}>'
+                   f"{html.escape(lab)}</text>")
     out.append(f'<text x="8" y="12" font-size="10">{html.escape(unit)}</text>')
     if len(series) > 1:
         for s, name in enumerate(series):
@@ -159,8 +163,61 @@ def largest_changes(result: ChangeResult, n: int) -> pd.DataFrame:
 
 
 # -- the page ---------------------------------------------------------------------------------
+def number(v) -> str:
+    """A figure as a reader wants it: thousands separated, no exponent, decimals by size."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.integer | np.floating):
+        return str(v)
+    if float(v).is_integer() and abs(v) >= 1:
+        return f"{int(v):,}"
+    a = abs(float(v))
+    return f"{v:,.0f}" if a >= 1000 else f"{v:,.1f}" if a >= 10 else f"{v:,.2f}" if a >= 0.01 or a == 0 else f"{v:.2g}"
+
+
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:,.4g}")
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+    return df.to_html(index=False, border=0, classes="t", na_rep="-", formatters=dict.fromkeys(numeric, number))
+
+
+def _value(v) -> str:
+    """A run record's value for a table cell: lists joined, mappings as key: value pairs."""
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {_value(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, list | tuple):
+        return ", ".join(_value(x) for x in v) or "-"
+    return "-" if v is None else (number(v) if isinstance(v, int | float) and not isinstance(v, bool) else str(v))
+
+
+def summary(result: ChangeResult, warnings: list[str], accuracy: pd.DataFrame | None = None) -> str:
+    """What a decision maker reads first: villages and area at the first and last year, the
+    changes by kind, the largest one, the estimated areas where an accuracy sample was labelled,
+    and whether anything needs checking."""
+    y = result.years
+    first, last = y.iloc[0], y.iloc[-1]
+    counts = result.changes["lifecycle"].value_counts() if len(result.changes) else pd.Series(dtype=int)
+    kinds = ", ".join(f"{int(counts[k])} {k}" for k in COLOURS if counts.get(k, 0)) or "no change"
+    items = [f"<li><strong>{number(int(first['villages']))}</strong> villages covering <strong>"
+             f"{number(float(first['area_km2']))} km&sup2;</strong> in {html.escape(str(first['year']))}; "
+             f"<strong>{number(int(last['villages']))}</strong> covering <strong>{number(float(last['area_km2']))} "
+             f"km&sup2;</strong> in {html.escape(str(last['year']))} "
+             f"({'+' if last['area_km2'] >= first['area_km2'] else ''}"
+             f"{number(float(last['area_km2'] - first['area_km2']))} km&sup2;).</li>",
+             f"<li>Changes between consecutive years: {html.escape(kinds)}.</li>"]
+    top = result.changes.loc[result.changes["change_m2"].abs().idxmax()] if len(result.changes) else None
+    if top is not None and top["change_m2"] != 0:
+        items.append(f"<li>Largest change: {html.escape(str(top['lifecycle']))} "
+                     f"{html.escape(str(top['year_from']))} &rarr; {html.escape(str(top['year_to']))}, "
+                     f"{number(float(top['change_m2']) / 1e4)} ha.</li>")
+    if accuracy is not None:
+        for _, r in accuracy[accuracy["class"] == "village"].iterrows():
+            items.append(f"<li>Estimated village area {html.escape(str(r['year']))} (labelled sample): "
+                         f"<strong>{number(r['estimated_m2'] / 1e6)} &plusmn; {number(r['estimated_m2_ci'] / 1e6)} "
+                         f"km&sup2;</strong> ({100 * r['confidence']:g} % confidence; mapped "
+                         f"{number(r['mapped_m2'] / 1e6)} km&sup2;).</li>")
+    items.append(f"<li>{len(warnings)} warning(s) below: read them before using the figures.</li>" if warnings
+                 else "<li>No warning from the imagery checks.</li>")
+    return "<section class='summary' id='summary'><h2>Summary</h2><ul>" + "".join(items) + "</ul></section>"
 
 
 def accuracy_section(acc: pd.DataFrame) -> str:
@@ -190,6 +247,7 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
     years = list(result.years["year"])
     sections = [f"<h1>Urban villages: change {html.escape(years[0])} - {html.escape(years[-1])}</h1>"]
     warnings = [c["note"] for c in run.get("consistency", []) if c.get("note")]
+    sections.append(summary(result, warnings, tables.get("accuracy")))
     if warnings:  # before any figure: a radiometric change must not be read as mass demolition
         sections.append("<div class='warn' role='alert'><strong>Check before use:</strong><ul>"
                         + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>")
@@ -225,10 +283,10 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
                     pics.append(f"<figure><img src='{uri}' alt='{html.escape(year)}'><figcaption>{html.escape(year)}"
                                 "</figcaption></figure>" if uri else f"<figure><p>{html.escape(year)}: no imagery "
                                 "here</p></figure>")
-            pct = f"{row['change_pct']:+.0f} %" if pd.notna(row["change_pct"]) else "new"
+            pct = "new" if row["lifecycle"] == "new" else f"{row['change_pct']:+.0f} %"
             what = f"{row['lifecycle']}: {row['uids_from'] or '-'} -> {row['uids_to'] or '-'}"
             cards.append(f"<div class='card'><h3>{html.escape(what)}</h3><p>{row['area_from_m2']:,.0f} -> "
-                         f"{row['area_to_m2']:,.0f} m2 ({pct})</p>{''.join(pics)}</div>")
+                         f"{row['area_to_m2']:,.0f} m&sup2; ({pct})</p>{''.join(pics)}</div>")
         sections.append("<div class='cards'>" + "".join(cards) + "</div>")
     if "rings" in tables:
         r = tables["rings"]
@@ -248,8 +306,8 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
     table_cols = ["year_from", "year_to", "lifecycle", "uids_from", "uids_to", "area_from_m2", "area_to_m2",
                   "change_pct"]
     sections.append("<h2>All changes</h2>" + _table(result.changes[table_cols]))
-    meta = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(v if isinstance(v, str) else json.dumps(v))}"
-                   "</td></tr>" for k, v in run.items() if k != "analysis_crs")
+    meta = "".join(f"<tr><th>{html.escape(str(k).replace('_', ' '))}</th><td>{html.escape(_value(v))}</td></tr>"
+                   for k, v in run.items() if k != "analysis_crs")
     sections.append(f"<h2>Run</h2><table class='t'>{meta}</table>")
     style = ("body{font:14px/1.4 system-ui,sans-serif;margin:24px;max-width:1100px;color:#222}"
              ".t{border-collapse:collapse;font-size:12px}.t td,.t th{border-bottom:1px solid #ddd;padding:2px 8px;"
@@ -257,7 +315,8 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
              ".row{display:flex;gap:16px;flex-wrap:wrap}.cards{display:flex;flex-wrap:wrap;gap:12px}"
              ".card{border:1px solid #ddd;padding:8px}.card h3{font-size:13px;margin:0}"
              "figure{display:inline-block;margin:4px}figcaption{font-size:11px;text-align:center}"
-             ".warn{border:2px solid #c62828;background:#fff3f3;padding:4px 12px;margin:12px 0}")
+             ".warn{border:2px solid #c62828;background:#fff3f3;padding:4px 12px;margin:12px 0}"
+             ".summary{border:1px solid #9e9e9e;background:#f7f7f7;padding:2px 16px;margin:12px 0}")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>uvsam change report</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
 

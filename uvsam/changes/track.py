@@ -101,6 +101,12 @@ def components(n_before: int, n_after: int, edges: list[tuple[int, int, float]])
     return sorted(groups.values(), key=lambda g: (g[0][:1] or [n_before + 1], g[1][:1]))
 
 
+def change_pct(before: float, after: float) -> float:
+    """Area change in percent of the area before; a village that appeared (nothing before) is
+    +100 (all of its area is new), never undefined."""
+    return round(100.0 * (after - before) / before, 2) if before > 0 else 100.0
+
+
 def lifecycle(n_before: int, n_after: int, area_before: float, area_after: float, stable_pct: float) -> str:
     if n_before == 0:
         return "new"
@@ -181,7 +187,7 @@ def track(layers: list[YearLayer], cfg: ChangeConfig = ChangeConfig()) -> Change
                          "uids_to": ",".join(sorted(ids[j] for j in a_idx)),
                          "n_from": len(b_idx), "n_to": len(a_idx), "area_from_m2": round(a0, 1),
                          "area_to_m2": round(a1, 1), "change_m2": round(a1 - a0, 1),
-                         "change_pct": round(100.0 * (a1 - a0) / a0, 2) if a0 > 0 else None, "geometry": geom})
+                         "change_pct": change_pct(a0, a1), "geometry": geom})
     villages = gpd.GeoDataFrame(
         {"year": [lab for lab, p in zip(labels, polys, strict=True) for _ in p],
          "village_uid": [u for ids in uids for u in ids],
