@@ -28,6 +28,8 @@ class Rendered:
     images: list[tuple[bool, int]]  # (complete, natural width) of every <img>
     svg_widths: list[float]  # rendered width of every <svg>
     screenshot: np.ndarray  # full page, grey levels
+    svg_texts: list[list[tuple[str, list[list[float]]]]]  # per <svg>: each <text>'s string and its on-screen corners
+    headings: list[str]  # the <h2> texts, in page order
 
     @property
     def network(self) -> list[str]:
@@ -48,7 +50,15 @@ def render(path: Path) -> Rendered:
         page.wait_for_load_state("load")
         images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
         svgs = page.eval_on_selector_all("svg", "els => els.map(e => e.getBoundingClientRect().width)")
+        # every text's box as drawn: its own box through its screen transform (rotation included)
+        texts = page.eval_on_selector_all("svg", """svgs => svgs.map(s => Array.from(s.querySelectorAll('text'))
+            .map(t => { const b = t.getBBox(), m = t.getScreenCTM(), pt = s.createSVGPoint();
+                        const corners = [[b.x, b.y], [b.x + b.width, b.y], [b.x + b.width, b.y + b.height],
+                                         [b.x, b.y + b.height]].map(([x, y]) => { pt.x = x; pt.y = y;
+                                         const q = pt.matrixTransform(m); return [q.x, q.y]; });
+                        return [t.textContent, corners]; }))""")
+        headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
         shot = page.screenshot(full_page=True)
         browser.close()
     pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"))
-    return Rendered(errors, requests, [tuple(i) for i in images], svgs, pixels)
+    return Rendered(errors, requests, [tuple(i) for i in images], svgs, pixels, texts, headings)

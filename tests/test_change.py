@@ -267,6 +267,30 @@ def test_change_pct_is_defined_for_new_villages(villages):
     assert result.changes["change_pct"].notna().all()
 
 
+def test_no_chart_text_overlaps_in_the_rendered_report(villages, beijing, tmp_path, capsys):
+    """Opened in headless Chromium, with rings 250 m wide (many long labels): the summary is the
+    first section, and no two texts of any chart overlap on screen (each text's box through its
+    own rotation, as drawn)."""
+    from tests.browser import render
+
+    src = _write_years(villages, tmp_path / "years.gpkg")
+    report = tmp_path / "report.html"
+    code, _, err = run_cli(["change", *(f"{y}={src}:villages_{y}" for y in ("2018", "2020", "2022")), "--out",
+                            tmp_path / "c.gpkg", "--report", report, "--centre", "116.6,39.9", "--ring-km", "0.25"],
+                           capsys)
+    assert code == 0, err
+    page = render(report)
+    assert page.headings[0] == "Summary" and not page.errors
+    texts = 0
+    for svg in page.svg_texts:
+        boxes = [(s, shapely.Polygon(c)) for s, c in svg if s.strip()]
+        texts += len(boxes)
+        for i, (a, pa) in enumerate(boxes):
+            for b, pb in boxes[i + 1:]:
+                assert pa.intersection(pb).area < 1.0, (a, b)  # px2: touching, never overlapping
+    assert texts > 40  # the charts' ticks and labels were all looked at
+
+
 def test_crowded_chart_labels_are_slanted_not_overlapping():
     from uvsam.changes.report import bar_chart
 

@@ -80,33 +80,43 @@ def _nice(v: float) -> float:
     return float(max(m * e for m in (1, 2, 5) if m * e <= v))
 
 
+TOP_PAD = 24  # px above a chart's plot area: its unit label sits there, clear of the top tick
+LABEL_PX = 13  # px a label at font-size 10 needs across its baseline, with a little air
+
+
 def bar_chart(labels: list[str], series: dict[str, list[float]], unit: str, width: int = 520) -> str:
     """Grouped bars (one group per label, one bar per series) as SVG."""
     widest = max((len(lab) for lab in labels), default=1) * 6.0  # px of the longest label at font-size 10
-    tilt = widest > 0.9 * (width - 66) / max(1, len(labels))  # labels that would overlap are slanted
-    height, left, bottom = (220 + int(0.7 * widest), 56, 40 + int(0.7 * widest)) if tilt else (220, 56, 40)
-    top = max((max(v) for v in series.values() if v), default=0.0) or 1.0
     n, k = len(labels), max(1, len(series))
-    group = (width - left - 10) / max(1, n)
+    group = (width - 56 - 10) / max(1, n)
+    # labels that would overlap are slanted (40 degrees), or set upright when slanted ones would
+    # still touch, and then only every ``every``-th is written when even upright ones would
+    angle = 0 if widest <= 0.9 * group else (40 if group * math.sin(math.radians(40)) >= LABEL_PX else 90)
+    every = max(1, math.ceil(LABEL_PX / group)) if angle == 90 else 1
+    drop = int(widest * math.sin(math.radians(angle))) + 4 if angle else 0
+    height, left, bottom = 220 + drop, 56, 40 + drop
+    top = max((max(v) for v in series.values() if v), default=0.0) or 1.0
     bw = 0.8 * group / k
     palette = ["#4575b4", "#fc8d59", "#1a9850", "#984ea3", "#d73027", "#9e9e9e"]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
     for t in range(5):
         v = top * t / 4
-        y = height - bottom - (height - bottom - 10) * t / 4
+        y = height - bottom - (height - bottom - TOP_PAD) * t / 4
         out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
                    f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{number(v)}</text>')
     for s, (name, values) in enumerate(series.items()):
         for i, v in enumerate(values):
-            h = (height - bottom - 10) * v / top
+            h = (height - bottom - TOP_PAD) * v / top
             x = left + i * group + 0.1 * group + s * bw
             out.append(f'<rect x="{x:.1f}" y="{height - bottom - h:.1f}" width="{bw:.1f}" height="{h:.1f}" '
                        f'fill="{palette[s % len(palette)]}"><title>{html.escape(name)} {html.escape(labels[i])}: '
                        f'{number(v)} {unit}</title></rect>')
     for i, lab in enumerate(labels):
+        if i % every:
+            continue
         x, y = left + (i + 0.5) * group, height - bottom + 14
-        turn = f' transform="rotate(-40 {x:.1f} {y})"' if tilt else ""
-        out.append(f'<text x="{x:.1f}" y="{y}" font-size="10" text-anchor="{"end" if tilt else "middle"}"{turn}>'
+        turn = f' transform="rotate(-{angle} {x:.1f} {y})"' if angle else ""
+        out.append(f'<text x="{x:.1f}" y="{y}" font-size="10" text-anchor="{"end" if angle else "middle"}"{turn}>'
                    f"{html.escape(lab)}</text>")
     out.append(f'<text x="8" y="12" font-size="10">{html.escape(unit)}</text>')
     if len(series) > 1:
