@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from tiles.errors import TilesError
 
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)  # HTTP answers worth asking again (after a pause)
 SCHEMES = {"http": "/vsicurl/", "https": "/vsicurl/", "s3": "/vsis3/", "gs": "/vsigs/", "az": "/vsiaz/"}
 # GDAL's retries of transient HTTP errors, with its back-off between them (GDAL >= 3.2 doubles the delay)
 RETRY = {"GDAL_HTTP_MAX_RETRY": "5", "GDAL_HTTP_RETRY_DELAY": "1", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
@@ -97,7 +98,7 @@ class RemotePath(str):
                     return "|".join([str(self), h.get("ETag", ""), h.get("Last-Modified", ""),
                                      h.get("Content-Length", "")])
             except urllib.error.HTTPError as e:
-                if e.code not in (408, 429, 500, 502, 503, 504) or attempt == attempts - 1:
+                if e.code not in RETRY_STATUS or attempt == attempts - 1:
                     raise TilesError(f"cannot reach the raster (HTTP {e.code})", self) from None
             except (urllib.error.URLError, OSError) as e:
                 if attempt == attempts - 1:

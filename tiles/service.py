@@ -44,11 +44,11 @@ from rasterio.dtypes import _gdal_typename
 from rasterio.io import MemoryFile
 
 from tiles.errors import TilesError
+from tiles.remote import RETRY_STATUS
 from tiles.xyz import HALF_CIRCUMFERENCE, XYZ_TILE_PX
 
 MAX_ZOOM = 24
 MAX_TILES = 250_000  # one request's worth of tiles (a 60 x 60 km city at zoom 17 is ~40 000)
-RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _TOKENS = re.compile(r"\{(z|x|y|-y)\}")
 
 
