@@ -124,4 +124,4 @@ def test_consistency_check_flags_a_change_that_is_only_colour(seasons, beijing, 
                                  f"2020={other}"], capsys)
     assert code == 0, err
     check = json.loads(stdout)["consistency"][0]
-    assert not check["radiometric"] and check["structure"] < 0.5, check
+    assert not check["radiometric"] and check["structure"] < 0.1, check

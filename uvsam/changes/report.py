@@ -310,8 +310,10 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
     coreg = run.get("coregistration", [])
     if coreg:
         sections.append("<h2>Co-registration of the imagery</h2><p>Shift of each year's imagery against the year "
-                        "before, by phase correlation; psr is how far the peak stands above the correlation noise "
-                        "(below 8 the images share too little unchanged structure to measure).</p>"
+                        "before, by phase correlation agreed between overlapping windows; psr is how far the "
+                        "peak stands above the correlation noise, second how close the next peak comes. A shift "
+                        "is measured (reliable) only with a clear, unambiguous peak that several windows find on "
+                        "their own; otherwise the images share too little unchanged ground to measure it.</p>"
                         + _table(pd.DataFrame(coreg).fillna("")))
     table_cols = ["year_from", "year_to", "lifecycle", "uids_from", "uids_to", "area_from_m2", "area_to_m2",
                   "change_pct"]

@@ -54,7 +54,16 @@ def by_ring(villages: gpd.GeoDataFrame, centre_lonlat: tuple[float, float], ring
 
 def village_area_iou(villages: gpd.GeoDataFrame, before: str, after: str) -> float:
     """IoU of the areas two years' villages cover (1.0 when neither has any)."""
-    a, b = (shapely.union_all(np.asarray(villages.geometry[villages["year"] == y].values, dtype=object))
-            for y in (before, after))
+    a, b = _covers(villages, before, after)
     union = shapely.area(shapely.union(a, b))
     return 1.0 if union == 0 else float(shapely.area(shapely.intersection(a, b)) / union)
+
+
+def disagreement(villages: gpd.GeoDataFrame, before: str, after: str):
+    """Where exactly one of two years has a village (shapely geometry in the villages' CRS)."""
+    return shapely.symmetric_difference(*_covers(villages, before, after))
+
+
+def _covers(villages: gpd.GeoDataFrame, *years: str) -> list:
+    return [shapely.union_all(np.asarray(villages.geometry[villages["year"] == y].values, dtype=object))
+            for y in years]
