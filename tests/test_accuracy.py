@@ -150,3 +150,61 @@ def test_the_change_report_shows_estimated_areas_beside_mapped_ones(beijing, tmp
     code, _, err = run_cli(["change", f"2018={path}:villages", f"2020={path}:villages", "--out", tmp_path / "d.gpkg",
                             "--accuracy", f"2019={sample_file}"], capsys)
     assert code == 2 and "--accuracy" in err and "2019" in err and not (tmp_path / "d.gpkg").exists()
+
+
+def test_a_change_sample_is_stratified_by_the_change_classes(beijing, tmp_path, capsys):
+    """``uvsam sample EARLIER --later LATER``: strata are the change classes (village both years,
+    lost, gained, neither); points labelled from a known true change give Olofsson's estimators
+    for four classes to 1e-9 (written out here for any number of classes)."""
+    truth, mapped, extent, eq, later = _truth_and_map(beijing, tmp_path)
+    earlier = tmp_path / "earlier.gpkg"  # the earlier map: the real villages themselves
+    pyogrio.write_dataframe(gpd.GeoDataFrame({"village_id": range(len(truth))}, geometry=truth.values,
+                                             crs=truth.crs), earlier, layer="villages")
+    bounds = truth.to_crs(mapped.crs).total_bounds
+    pyogrio.write_dataframe(gpd.GeoDataFrame({"status": ["done"]}, geometry=[shapely.box(*bounds).buffer(500)],
+                                             crs=mapped.crs), earlier, layer="tiles")
+    sample_file = tmp_path / "change_sample.gpkg"
+    code, stdout, err = run_cli(["sample", earlier, "--later", later, "--out", sample_file, "--n", "240",
+                                 "--min-per-stratum", "40", "--seed", "3"], capsys)
+    assert code == 0, err
+    classes = ["village both years", "village lost", "village gained", "no village either year"]
+    assert json.loads(stdout)["classes"] == classes
+    sample = pyogrio.read_dataframe(sample_file, layer="sample")
+    strata = pyogrio.read_dataframe(sample_file, layer="strata", read_geometry=False)
+    assert set(sample["stratum"]) == set(classes) and (sample["stratum"].value_counts() >= 40).all()
+    first = shapely.union_all(truth.to_crs(eq).values)
+    second = shapely.union_all(mapped.to_crs(eq).geometry.values)
+    pts = sample.to_crs(eq).geometry.values
+    in1, in2 = shapely.contains(first, pts), shapely.contains(second, pts)
+    where = np.select([in1 & in2, in1 & ~in2, ~in1 & in2], classes[:3], classes[3])
+    assert (where == sample["stratum"].to_numpy()).all()  # every point lies in its stratum
+    qml = pyogrio.read_dataframe(sample_file, layer="layer_styles", read_geometry=False)["styleQML"].iloc[0]
+    assert all(f'value="{c}"' in qml for c in classes)  # the drop-down offers the change classes
+
+    # the true change: the first village really demolished, nothing else changed
+    demolished = truth.to_crs(eq).iloc[0]
+    t1, t2 = first, first.difference(demolished)
+    r1, r2 = shapely.contains(t1, pts), shapely.contains(t2, pts)
+    sample["reference"] = np.select([r1 & r2, r1 & ~r2, ~r1 & r2], classes[:3], classes[3])
+    pyogrio.write_dataframe(sample, sample_file, layer="sample")
+    code, stdout, err = run_cli(["accuracy", sample_file], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    by_class = {row["class"]: row for row in result["classes_detail"]}
+    a = strata.set_index("stratum").loc[classes, "area_m2"].to_numpy(float)
+    q = len(classes)
+    n = np.zeros((q, q))
+    for m_cls, r_cls in zip(sample["map_class"], sample["reference"], strict=True):
+        n[classes.index(m_cls), classes.index(r_cls)] += 1
+    w, ni = a / a.sum(), n.sum(1)
+    p = w[:, None] * n / ni[:, None]
+    z = 1.959963984540054
+    assert result["overall_accuracy"]["value"] == pytest.approx(np.trace(p), abs=1e-9)
+    for j, name in enumerate(classes):
+        se = math.sqrt(sum(w[i] ** 2 * (n[i, j] / ni[i]) * (1 - n[i, j] / ni[i]) / (ni[i] - 1) for i in range(q)))
+        assert by_class[name]["estimated_m2"] == pytest.approx(a.sum() * p[:, j].sum(), abs=1e-9 * a.sum())
+        assert by_class[name]["estimated_m2_ci"] == pytest.approx(z * a.sum() * se, abs=1e-9 * a.sum())
+        assert by_class[name]["users_accuracy"] == pytest.approx(n[j, j] / ni[j], abs=1e-9)
+    # the map's gained square is no real gain: its user's accuracy is 0 and the estimate moves the lost area up
+    assert by_class["village gained"]["users_accuracy"] == 0
+    assert by_class["village lost"]["estimated_m2"] > by_class["village lost"]["mapped_m2"]

@@ -209,6 +209,7 @@ RANKS = {
     15: ["uvsam.pictures"],  # what is drawn of rasters and polygons (quicklook, overlay, curves)
     20: ["uvsam.harmonise", "uvsam.preprocess"],  # harmonise
     25: ["uvsam.modelfile"],  # the train -> predict contract (records the preprocessing)
+    26: ["uvsam.gatefile"],  # the tile gate's file, made for one model's inputs
     30: ["tiles.plan", "tiles.stitch", "tiles.dataset", "tiles", "uvsam.datasets", "uvsam.augment", "uvsam.losses",
          "uvsam.metrics"],  # tiles
     40: ["uvsam.prediction.model", "uvsam.prediction.execution", "uvsam.prediction.journal", "uvsam.prediction.scene",
@@ -221,8 +222,8 @@ RANKS = {
     90: ["uvsam.changes.sources", "uvsam.changes.track", "uvsam.changes.summaries", "uvsam.coregister",
          "uvsam.consistency", "uvsam.changes.imagery", "uvsam.changes.outputs", "uvsam.changes.accuracy"],  # change
     95: ["uvsam.changes.report", "uvsam.changes.run", "uvsam.changes"],  # report
-    100: ["uvsam.training", "uvsam.evaluation", "uvsam.segment"],  # commands
-    110: ["uvsam.crossval", "uvsam.workflow", "uvsam.demo"],  # commands made of commands
+    100: ["uvsam.training", "uvsam.evaluation", "uvsam.segment", "uvsam.gate"],  # commands
+    110: ["uvsam.crossval", "uvsam.workflow", "uvsam.demo", "uvsam.ablations"],  # commands made of commands
     120: ["uvsam.cli", "uvsam.api"],  # the two doors: the command line and the flat Python API
     130: ["uvsam.__main__"],
 }

@@ -63,12 +63,15 @@ def predict(scenes: str | Path | list | None, model: str | Path, out: str | Path
 
 
 def evaluate(model: str | Path, images: str | Path, labels: str | Path, *, checkpoint: str | Path | None = None,
-             specialist_only: bool = False, overlays: str | Path | None = None, log=None, **options) -> dict:
+             specialist_only: bool = False, overlays: str | Path | None = None, ablations: bool = False, log=None,
+             **options) -> dict:
     """``uvsam evaluate``: IoU, F1, precision, recall, object and outline scores of what
     ``predict`` ships (``polygons``), the specialist and the UV-SAM path, on labelled scenes;
-    ``overlays``: a folder for one PNG per scene; ``options``: PredictConfig fields."""
+    ``overlays``: a folder for one PNG per scene; ``ablations``: also the UV-SAM path with each
+    prompt and embedding left out; ``options``: PredictConfig fields."""
     return run_evaluation(model, images, labels, checkpoint, specialist_only=specialist_only,
-                          predict_config=PredictConfig(**options), log=log or _quiet, overlays=overlays)
+                          predict_config=PredictConfig(**options), log=log or _quiet, overlays=overlays,
+                          ablations=ablations)
 
 
 def change(years: dict, out: str | Path, *, report: str | Path | None = None, images: dict | None = None,

@@ -100,12 +100,19 @@ EXAMPLES = {
     "train": ["uvsam train --images labels/images --labels labels/villages.gpkg --out villages.ckpt "
               "--checkpoint ~/.cache/uvsam/weights/efficientvit_sam_l0.pt",
               "uvsam train --images tiles/images --labels tiles/masks --out villages.ckpt --folds 3"],
+    "ablate": ["uvsam ablate --images train/images --labels train/masks --val-images val/images --val-labels "
+               "val/masks --out ablations/ --checkpoint ~/.cache/uvsam/weights/efficientvit_sam_l0.pt"],
+    "train-gate": ["uvsam train-gate --images tiles/images --labels tiles/masks --model villages.ckpt --out gate.pt "
+                   "--val-images test/images --val-labels test/masks",
+                   "uvsam train-gate --images tiles/images --labels tiles/masks --model villages.ckpt --out gate.pt "
+                   "--backbone resnet18 --epochs 5"],
     "evaluate": ["uvsam evaluate --model villages.ckpt --images test/images --labels test/masks --overlays overlays/",
                  "uvsam evaluate --model villages.ckpt --cv"],
     "predict": ["uvsam predict city_2020.tif --model villages.ckpt --out villages.gpkg --layer y2020 "
                 "--acquired 2020-06-01",
                 "uvsam predict 'tiles/*.tif' --model villages.ckpt --out villages.gpkg --probabilities prob.tif",
                 "uvsam predict city.tif --model villages.ckpt --out villages.geojson --dry-run",
+                "uvsam predict city.tif --model villages.ckpt --gate gate.pt --out villages.gpkg",
                 "uvsam predict s3://imagery/city_2020.tif --model villages.ckpt --out villages.gpkg",
                 "uvsam predict --stac https://example.org/stac/catalog.json --datetime 2019/2021 --bbox "
                 "116.2,39.7,116.6,40.1 --model villages.ckpt --out villages.gpkg",
@@ -113,7 +120,8 @@ EXAMPLES = {
                 "--model villages.ckpt --out villages.gpkg"],
     "change": ["uvsam change 2018=villages.gpkg:y2018 2020=villages.gpkg:y2020 --out change.gpkg --report "
                "report.html --image 2018=city_2018.tif --image 2020=city_2020.tif"],
-    "sample": ["uvsam sample villages.gpkg:y2020 --out sample_2020.gpkg --n 300 --min-per-stratum 50"],
+    "sample": ["uvsam sample villages.gpkg:y2020 --out sample_2020.gpkg --n 300 --min-per-stratum 50",
+               "uvsam sample villages.gpkg:y2018 --later villages.gpkg:y2020 --out change_sample.gpkg"],
     "accuracy": ["uvsam accuracy sample_2020.gpkg --csv accuracy_2020.csv"],
     "demo": ["uvsam demo --out demo"],
     "run": ["uvsam run workflows/single_city.yaml", "uvsam run city.yaml --dry-run"],
@@ -139,6 +147,8 @@ FLAGS = {
               "min_area_m2": "--min-prompt-area", "warmup_steps": "--warmup", "bands": "--band"},
     "predict": {"min_area_m2": "--min-village-area", "simplify_m": "--simplify"},
     "evaluate": {},
+    "train-gate": {"steps_per_epoch": "--steps"},
+    "ablate": {"steps_per_epoch": "--steps"},
     "change": {"crs": "--analysis-crs", "output_crs": "--crs", "min_area_m2": "--mapping-unit"},
 }
 
@@ -213,14 +223,25 @@ def train(
     = ",".join(map(str, TD("scale"))),
     gsd: Annotated[str, typer.Option(help="Training ground resolution in m/px, or 'native'.")] = str(
         TD("gsd_m")),
-    specialist: Annotated[str, typer.Option(help="SegFormer encoder: mit_b0 .. mit_b5.")] = TD("specialist"),
-    mit_weights: Annotated[Path | None, typer.Option(help="Pretrained MiT weights (mmseg or HF layout).")] = None,
+    specialist: Annotated[str, typer.Option(
+        help="SegFormer mit_b0 .. mit_b5, or any segmentation-models-pytorch ARCH[:ENCODER] (deeplabv3plus:resnet50, "
+             "unet:efficientnet-b0, fpn; encoder default resnet34).")] = TD("specialist"),
+    mit_weights: Annotated[Path | None, typer.Option(
+        help="Pretrained encoder weights: MiT (mmseg or HF layout), or the smp encoder's (timm/torchvision).")] = None,
     fusion: Annotated[str, typer.Option(help="mlp or add.")] = TD("fusion"),
     specialist_input: Annotated[str, typer.Option(
         help="lcn_rgb (local contrast of each band), lcn (grey local contrast) or rgb.")] = TD("specialist_input"),
     lcn_sigma: Annotated[float, typer.Option(help="Local contrast scale, metres on the ground.")] = TD("lcn_sigma_m"),
     tune_decoder: Annotated[bool, typer.Option(help="Also train the generalist's mask decoder.")] = TD("tune_decoder"),
     ladder: Annotated[bool, typer.Option(help="Add SAM-LST's ladder side network.")] = TD("ladder"),
+    box_prompt: Annotated[bool, typer.Option(help="Prompt the generalist with each village's box (ablation: off).")]
+    = TD("box_prompt"),
+    mask_prompt: Annotated[bool, typer.Option(
+        help="Prompt the generalist with the specialist's mask (ablation: off).")] = TD("mask_prompt"),
+    sam_embedding: Annotated[bool, typer.Option(
+        help="The generalist's embedding in the semantic prompt (ablation: off).")] = TD("sam_embedding"),
+    specialist_embedding: Annotated[bool, typer.Option(
+        help="The specialist's feature in the semantic prompt (ablation: off).")] = TD("specialist_embedding"),
     min_prompt_area: Annotated[float | None, typer.Option(
         help="Smallest village (m^2) the generalist is prompted for; smaller ones keep the specialist's mask "
         "(default: official 100 px at 0.916 m).")] = TD("min_area_m2"),
@@ -266,6 +287,8 @@ def train(
         encoder=_known_encoder(encoder), checkpoint=str(checkpoint) if checkpoint else None, specialist=specialist,
         mit_weights=str(mit_weights) if mit_weights else None, fusion=fusion,
         specialist_input=specialist_input, lcn_sigma_m=lcn_sigma, tune_decoder=tune_decoder,
+        box_prompt=box_prompt, mask_prompt=mask_prompt, sam_embedding=sam_embedding,
+        specialist_embedding=specialist_embedding,
         ladder=ladder, min_area_m2=min_prompt_area, gsd_m=gsd_m, crop=crop,
         scale=_parse_floats(scale_aug, (2,), "--scale-aug"),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
@@ -283,6 +306,78 @@ def train(
     typer.echo(json.dumps(last))
 
 
+@app.command("ablate", epilog=examples("ablate"))
+def ablate_cmd(
+    images: Annotated[str, typer.Option(help="Training rasters: a file, a folder or a glob.")],
+    labels: Annotated[str, typer.Option(help="Masks named like the images (folder/glob) or a vector file.")],
+    val_images: Annotated[str, typer.Option(help="Validation rasters the table is scored on.")],
+    val_labels: Annotated[str, typer.Option(help="Validation labels.")],
+    out: Annotated[Path, typer.Option(help="Folder for the variants' model files and ablations.csv / .md.")],
+    encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")] = TD("encoder"),
+    checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
+    specialist: Annotated[str, typer.Option(help="The specialist (as `uvsam train`).")] = TD("specialist"),
+    epochs: Annotated[int, typer.Option(help="Epochs of each variant.")] = TD("epochs"),
+    steps: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = TD("steps_per_epoch"),
+    sam_epochs: Annotated[int, typer.Option(help="Last epochs that train the full UV-SAM path.")] = TD("sam_epochs"),
+    seed: Annotated[int, typer.Option(help="Random seed (the same for every variant).")] = TD("seed"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = PD("device"),
+):
+    """The paper's ablation table: train UV-SAM and each variant without one prompt or embedding,
+    score each and the specialist alone on the validation scenes (one table: CSV, Markdown, JSON)."""
+    from uvsam.ablations import ablate
+
+    cfg = TrainConfig(images=images, labels=labels, out=str(out / "uvsam.ckpt"), encoder=_known_encoder(encoder),
+                      checkpoint=str(checkpoint) if checkpoint else None, specialist=specialist, epochs=epochs,
+                      steps_per_epoch=steps, sam_epochs=sam_epochs, seed=seed, device=device)
+    typer.echo(json.dumps(ablate(cfg, val_images, val_labels, out, log)))
+
+
+@app.command("train-gate", epilog=examples("train-gate"))
+def train_gate_cmd(
+    images: Annotated[str, typer.Option(help="Training rasters: a file, a folder or a glob.")],
+    labels: Annotated[str, typer.Option(help="Masks named like the images (folder/glob) or a vector file.")],
+    model: Annotated[Path, typer.Option(help="The model file the gate serves: tiles are read as its specialist "
+                                              "reads them.")],
+    out: Annotated[Path, typer.Option(help="Gate file to write (.pt).")],
+    backbone: Annotated[str, typer.Option(help="timm backbone: resnet50 (the paper's), resnet18, efficientnet_b0, "
+                                                 "mobilenetv3_large_100 ...")] = "resnet50",
+    tile_m: Annotated[float, typer.Option(help="Side of a gate tile on the ground (m).")] = 240.0,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    steps: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 40,
+    batch_size: Annotated[int, typer.Option(help="Tiles per step, half with villages.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine annealed).")] = 1e-4,
+    min_village: Annotated[float, typer.Option(help="Share of village pixels that makes a village tile.")] = 0.02,
+    recall: Annotated[float, typer.Option(help="Share of held-out village tiles the threshold keeps.")] = 0.99,
+    holdout: Annotated[float, typer.Option(
+        help="Share of the area's width (an edge strip) held out to choose the threshold.")] = 0.2,
+    val_images: Annotated[str | None, typer.Option(help="Validation rasters: AUC, recall, precision, F1.")] = None,
+    val_labels: Annotated[str | None, typer.Option(help="Validation labels.")] = None,
+    negatives: Annotated[str | None, typer.Option(
+        help="Scenes known to hold no village (file, folder or glob): their tiles join the negatives.")] = None,
+    backbone_weights: Annotated[Path | None, typer.Option(
+        help="Pretrained weights of the backbone (timm or torchvision layout, e.g. ImageNet ResNet-50).")] = None,
+    input_mode: Annotated[str | None, typer.Option(
+        help="rgb, lcn or lcn_rgb (default: what the model's specialist sees).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = PD("device"),
+):
+    """Train the pre-classification gate (UV-SAM's city-wide tile classifier) for `predict --gate`.
+
+    Tiles with and without villages, 1:1, from the labelled scenes read as MODEL's specialist reads
+    them; the threshold is chosen for recall on a held-out strip of the area (JSON: threshold, AUC,
+    recall, precision, F1).
+    """
+    from uvsam.gate import GateConfig, train_gate
+
+    cfg = GateConfig(images=images, labels=labels, model=str(model), out=str(out), backbone=backbone, tile_m=tile_m,
+                     epochs=epochs, steps_per_epoch=steps, batch_size=batch_size, lr=lr, min_village=min_village,
+                     recall=recall, holdout=holdout, val_images=val_images, val_labels=val_labels,
+                     negatives=negatives, backbone_weights=str(backbone_weights) if backbone_weights else None,
+                     input_mode=input_mode, seed=seed, device=device)
+    record = train_gate(cfg, log)
+    typer.echo(json.dumps({k: record[k] for k in ("threshold", "crop", "backbone", "metrics")}))
+
+
 @app.command(epilog=examples("evaluate"))
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model file written by `uvsam train`.")],
@@ -298,6 +393,9 @@ def evaluate(
         help="Score the fold models of MODEL (from `train --folds`) on their held-out folds.")] = False,
     overlays: Annotated[Path | None, typer.Option(
         help="Folder for one PNG per scene: hits, false alarms and misses of the villages over the image.")] = None,
+    ablations: Annotated[bool, typer.Option(
+        help="Also score the UV-SAM path with each prompt and embedding left out, side by side (trains nothing).")]
+    = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = PD("device"),
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = PD("precision"),
 ):
@@ -314,7 +412,7 @@ def evaluate(
     from uvsam.evaluation import evaluate as run_evaluation
 
     typer.echo(json.dumps(run_evaluation(model, images, labels, checkpoint, window, labels_crs, specialist_only,
-                                         cfg, log, overlays), indent=2))
+                                         cfg, log, overlays, ablations), indent=2))
 
 
 def _known_encoder(name: str) -> str:
@@ -358,6 +456,9 @@ def predict(
     quicklook: Annotated[bool, typer.Option(
         help="Write a PNG of the scenes with the villages outlined beside --out (OUT.png, OUT_LAYER.png).")] = True,
     checkpoint: Annotated[Path | None, typer.Option(help="The generalist's official weights.")] = None,
+    gate: Annotated[Path | None, typer.Option(
+        help="A tile gate (`uvsam train-gate`): tiles it finds no village in skip the specialist and the "
+             "generalist (status `gated` in the tiles layer).")] = None,
     refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = PD("refine"),
     force_refine: Annotated[bool, typer.Option(
         help="Refine even with a generalist whose weights are not verified official ones.")] = PD("force_refine"),
@@ -414,7 +515,7 @@ def predict(
                         window=window, window_margin=window_margin, min_area_m2=min_village_area, simplify_m=simplify,
                         block=block, acquired=acquired, grid_offset=grid_offset,
                         pif_reference=pif_reference or None, force=force, device=device,
-                        precision=precision)
+                        precision=precision, gate=str(gate) if gate else None)
     if dry_run:
         from uvsam.prediction import dry_run as estimate
 
@@ -488,16 +589,20 @@ def sample_cmd(
     min_per_stratum: Annotated[int, typer.Option(help="At least this many points per stratum.")] = 50,
     area: Annotated[str | None, typer.Option(
         help="Polygon file of the mapped area (default: the GeoPackage's tiles that ran).")] = None,
+    later: Annotated[str | None, typer.Option(
+        help="A later year's map (FILE[:LAYER]): the strata are then the change classes (village both years, "
+             "lost, gained, neither).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (the same seed draws the same points).")] = 0,
 ):
     """Draw a stratified random sample of points to label, for an accuracy assessment.
 
-    Strata: village and not village over the mapped area. Label each point's `reference` in QGIS
-    (village or not village) from better imagery or fieldwork, then run `uvsam accuracy`.
+    Strata: village and not village over the mapped area (with --later: the change classes between
+    the two maps). Label each point's `reference` in QGIS (a drop-down of the classes) from better
+    imagery or fieldwork, then run `uvsam accuracy`.
     """
     from uvsam.changes.accuracy import SampleDesign, draw_sample
 
-    typer.echo(json.dumps(draw_sample(villages, out, SampleDesign(n, min_per_stratum, seed), area)))
+    typer.echo(json.dumps(draw_sample(villages, out, SampleDesign(n, min_per_stratum, seed), area, later)))
 
 
 @app.command("accuracy", epilog=examples("accuracy"))

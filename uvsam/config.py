@@ -112,6 +112,7 @@ class PredictConfig:
     force: bool = False  # run scenes the suitability check refuses (uvsam.suitability)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (uvsam.devices)
     precision: str = "auto"  # auto (fp32), fp32, bf16, fp16 (autocast; uvsam.devices)
+    gate: str | None = None  # a tile gate (uvsam train-gate): tiles it rejects skip the specialist and generalist
 
     def __post_init__(self):
         date_ok = True
@@ -178,6 +179,11 @@ class TrainConfig:
     lcn_sigma_m: float = 15.0
     tune_decoder: bool = False
     ladder: bool = False
+    # the paper's ablations: leave a prompt or an embedding out of the UV-SAM path (all on: UV-SAM)
+    box_prompt: bool = True
+    mask_prompt: bool = True
+    sam_embedding: bool = True
+    specialist_embedding: bool = True
     min_area_m2: float | None = None  # None: the official 100 x 100 px of the official data (8,390 m^2)
     gsd_m: float | None = DEFAULT_GSD_M  # None: the first training scene's native resolution
     crop: int = 128

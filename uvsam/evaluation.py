@@ -16,6 +16,7 @@ The JSON also gives the two trivial baselines (all background, all village) on t
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import geopandas as gpd
@@ -24,13 +25,15 @@ import rasterio
 from rasterio.features import rasterize
 from rasterio.warp import Resampling, reproject
 
+from uvsam.config import RefineRule
 from uvsam.datasets import LabelledScene, load_scene, pair_scenes, rasterise_labels, read_validity
-from uvsam.errors import InputError
+from uvsam.errors import ConfigError, InputError
 from uvsam.files import check_writable
 from uvsam.inference import predict_scene as predict_in_memory
 from uvsam.labels import IGNORE
 from uvsam.metrics import SegmentationCounts
 from uvsam.modelfile import ModelFile
+from uvsam.modeling.uvsam import ABLATIONS, SPECIALIST_ONLY
 from uvsam.pictures import overlay
 from uvsam.prediction import PredictConfig, close_sources, get_model, model_info, predict_scene, prepare_scene, refines
 from uvsam.progress import Progress
@@ -38,19 +41,22 @@ from uvsam.progress import Progress
 
 def evaluate(model_path: str | Path, images: str | Path, labels: str | Path, checkpoint: str | Path | None = None,
              window: int = 512, labels_crs: str | None = None, specialist_only: bool = False,
-             predict_config=None, log=None, overlays: str | Path | None = None) -> dict:
+             predict_config=None, log=None, overlays: str | Path | None = None, ablations: bool = False) -> dict:
     """Scores of a model on labelled scenes (see the module docstring); ``specialist_only``
     skips the in-memory UV-SAM path. ``predict_config``: predict's settings (default: its
-    defaults); ``overlays``: a folder for each scene's overlay PNG."""
+    defaults); ``overlays``: a folder for each scene's overlay PNG; ``ablations``: also score
+    the UV-SAM path with each prompt and embedding left out (:data:`uvsam.modeling.uvsam.ABLATIONS`)."""
     return evaluate_pairs(model_path, pair_scenes(images, labels), checkpoint, window, labels_crs, specialist_only,
-                          predict_config, log, overlays)
+                          predict_config, log, overlays, ablations)
 
 
 def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoint: str | Path | None = None,
                    window: int = 512, labels_crs: str | None = None, specialist_only: bool = False,
-                   predict_config=None, log=None, overlays: str | Path | None = None) -> dict:
+                   predict_config=None, log=None, overlays: str | Path | None = None, ablations: bool = False) -> dict:
     """:func:`evaluate` on scenes already paired with their labels; ``overlays``: a folder for
     one PNG per scene of hits, false alarms and misses of the shipped villages."""
+    if ablations and specialist_only:
+        raise ConfigError("the ablations score the UV-SAM path: leave out --specialist-only", field="ablations")
     if overlays is not None:
         overlays = check_writable(Path(overlays) / "x.png", folder=True).parent
     cfg = predict_config or PredictConfig()
@@ -60,22 +66,50 @@ def evaluate_pairs(model_path: str | Path, pairs: list[LabelledScene], checkpoin
     refine = refines(cfg, info)
     names = ["specialist", "polygons"] + ([] if specialist_only else ["uvsam"])
     counts = {k: SegmentationCounts() for k in names + ["all_village"]}
+    variants = ablation_variants(model.config) if ablations else {}
+    paths = {k: SegmentationCounts() for k in variants}
     per_scene = []
     with Progress(len(pairs), "scenes", task="evaluate") as bar:
         for pair in pairs:
             per_scene.append(_score_pair(pair, info, cfg, labels_crs, counts, model, model_file, window, refine,
                                          specialist_only, overlays))
+            for name, config in variants.items():  # the UV-SAM path, one prompt left out at a time
+                base, model.config = model.config, config
+                try:
+                    pred, labels, pixel_m = in_memory_uvsam(model, model_file, pair, window, labels_crs, True, cfg,
+                                                            info.device, rule=PAPER_RULE)
+                finally:
+                    model.config = base
+                paths[name].update(pred, labels, pixel_m=pixel_m)
             bar.advance()
     if log is not None and cfg.refine and not refine:  # after the inputs were all read: errors come alone
         log(f"note: {info.generalist_note}: villages kept the specialist's outlines (not refined)")
     result = {k: counts[k].summary() for k in names}
     result["baselines"] = {"all_background_iou": 0.0, "all_village_iou": counts["all_village"].summary()["iou"]}
+    if ablations:
+        result["ablations"] = {**{k: c.summary() for k, c in paths.items()},
+                               SPECIALIST_ONLY: result["specialist"]}
+        result["ablations_generalist"] = ("official weights" if info.generalist_verified
+                                          else f"{info.generalist_note} (scored anyway)")
+        result["ablations_rule"] = ("the paper's combination: every non-empty generalist mask replaces its "
+                                    "village's outline (predict's acceptance rule off)")
     result["scenes"] = len(pairs)
     result["per_scene"] = per_scene
     result["refinement"] = "on" if refine else ("off" if not cfg.refine else f"off: {info.generalist_note}")
     result["predict_config"] = cfg.to_dict()
     result["model"] = model_file.record()
     return result
+
+
+PAPER_RULE = RefineRule(0.0, 0.0, 0.0)  # every non-empty generalist mask accepted: the paper's combination
+
+
+def ablation_variants(config) -> dict:
+    """The paper's ablations (:data:`~uvsam.modeling.uvsam.ABLATIONS`) as UVSAMConfigs of a
+    trained model's ``config`` (those that switch off something it has on; UV-SAM itself: the
+    model as trained)."""
+    return {name: replace(config, **switches) for name, switches in ABLATIONS.items()
+            if all(getattr(config, k) for k in switches)}
 
 
 def _score_pair(pair: LabelledScene, info, cfg, labels_crs, counts: dict, model, model_file, window: int,
@@ -140,11 +174,12 @@ def score_scene(pair: LabelledScene, info, cfg, labels_crs: str | None = None) -
 
 
 def in_memory_uvsam(model, model_file: ModelFile, pair: LabelledScene, window: int, labels_crs: str | None,
-                    refine: bool, cfg, device=None) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+                    refine: bool, cfg, device=None, rule=None) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """(prediction, labels, pixel size in metres) of the model's in-memory UV-SAM path at its
-    training GSD, the scene read and preprocessed as training and predict read it."""
+    training GSD, the scene read and preprocessed as training and predict read it; ``rule``:
+    when a generalist mask replaces a village's outline (default: predict's, ``cfg.rule``)."""
     scene = load_scene(pair, model_file.inputs, labels_crs)
     valid = scene.labels != IGNORE
-    pred = predict_in_memory(model, scene.image, valid, window=window, full=refine, rule=cfg.rule,
+    pred = predict_in_memory(model, scene.image, valid, window=window, full=refine, rule=rule or cfg.rule,
                              device=device)
     return (pred.uvsam if refine else pred.specialist), scene.labels, (scene.gsd_m, scene.gsd_m)

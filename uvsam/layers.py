@@ -117,8 +117,10 @@ CANDIDATE_QML = qml_document('type="singleSymbol"',
                              [fill_symbol("0", "255,127,0,0", "255,127,0,255", "no", "dash", 0.4)])
 TILES_QML = qml_document('type="categorizedSymbol" attr="status"',
                          [fill_symbol("0", "0,0,0,0", "120,120,120,160", "no"),
-                          fill_symbol("1", "120,120,120,60", "120,120,120,160", "b_diagonal")],
-                         categories=category_list([("done", "tile done"), ("nodata", "tile without data")]))
+                          fill_symbol("1", "120,120,120,60", "120,120,120,160", "b_diagonal"),
+                          fill_symbol("2", "70,130,180,50", "70,130,180,160", "no")],
+                         categories=category_list([("done", "tile done"), ("nodata", "tile without data"),
+                                                   ("gated", "tile the gate found no village in")]))
 
 GEOMETRY_COLUMN = "geom"  # what the GeoPackage's geometry column is called (and its stored styles name)
 STYLES = {  # kind of layer -> (QML, description)

@@ -40,7 +40,7 @@ from uvsam.losses import LossWeights, uvsam_loss
 from uvsam.metrics import SegmentationCounts
 from uvsam.modelfile import read_model_file, save_model
 from uvsam.modeling.sam import build_generalist
-from uvsam.modeling.specialist import Specialist, load_mit_weights
+from uvsam.modeling.specialist import Specialist, load_mit_weights, parse_specialist
 from uvsam.modeling.uvsam import UVSAM, UVSAMConfig
 from uvsam.pictures import curves
 from uvsam.preprocess import InputSpec, training_radiometry
@@ -129,6 +129,14 @@ def prepare_data(cfg: TrainConfig, log=print) -> PreparedData:
     return PreparedData(train, val, spec)
 
 
+def check_specialist(name: str) -> None:
+    """A specialist name (:func:`~uvsam.modeling.specialist.parse_specialist`) or a ConfigError, before any work."""
+    try:
+        parse_specialist(name)
+    except ValueError as e:
+        raise ConfigError(str(e), field="specialist") from None
+
+
 def build_model(cfg: TrainConfig, gsd_m: float, log=print, generalist=None) -> tuple[UVSAM, dict]:
     """The model to train; ``generalist``: the official one, already loaded from ``cfg.checkpoint``."""
     if cfg.checkpoint:
@@ -145,7 +153,8 @@ def build_model(cfg: TrainConfig, gsd_m: float, log=print, generalist=None) -> t
     config = UVSAMConfig(encoder=cfg.encoder, specialist=cfg.specialist, fusion=cfg.fusion,
                          specialist_input=cfg.specialist_input, lcn_sigma_m=cfg.lcn_sigma_m,
                          tune_decoder=cfg.tune_decoder, ladder=cfg.ladder, gsd_m=gsd_m,
-                         min_area_m2=cfg.min_area_m2)
+                         min_area_m2=cfg.min_area_m2, box_prompt=cfg.box_prompt, mask_prompt=cfg.mask_prompt,
+                         sam_embedding=cfg.sam_embedding, specialist_embedding=cfg.specialist_embedding)
     torch.manual_seed(cfg.seed)
     specialist = Specialist(cfg.specialist)
     if cfg.mit_weights:
@@ -233,6 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
 
     ``stop_after``: return after that many epochs (as an interrupted run would).
     """
+    check_specialist(cfg.specialist)
     out = check_writable(cfg.out)
     payload = None
     if resume:

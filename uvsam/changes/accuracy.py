@@ -40,6 +40,9 @@ from uvsam.polygons import local_equal_area
 
 VILLAGE, NOT_VILLAGE = "village", "not village"
 CLASSES = (VILLAGE, NOT_VILLAGE)
+# the change classes between two years' maps (strata of a change sample)
+BOTH, LOST, GAINED, NEITHER = "village both years", "village lost", "village gained", "no village either year"
+CHANGE_CLASSES = (BOTH, LOST, GAINED, NEITHER)
 Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...: a 95 % interval
 
 
@@ -104,19 +107,23 @@ def estimate(counts: np.ndarray, mapped_area: np.ndarray, classes: list[str], z:
     if n.shape != (q, q) or area.shape != (q,):
         raise ConfigError(f"counts must be {q} x {q} and areas {q} long", field="counts")
     rows = n.sum(axis=1)
-    if (rows < 2).any():
-        short = [classes[i] for i in np.flatnonzero(rows < 2)]
+    present = area > 0  # a class the map never shows has no stratum, no points and weight 0
+    if (rows[present] < 2).any():
+        short = [classes[i] for i in np.flatnonzero(present & (rows < 2))]
         raise InputError(f"map class(es) {', '.join(short)} have fewer than 2 labelled points: no standard error")
+    if (rows[~present] > 0).any():
+        raise InputError("points in a map class with no mapped area: the sample does not match its strata")
     total = area.sum()
     w = area / total
+    rows = np.where(present, rows, 2.0)  # only divides zeros for the absent classes
     share = n / rows[:, None]  # n_ij / n_i.
     p = w[:, None] * share  # eq. 4
     col = p.sum(axis=0)  # p_.j, eq. 9
     diag = np.diag(share)
-    users = diag  # eq. 2
+    users = np.where(present, diag, np.nan)  # eq. 2; undefined for a class the map never shows
     producers = np.divide(np.diag(p), col, out=np.full(q, np.nan), where=col > 0)  # eq. 3
     overall = float(np.trace(p))  # eq. 1
-    v_overall = float(np.sum(w**2 * users * (1 - users) / (rows - 1)))  # eq. 5
+    v_overall = float(np.sum(w**2 * diag * (1 - diag) / (rows - 1)))  # eq. 5
     v_users = users * (1 - users) / (rows - 1)  # eq. 6
     # eq. 7, with N_i. the mapped area of class i and N_.j its estimated reference total
     big_n = area
@@ -126,7 +133,7 @@ def estimate(counts: np.ndarray, mapped_area: np.ndarray, classes: list[str], z:
         if n_col[j] <= 0:
             continue
         others = sum(big_n[i] ** 2 * share[i, j] * (1 - share[i, j]) / (rows[i] - 1) for i in range(q) if i != j)
-        v_prod[j] = (big_n[j] ** 2 * (1 - producers[j]) ** 2 * users[j] * (1 - users[j]) / (rows[j] - 1)
+        v_prod[j] = (big_n[j] ** 2 * (1 - producers[j]) ** 2 * diag[j] * (1 - diag[j]) / (rows[j] - 1)
                      + producers[j] ** 2 * others) / n_col[j] ** 2
     se_col = np.sqrt(np.sum(w[:, None] ** 2 * share * (1 - share) / (rows[:, None] - 1), axis=0))  # eq. 10
 
@@ -154,22 +161,31 @@ def _marker(name: str, colour: str) -> str:
             + "     </Option>\n    </layer>\n   </symbol>\n")
 
 
-# The sample's QGIS style: points coloured by their label (grey until labelled), numbered, and
-# ``reference`` edited with a drop-down of the two classes (a value map), so a label is never misspelt.
-_VALUE_MAP = "".join(f'        <Option type="Map"><Option type="QString" name="{c}" value="{c}"/></Option>\n'
-                     for c in CLASSES)
-SAMPLE_QML = qml_document(
-    'type="categorizedSymbol" attr="reference"',
-    [_marker("0", "228,26,28,255"), _marker("1", "55,126,184,255"), _marker("2", "200,200,200,255")],
-    categories=category_list([(VILLAGE, "labelled village"), (NOT_VILLAGE, "labelled not village"),
-                              ("", "not yet labelled")]),
-    labeling=label_with("point_id"),
-).replace('styleCategories="Symbology|Labeling"', 'styleCategories="Symbology|Labeling|Fields|Forms"').replace(
-    "</qgis>\n",
-    ' <fieldConfiguration>\n  <field name="reference" configurationFlags="None">\n'
-    '   <editWidget type="ValueMap">\n    <config>\n     <Option type="Map">\n      <Option type="List" name="map">\n'
-    + _VALUE_MAP + "      </Option>\n     </Option>\n    </config>\n   </editWidget>\n  </field>\n"
-    " </fieldConfiguration>\n</qgis>\n")
+CLASS_COLOURS = {VILLAGE: "228,26,28,255", NOT_VILLAGE: "55,126,184,255", BOTH: "228,26,28,255",
+                 LOST: "152,78,163,255", GAINED: "255,127,0,255", NEITHER: "55,126,184,255"}
+
+
+def sample_qml(classes: tuple[str, ...] | list[str]) -> str:
+    """The sample's QGIS style: points coloured by their label (grey until labelled), numbered,
+    and ``reference`` edited with a drop-down of the ``classes`` (a value map), so a label is
+    never misspelt."""
+    value_map = "".join(f'        <Option type="Map"><Option type="QString" name="{c}" value="{c}"/></Option>\n'
+                        for c in classes)
+    markers = [_marker(str(k), CLASS_COLOURS[c]) for k, c in enumerate(classes)]
+    return qml_document(
+        'type="categorizedSymbol" attr="reference"', markers + [_marker(str(len(classes)), "200,200,200,255")],
+        categories=category_list([(c, f"labelled {c}") for c in classes] + [("", "not yet labelled")]),
+        labeling=label_with("point_id"),
+    ).replace('styleCategories="Symbology|Labeling"', 'styleCategories="Symbology|Labeling|Fields|Forms"').replace(
+        "</qgis>\n",
+        ' <fieldConfiguration>\n  <field name="reference" configurationFlags="None">\n'
+        '   <editWidget type="ValueMap">\n    <config>\n     <Option type="Map">\n'
+        '      <Option type="List" name="map">\n'
+        + value_map + "      </Option>\n     </Option>\n    </config>\n   </editWidget>\n  </field>\n"
+        " </fieldConfiguration>\n</qgis>\n")
+
+
+SAMPLE_QML = sample_qml(CLASSES)
 
 
 
@@ -218,27 +234,47 @@ def random_points(geom, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def draw_sample(map_spec: str, out: str | Path, design: SampleDesign = SampleDesign(),
-                area: str | None = None) -> dict:
+                area: str | None = None, later: str | None = None) -> dict:
     """Draw the stratified sample of ``map_spec`` (``FILE[:LAYER]`` of village polygons) into the
     GeoPackage ``out`` (layers ``sample`` and ``strata``); returns a summary. ``area``: a polygon
-    file of the mapped area (default: the map GeoPackage's tiles layer, status done)."""
+    file of the mapped area (default: the map GeoPackage's tiles layer, status done; with
+    ``later``, where both maps ran). ``later``: a later year's map: the strata are then the
+    change classes (:data:`CHANGE_CLASSES`: village both years, lost, gained, neither)."""
     out = check_writable(out)
-    layer = read_layer(f"map={map_spec}")
-    villages = layer.villages
+    villages = read_layer(f"map={map_spec}").villages
     crs = villages.crs
     mapped = _mapped_area(map_spec, area, crs)
+    if later is not None and area is None:
+        mapped = shapely.intersection(mapped, _mapped_area(later, None, crs))
     eq = local_equal_area([mapped], crs)
     to_eq = gpd.GeoSeries([mapped], crs=crs).to_crs(eq).iloc[0]
-    union = shapely.union_all(villages.to_crs(eq).geometry.values) if len(villages) else shapely.Polygon()
-    strata = {VILLAGE: shapely.intersection(union, to_eq), NOT_VILLAGE: shapely.difference(to_eq, union)}
+
+    def cover(gdf) -> object:
+        return shapely.union_all(gdf.to_crs(eq).geometry.values) if len(gdf) else shapely.Polygon()
+
+    first = cover(villages)
+    if later is None:
+        classes = CLASSES
+        strata = {VILLAGE: shapely.intersection(first, to_eq), NOT_VILLAGE: shapely.difference(to_eq, first)}
+    else:
+        classes = CHANGE_CLASSES
+        second = cover(read_layer(f"later={later}").villages)
+        strata = {BOTH: shapely.intersection(shapely.intersection(first, second), to_eq),
+                  LOST: shapely.intersection(shapely.difference(first, second), to_eq),
+                  GAINED: shapely.intersection(shapely.difference(second, first), to_eq),
+                  NEITHER: shapely.difference(to_eq, shapely.union(first, second))}
     areas = {k: float(g.area) for k, g in strata.items()}
-    if areas[VILLAGE] <= 0:
+    if later is None and areas[VILLAGE] <= 0:
         raise InputError("the map has no village inside the mapped area: nothing to stratify by", map_spec)
+    if later is not None and areas[LOST] + areas[GAINED] <= 0:
+        raise InputError(f"the two maps agree everywhere inside the mapped area ({later}): no change to stratify by",
+                         map_spec)
+    areas = {k: a for k, a in areas.items() if a > 0}  # a class the map never shows has no stratum
     alloc = allocate(areas, design)
     rng = np.random.default_rng(design.seed)
     frames = []
-    for k, g in strata.items():
-        pts = random_points(g, alloc[k], rng)
+    for k in areas:
+        pts = random_points(strata[k], alloc[k], rng)
         frames.append(gpd.GeoDataFrame({"stratum": k, "map_class": k}, index=range(len(pts)),
                                        geometry=gpd.GeoSeries(pts, crs=eq)))
     sample = pd.concat(frames, ignore_index=True)
@@ -248,18 +284,20 @@ def draw_sample(map_spec: str, out: str | Path, design: SampleDesign = SampleDes
     sample["reference"] = pd.array([None] * len(sample), dtype=object)  # the analyst's label
     table = pd.DataFrame({"stratum": list(areas), "area_m2": list(areas.values()),
                           "points": [alloc[k] for k in areas]})
-    meta = {"map": map_spec, "design": asdict(design), "area": area or "tiles layer (done)",
-            "equal_area_crs": eq.srs, "classes": list(CLASSES)}
+    meta = {"map": map_spec, "later": later, "design": asdict(design),
+            "area": area or ("tiles layers (done in both)" if later else "tiles layer (done)"),
+            "equal_area_crs": eq.srs, "classes": list(classes)}
     table["design"] = json.dumps(meta)
-    style = styles_table([style_row("sample", SAMPLE_QML, "uvsam: sample points by label; reference is a drop-down")])
+    style = styles_table([style_row("sample", sample_qml(classes),
+                                    "uvsam: sample points by label; reference is a drop-down")])
     with atomic_path(out) as tmp:
         tmp.unlink(missing_ok=True)
         pyogrio.write_dataframe(sample, tmp, layer="sample", driver="GPKG", dataset_options={"VERSION": "1.2"},
                                 layer_options={"GEOMETRY_NAME": GEOMETRY_COLUMN})
         pyogrio.write_dataframe(table, tmp, layer="strata", driver="GPKG")
         pyogrio.write_dataframe(style, tmp, layer="layer_styles", driver="GPKG")
-    return {"out": str(out), "points": len(sample), "strata": {k: {"area_m2": round(areas[k], 1), "points": alloc[k]}
-                                                               for k in areas}}
+    return {"out": str(out), "points": len(sample), "classes": list(classes),
+            "strata": {k: {"area_m2": round(areas[k], 1), "points": alloc[k]} for k in areas}}
 
 
 def _mapped_area(map_spec: str, area: str | None, crs):
@@ -291,17 +329,20 @@ def assess(sample_file: str | Path, z: float = Z95) -> Accuracy:
         strata = pyogrio.read_dataframe(path, layer="strata", read_geometry=False)
     except Exception as e:  # noqa: BLE001 - not a sample GeoPackage
         raise InputError(f"not a sample written by `uvsam sample` ({str(e).splitlines()[0][:120]})", path) from None
+    classes = list(json.loads(strata["design"].iloc[0]).get("classes", CLASSES)) if "design" in strata else list(
+        CLASSES)
     labels = sample["reference"].astype("string").str.strip().str.lower()
     missing = labels.isna() | (labels == "")
     if missing.any():
         raise InputError(f"{int(missing.sum())} of {len(sample)} points have no reference label: label them "
-                         f"(field reference: {' or '.join(CLASSES)})", path)
-    bad = sorted(set(labels) - set(CLASSES))
+                         f"(field reference: {' or '.join(classes)})", path)
+    bad = sorted(set(labels) - set(classes))
     if bad:
-        raise InputError(f"reference labels {bad} are not {' or '.join(CLASSES)}", path)
-    classes = list(CLASSES)
+        raise InputError(f"reference labels {bad} are not {' or '.join(classes)}", path)
+    # a class the map never shows has no stratum (mapped area 0) but may still be the truth somewhere
+    mapped = strata.set_index("stratum")["area_m2"]
     counts = np.zeros((len(classes), len(classes)))
     for m, r in zip(sample["map_class"], labels, strict=True):
         counts[classes.index(m), classes.index(r)] += 1
-    areas = strata.set_index("stratum").loc[classes, "area_m2"].to_numpy(float)
+    areas = np.array([float(mapped.get(c, 0.0)) for c in classes])
     return estimate(counts, areas, classes, z)

@@ -1,10 +1,18 @@
-"""The specialist: a SegFormer (MiT-B0..B5 encoder + all-MLP decoder) that segments villages.
+"""The specialist: a segmentation network that segments villages.
 
-The network is segmentation-models-pytorch's ``Segformer``, built offline (no download). Its
-MiT encoder has the key layout of the original SegFormer release (NVlabs, mmsegmentation 0.x);
-:func:`load_mit_weights` also reads ImageNet-pretrained MiT files in the layouts of
-mmsegmentation 1.x (``mit2mmseg``) and Hugging Face (``nvidia/mit-b0``), so a user with a
-local pretrained file starts from it instead of from scratch.
+By default a SegFormer (MiT-B0..B5 encoder + all-MLP decoder, segmentation-models-pytorch's
+``Segformer``, built offline). Its MiT encoder has the key layout of the original SegFormer
+release (NVlabs, mmsegmentation 0.x); :func:`load_mit_weights` also reads ImageNet-pretrained MiT
+files in the layouts of mmsegmentation 1.x (``mit2mmseg``) and Hugging Face (``nvidia/mit-b0``),
+so a user with a local pretrained file starts from it instead of from scratch.
+
+"Every baseline can serve as the specialist" (the UV-SAM paper): any segmentation-models-pytorch
+architecture with any of its encoders is named ``ARCH[:ENCODER]`` (``deeplabv3plus:resnet50``,
+``unet:efficientnet-b0``, ``fpn``; encoder default ``resnet34``). The semantic prompt's fused
+feature is then the decoder's output (what its segmentation head reads), brought to SAM's 256
+channels by a 1 x 1 convolution where its width differs (UNet's 16, FPN's 128, PSPNet's 512).
+Pretrained encoder weights in the timm / torchvision layout load with :func:`load_mit_weights`
+as well (the name is historical: it loads any encoder's weights).
 """
 
 from __future__ import annotations
@@ -20,26 +28,51 @@ from torch import nn
 from uvsam.errors import CheckpointError
 
 VARIANTS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+ARCHITECTURES = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "pan",
+                 "upernet", "segformer")
+DEFAULT_ENCODER = "resnet34"
 FEATURE_CHANNELS = 256  # SegFormer's fused decoder width, = SAM's embedding width
 _STRIDE = 32
 
 
+def parse_specialist(name: str) -> tuple[str, str]:
+    """``(architecture, encoder)`` of a specialist name: ``mit_bN`` -> ``("segformer", "mit_bN")``,
+    ``ARCH[:ENCODER]`` -> smp's architecture and encoder; ValueError naming the choices otherwise."""
+    if name in VARIANTS:
+        return "segformer", name
+    arch, _, encoder = name.lower().partition(":")
+    encoder = encoder or DEFAULT_ENCODER
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown specialist {name!r}: give mit_b0 .. mit_b5 (SegFormer) or ARCH[:ENCODER] with "
+                         f"ARCH one of {', '.join(ARCHITECTURES)}")
+    if encoder not in smp.encoders.encoders and not encoder.startswith("tu-"):
+        raise ValueError(f"unknown encoder {encoder!r} in specialist {name!r}: any segmentation-models-pytorch "
+                         "encoder (resnet50, efficientnet-b0, mit_b2, ...) or tu-NAME for a timm one")
+    return arch, encoder
+
+
 class Specialist(nn.Module):
-    """SegFormer for (background, village).
+    """The village segmenter: SegFormer (``mit_b0`` .. ``mit_b5``) or any smp ``ARCH[:ENCODER]``.
 
     forward: (B, 3, H, W) normalised image -> logits (B, 2, H, W), fused decoder feature
-    (B, 256, ceil(H/32)*8, ceil(W/32)*8), the 1/4-resolution map the decoder's head reads.
+    (B, 256, h, w), the map the segmentation head reads (SegFormer: 1/4 resolution; DeepLabV3+:
+    1/4; UNet: full), projected to 256 channels where the decoder is narrower or wider.
     Inputs of any size are padded to a multiple of 32 and the logits cropped back.
     """
 
     def __init__(self, variant: str = "mit_b0", classes: int = 2):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown specialist {variant!r}; choose one of {', '.join(VARIANTS)}")
+        arch, encoder = parse_specialist(variant)
         self.variant = variant
-        self.net = smp.Segformer(variant, encoder_weights=None, classes=classes,
-                                 decoder_segmentation_channels=FEATURE_CHANNELS)
-        self.reordered = True  # fuse the decoder's stages by :func:`fuse_features`; False: smp's own order
+        if variant in VARIANTS:
+            self.net = smp.Segformer(variant, encoder_weights=None, classes=classes,
+                                     decoder_segmentation_channels=FEATURE_CHANNELS)
+        else:
+            self.net = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=classes)
+        self.reordered = variant in VARIANTS  # SegFormer: fuse the stages by :func:`fuse_features`
+        width = self.net.segmentation_head[0].in_channels
+        self.feature_proj = (nn.Identity() if width == FEATURE_CHANNELS
+                             else nn.Conv2d(width, FEATURE_CHANNELS, kernel_size=1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = x.shape[-2:]
@@ -49,7 +82,7 @@ class Specialist(nn.Module):
         features = self.net.encoder(x)
         fused = fuse_features(self.net.decoder, features) if self.reordered else self.net.decoder(features)
         logits = self.net.segmentation_head(fused)
-        return logits[..., :h, :w], fused
+        return logits[..., :h, :w], self.feature_proj(fused)
 
 
 def fuse_features(decoder: nn.Module, features: list[torch.Tensor]) -> torch.Tensor:
@@ -237,11 +270,20 @@ def load_mit_weights(specialist: Specialist, path: str | Path) -> dict:
             raw = raw[wrapper]
     if not isinstance(raw, dict):
         raise CheckpointError("does not hold a state dict", path)
+    if specialist.variant not in VARIANTS:  # an smp encoder: timm / torchvision keys, the classifier left out
+        return _load_encoder_weights(specialist, raw, path)
     layout = detect_layout(raw)
     try:
         state = to_original_layout(raw)
     except CheckpointError as e:
         raise CheckpointError(e.problem, path) from None
+    _fit_encoder(specialist, state, path, f"MiT weights ({layout} layout)")
+    return {"layout": layout, "tensors": len(state), "file": str(path)}
+
+
+def _fit_encoder(specialist: Specialist, state: dict, path: Path, what: str) -> None:
+    """Load ``state`` into the specialist's encoder, or a CheckpointError naming the missing,
+    unexpected and wrongly shaped keys (a B2 file for a B0 model, a ResNet-50 for a ResNet-18)."""
     own = specialist.net.encoder.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -249,6 +291,15 @@ def load_mit_weights(specialist: Specialist, path: str | Path) -> dict:
     if missing or unexpected or wrong:
         detail = "; ".join(f"{len(v)} {n} ({', '.join(v[:3])})" for n, v in
                            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if v)
-        raise CheckpointError(f"MiT weights ({layout} layout) do not fit {specialist.variant}: {detail}", path)
+        raise CheckpointError(f"{what} do not fit {specialist.variant}: {detail}", path)
     specialist.net.encoder.load_state_dict(state)
-    return {"layout": layout, "tensors": len(state), "file": str(path)}
+
+
+def _load_encoder_weights(specialist: Specialist, raw: dict, path: Path) -> dict:
+    """ImageNet weights of an smp specialist's encoder (the torchvision / timm layout smp's
+    encoders keep; a classifier head, which smp's encoders drop, is ignored)."""
+    own = specialist.net.encoder.state_dict()
+    state = {k.removeprefix("encoder."): v for k, v in raw.items()}
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("fc.", "classifier.", "head."))}
+    _fit_encoder(specialist, state, path, "encoder weights")
+    return {"layout": "encoder", "tensors": len(state), "file": str(path)}

@@ -41,6 +41,17 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)  # the specialist's input normalisatio
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
+# The paper's ablations: name -> the UVSAMConfig switches it sets (all on: UV-SAM itself)
+ABLATIONS: dict[str, dict[str, bool]] = {
+    "UV-SAM": {},
+    "w/o box prompt": {"box_prompt": False},
+    "w/o mask prompt": {"mask_prompt": False},
+    "w/o SAM embedding": {"sam_embedding": False},
+    "w/o specialist embedding": {"specialist_embedding": False},
+}
+SPECIALIST_ONLY = "w/o SAM (specialist alone)"  # the last row of the table: no generalist at all
+
+
 @dataclass(frozen=True)
 class UVSAMConfig:
     """What defines a UV-SAM model; stored in every checkpoint.
@@ -55,7 +66,10 @@ class UVSAMConfig:
     fusion: str = "mlp"
     tune_decoder: bool = False
     ladder: bool = False
-    mask_prompt: bool = True
+    mask_prompt: bool = True  # the paper's ablations: each prompt and embedding can be left out
+    box_prompt: bool = True  # off: the semantic prompts are the only sparse tokens, one decode per image
+    sam_embedding: bool = True  # the generalist's pooled embedding in the semantic prompt (off: zeros)
+    specialist_embedding: bool = True  # the specialist's pooled feature in the semantic prompt (off: zeros)
     gsd_m: float = 1.0
     min_area_m2: float | None = None
     max_villages: int = 32  # decoded per image per call; the largest first
@@ -168,7 +182,7 @@ class UVSAM(nn.Module):
         """
         logits, feature = self.run_specialist(images if specialist_images is None else specialist_images)
         emb = self.embeddings(images, frozen_embeddings)
-        semantic = semantic_prompts(emb, feature)
+        semantic = self.semantic_prompts(emb, feature)
         dense = self.dense_prompt(logits) if self.uses_mask_prompt else None
         pred = logits.argmax(1).cpu().numpy().astype(bool)
         gsd = self.config.gsd_m if gsd_m is None else gsd_m
@@ -191,6 +205,14 @@ class UVSAM(nn.Module):
 
     decode_chunk: int = 8  # boxes per mask-decoder call: each box holds ~20 MB of activations
 
+    def semantic_prompts(self, emb: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """(B, 2, 256) semantic prompts (:func:`semantic_prompts`), the embeddings the config
+        leaves out (``sam_embedding``, ``specialist_embedding``) set to zero."""
+        semantic = semantic_prompts(emb, feature)
+        keep = torch.tensor([self.config.sam_embedding, self.config.specialist_embedding], dtype=semantic.dtype,
+                            device=semantic.device)
+        return semantic * keep.view(1, 2, 1)
+
     @property
     def uses_mask_prompt(self) -> bool:
         return self.config.mask_prompt and self.generalist.spec.decoder == "sam"
@@ -210,6 +232,12 @@ class UVSAM(nn.Module):
             if len(bx) == 0:
                 out.append((logits.new_zeros((0, 1, h, w)), logits.new_zeros(0)))
                 continue
+            if not self.config.box_prompt:  # no box: the semantic prompts alone, one mask for the image's villages
+                low, iou = self.generalist.decode(emb[b : b + 1], sparse_extra=semantic[b : b + 1],
+                                                  mask_logits=None if dense is None else dense[b : b + 1])
+                mask = self.generalist.postprocess_masks(low, h, w)
+                out.append((mask.expand(len(bx), -1, -1, -1), iou[:, 0].expand(len(bx))))
+                continue
             t = torch.as_tensor(np.asarray(bx, np.float32), device=emb.device) * scale
             masks, ious = [], []
             for k in range(0, len(t), self.decode_chunk):  # memory grows with the boxes of a call
@@ -228,7 +256,7 @@ class UVSAM(nn.Module):
         logits, feature = self.run_specialist(images)
         emb = self.embeddings(images)
         dense = self.dense_prompt(logits) if self.uses_mask_prompt else None
-        return self.decode_boxes(images.shape[-2:], logits, semantic_prompts(emb, feature), emb, boxes, dense)
+        return self.decode_boxes(images.shape[-2:], logits, self.semantic_prompts(emb, feature), emb, boxes, dense)
 
     @staticmethod
     def combine(out: UVSAMOutput) -> torch.Tensor:

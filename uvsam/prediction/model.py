@@ -12,8 +12,19 @@ from pathlib import Path
 
 from uvsam.config import PredictConfig
 from uvsam.devices import Device, select
+from uvsam.gatefile import GateFile
 from uvsam.modelfile import ModelFile, generalist_file, load_model
 from uvsam.preprocess import InputSpec
+
+
+@dataclass(frozen=True)
+class GateInfo:
+    """The tile gate as workers need it (picklable): its file, threshold and window."""
+
+    path: str
+    sha256: str
+    crop: int
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,7 @@ class ModelInfo:
     generalist_note: str = ""
     training_gsd_m: float | None = None  # native resolution of the training imagery (None: recorded before it was)
     device: Device = Device()  # where the networks run, resolved once (uvsam.devices)
+    gate: GateInfo | None = None  # the tile gate predict runs first (uvsam.gate), if any
 
     @property
     def gsd_m(self) -> float:
@@ -45,6 +57,25 @@ def get_model(info: ModelInfo):
         _MODELS.clear()  # one model a process: a new one replaces the last
         _MODELS[key] = load_model(ModelFile.read(info.path), info.checkpoint)[0].to(info.device.torch)
     return _MODELS[key]
+
+
+_GATES: dict[tuple[str, str, str], object] = {}
+
+
+def get_gate(info: ModelInfo):
+    """The gate's network, loaded once per process."""
+    key = (info.gate.path, info.gate.sha256, info.device.name)
+    if key not in _GATES:
+        _GATES.clear()
+        _GATES[key] = GateFile.read(info.gate.path).network.to(info.device.torch)
+    return _GATES[key]
+
+
+def gate_info(path: str | Path, model: str | Path) -> GateInfo:
+    """The gate file's :class:`GateInfo`, after checking it was trained for ``model``'s inputs."""
+    gate = GateFile.read(path)
+    gate.check_inputs(ModelFile.read(model))
+    return GateInfo(str(path), gate.sha256, gate.crop, gate.threshold)
 
 
 def model_info(path: str | Path, checkpoint: str | Path | None = None, device: str = "auto",

@@ -45,7 +45,8 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
     """
     path = location(path)
     scene, prep = prepared if prepared is not None else prepare_scene(path, info, cfg)
-    journal = Journal(workdir / "journal", identity or scene_identity(path), info.sha256,
+    journal = Journal(workdir / "journal", identity or scene_identity(path),
+                      info.sha256 + (f"+gate:{info.gate.sha256}" if info.gate else ""),
                       json.dumps(cfg.to_dict(), sort_keys=True))
     if prep.crs is None:
         raise InputError("raster has no CRS; village polygons need georeferenced imagery", path)

@@ -7,7 +7,7 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from uvsam.polygons import measure as measure_polygons
 from uvsam.prediction.assemble import village_id
 from uvsam.prediction.execution import Runner, run_local
 from uvsam.prediction.journal import scene_identity
-from uvsam.prediction.model import get_model, model_info, refines
+from uvsam.prediction.model import gate_info, get_model, model_info, refines
 from uvsam.prediction.pipeline import predict_scene
 from uvsam.prediction.probabilities import scene_output, write_probabilities
 from uvsam.prediction.scene import find_scenes, harmonisation_record, prepare_scene, scene_row
@@ -65,12 +65,15 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
         if probabilities.suffix.lower() not in (".tif", ".tiff"):
             raise ConfigError("must name a GeoTIFF (.tif)", probabilities, field="probabilities")
     info = model_info(model, checkpoint, cfg.device, cfg.precision)
+    if cfg.gate:  # checked against the model before any work
+        info = replace(info, gate=gate_info(cfg.gate, model))
     paths = find_scenes(scenes, info.gsd_m)
     from_stac = {str(location(s.href)): s for s in scenes if isinstance(s, StacScene)}
     dates = {str(p): from_stac[str(p)].acquired if str(p) in from_stac else cfg.acquired for p in paths}
     names = scene_names(paths, {k: s.item_id for k, s in from_stac.items()})
     versions = [scene_identity(p) for p in paths]  # a remote scene's version asked for once, here
-    identity = versions + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer]
+    identity = versions + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer,
+                           *([info.gate.sha256] if info.gate else [])]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     if prepared is None:  # every scene opened and checked before any work (a workflow did it for all years)
         prepared = [prepare_scene(p, info, cfg) for p in paths]
@@ -104,8 +107,10 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
             if t is not None:
                 t["scene"] = name
                 tiles.append(t.to_crs(out_crs))
+            gated = sum(r["status"] == "gated" for r in res.tiles)
             log(f"{name}: {len(res.villages)} villages ({sum(res.refined)} refined), "
-                f"{len(res.candidates)} candidates, {sum(r['status'] == 'done' for r in res.tiles)} tiles")
+                f"{len(res.candidates)} candidates, {sum(r['status'] == 'done' for r in res.tiles)} tiles"
+                + (f", {gated} rejected by the gate" if info.gate else ""))
     if frames:
         villages = gpd.GeoDataFrame(pd_concat(frames), geometry="geometry", crs=out_crs)
     else:  # no village anywhere: an empty layer with the full schema
@@ -114,6 +119,7 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
     run = {"run_id": run_id, "layer": layer, "scenes": json.dumps([str(p) for p in paths]),
            "config": json.dumps(cfg.to_dict()), "model": str(model), "model_sha256": info.sha256,
            "model_gsd_m": info.gsd_m, "generalist": info.generalist_note, "device": info.device.describe(),
+           "gate": json.dumps(asdict(info.gate) if info.gate else None),
            "refinement": "on" if refines(cfg, info) else ("off" if not cfg.refine else "off: generalist not verified"),
            "normalisation": info.inputs.normalisation, "harmonise": info.inputs.harmonise,
            "harmonisation": json.dumps([harmonisation_record(prep) for _, prep in prepared]),

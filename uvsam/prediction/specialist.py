@@ -17,7 +17,7 @@ from tiles.stitch import Stitcher
 from uvsam.config import PredictConfig
 from uvsam.prediction.execution import Runner, run_journaled
 from uvsam.prediction.journal import Journal
-from uvsam.prediction.model import ModelInfo, get_model
+from uvsam.prediction.model import ModelInfo, get_gate, get_model
 from uvsam.prediction.scene import ScenePrep, open_source, read_tile
 from uvsam.progress import stage
 
@@ -25,19 +25,29 @@ from uvsam.progress import stage
 def specialist_batch(prep: ScenePrep, info: ModelInfo, windows: list[tuple[int, int, int, int]]) -> dict:
     """Village probabilities of tile windows (col, row, w, h), read and computed together.
 
-    Returns ``prob`` (n, size, size) float32, NaN where the input was invalid, and ``seconds``
-    the batch took on its worker (reading included), for the tiles layer.
+    Returns ``prob`` (n, size, size) float32, NaN where the input was invalid or the tile gate
+    (``info.gate``) rejected the tile, ``gate`` (n,) the gate's scores (NaN without a gate) and
+    ``seconds`` the batch took on its worker (reading included), for the tiles layer.
     """
     t0 = time.perf_counter()
     model = get_model(info)
     src = open_source(prep)
     tiles = [read_tile(prep, info, Window(*w), src) for w in windows]
     x = torch.from_numpy(np.stack([t[0] for t in tiles])).to(info.device.torch)
-    with torch.inference_mode(), info.device.autocast():
-        logits, _ = model.run_specialist(x)
-    prob = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy().astype(np.float32)
-    prob[~np.stack([valid for _, valid in tiles])] = np.nan
-    return {"prob": prob, "seconds": np.float64(time.perf_counter() - t0)}
+    valid = np.stack([valid for _, valid in tiles])
+    gate = np.full(len(tiles), np.nan, np.float32)
+    keep = np.ones(len(tiles), bool)
+    if info.gate is not None:
+        with torch.inference_mode(), info.device.autocast():
+            gate = get_gate(info).tile_scores(x, info.gate.crop).float().cpu().numpy().astype(np.float32)
+        keep = gate >= info.gate.threshold
+    prob = np.full(valid.shape, np.nan, np.float32)
+    if keep.any():
+        with torch.inference_mode(), info.device.autocast():
+            logits, _ = model.run_specialist(x[torch.from_numpy(keep).to(x.device)])
+        prob[keep] = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy()
+    prob[~valid] = np.nan
+    return {"prob": prob, "gate": gate, "seconds": np.float64(time.perf_counter() - t0)}
 
 
 def tile_windows(scene) -> list[tuple[Tile, tuple[int, int, int, int]]]:
@@ -67,20 +77,25 @@ def specialist_mosaic(scene, prep: ScenePrep, info: ModelInfo, cfg: PredictConfi
             if progress is not None:
                 progress("tiles_resumed" if key in resumed else "tiles", len(group))
             seconds = float(result["seconds"]) / len(group)
-            for (tile, _), p in zip(group, result["prob"], strict=True):
+            gates = result.get("gate", np.full(len(group), np.nan))
+            for (tile, _), p, g in zip(group, result["prob"], gates, strict=True):
                 valid = np.isfinite(p)
+                gated = info.gate is not None and bool(g < info.gate.threshold)
                 with stage("write"):
                     stitcher.add(tile, p[None], valid)
-                rows.append(tile_row(tile, scene.grid, "done", round(seconds, 3), float(valid.mean())))
+                rows.append(tile_row(tile, scene.grid, "gated" if gated else "done", round(seconds, 3),
+                                     float(valid.mean()), None if np.isnan(g) else round(float(g), 4)))
     done = {r["index"] for r in rows}
     rows += [tile_row(t, scene.grid, "nodata", None, 0.0) for t in scene.grid if t.index not in done]
     return sorted(rows, key=lambda r: r["index"])
 
 
-def tile_row(tile: Tile, grid, status: str, seconds: float | None, valid_fraction: float) -> dict:
-    """A feature of the tiles layer: where the tile is, whether it ran, how long it took."""
+def tile_row(tile: Tile, grid, status: str, seconds: float | None, valid_fraction: float,
+             gate_score: float | None = None) -> dict:
+    """A feature of the tiles layer: where the tile is, whether it ran (``done``; ``gated``: the
+    tile gate rejected it, ``gate_score`` below its threshold), how long it took."""
     return {"index": tile.index, "row": tile.row, "col": tile.col, "status": status, "seconds": seconds,
-            "valid_fraction": round(valid_fraction, 4),
+            "valid_fraction": round(valid_fraction, 4), "gate_score": gate_score,
             "geometry": shapely.box(*window_bounds(tile.window, grid.transform))}
 
 
