@@ -24,8 +24,7 @@ def test_an_smp_specialist_trains_evaluates_and_predicts(specialist, net, beijin
     model = tmp_path / "m.ckpt"
     code, _, err = run_cli(["train", "--images", beijing / "train/images", "--labels", beijing / "train/masks",
                             "--out", model, "--encoder", "efficientvit_sam_l0", "--specialist", specialist,
-                            "--epochs", "2", "--steps", "3", "--sam-epochs", "1", "--batch-size", "4",
-                            "--force-refine"], capsys)
+                            "--epochs", "2", "--steps", "3", "--sam-epochs", "0", "--batch-size", "4"], capsys)
     assert code == 0, err
     record = ModelFile.read(model)
     assert record.config.specialist == specialist
