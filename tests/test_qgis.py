@@ -67,7 +67,8 @@ def test_predict_geopackage_opens_in_qgis_with_its_styles(beijing, model, tmp_pa
     for name in ("candidates", "y2020_candidates"):
         assert shown[name]["renderer"] == "singleSymbol" and shown[name]["colour"] == [255, 127, 0, 0]
     for name in ("tiles", "y2020_tiles"):
-        assert shown[name]["renderer"] == "categorizedSymbol" and shown[name]["categories"] == ["done", "nodata"]
+        assert shown[name]["renderer"] == "categorizedSymbol"
+        assert shown[name]["categories"] == ["done", "nodata", "gated"]  # gated: the tile gate found no village
 
 
 def test_change_geopackage_opens_in_qgis_with_lifecycle_styles(villages, tmp_path):
