@@ -208,3 +208,21 @@ def test_a_change_sample_is_stratified_by_the_change_classes(beijing, tmp_path, 
     # the map's gained square is no real gain: its user's accuracy is 0 and the estimate moves the lost area up
     assert by_class["village gained"]["users_accuracy"] == 0
     assert by_class["village lost"]["estimated_m2"] > by_class["village lost"]["mapped_m2"]
+    # the change report shows the change classes' estimates beside their mapped areas
+    report = tmp_path / "report.html"
+    years = [f"2018={earlier}:villages", f"2020={later}:villages"]
+    code, _, err = run_cli(["change", *years, "--out", tmp_path / "c.gpkg", "--report", report,
+                            "--accuracy", f"2018-2020={sample_file}"], capsys)
+    assert code == 0, err
+    table = pyogrio.read_dataframe(tmp_path / "c.gpkg", layer="accuracy", read_geometry=False)
+    lost = table[(table["year"] == "2018-2020") & (table["class"] == "village lost")].iloc[0]
+    assert lost["estimated_m2"] == pytest.approx(by_class["village lost"]["estimated_m2"], rel=1e-12)
+    text = report.read_text()
+    assert "Change 2018 → 2020, estimated" in text
+    assert f"<strong>{lost['estimated_m2'] / 1e6:,.3f}</strong> &plusmn; {lost['estimated_m2_ci'] / 1e6:,.3f}" in text
+    summary = text[text.index("id='summary'"):text.index("</section>")]
+    assert "Estimated lost village area 2018 → 2020" in summary
+    code, _, err = run_cli(["change", *years, "--out", tmp_path / "d.gpkg", "--accuracy", f"2020={sample_file}"],
+                           capsys)
+    assert code == 2 and f"{sample_file}: is a sample of the change" in err and err.count("\n") == 1
+    assert not (tmp_path / "d.gpkg").exists()

@@ -125,6 +125,61 @@ def test_districts_and_rings_split_areas_exactly(villages):
     assert set(d["district"]) == {"west", "east"} and (r["ring_to_km"] - r["ring_from_km"] == 2.0).all()
 
 
+def _ring_roads(centre, radii_m, path, drop: int | None = None):
+    """Ring roads around ``centre`` (lon, lat) as a road layer has them: each ring four line
+    segments (the last one, ``drop``, missing when asked), in WGS 84."""
+    from uvsam.changes.summaries import _aeqd
+
+    lines, names = [], []
+    for k, radius in enumerate(radii_m):
+        coords = np.asarray(shapely.Point(0, 0).buffer(radius, 256).exterior.coords)
+        q = (len(coords) - 1) // 4
+        for part in range(4):
+            if k == drop and part == 3:
+                continue
+            lines.append(shapely.LineString(coords[part * q:(part + 1) * q + 1]))
+            names.append(f"ring {k + 2}")
+    roads = gpd.GeoDataFrame({"name": names, "lanes": 4}, geometry=lines, crs=_aeqd(centre)).to_crs(4326)
+    pyogrio.write_dataframe(roads, path)
+    return path
+
+
+def test_cumulative_curves_and_belts_add_up(villages, tmp_path):
+    """The paper's spatial analyses: the cumulative area at d equals the rings' areas summed out to
+    d (the same circles, drawn independently), the curves never fall and end at each year's totals;
+    ring roads given as line segments close into nested belts whose areas and counts add up to the
+    totals and match the cumulative curve at the roads' radii."""
+    from uvsam.changes import belts_from, by_belt, by_distance, by_ring
+    from uvsam.changes.sources import read_belts
+
+    result = track(_years(villages))
+    v, totals = result.villages, result.years.set_index("year")
+    centre = v.to_crs(4326).geometry.iloc[0].centroid.coords[0]
+    d, r = by_distance(v, centre, 0.5), by_ring(v, centre, 2.0)
+    for year, curve in d.groupby("year"):
+        assert curve["area_km2"].is_monotonic_increasing and curve["villages"].is_monotonic_increasing
+        assert curve["area_km2"].iloc[-1] == pytest.approx(totals.loc[year, "area_km2"], rel=1e-6)
+        assert curve["villages"].iloc[-1] == totals.loc[year, "villages"] and curve["area_pct"].iloc[-1] == 100
+        rings = r[r["year"] == year].set_index("ring_to_km")["area_km2"].cumsum()
+        at = curve.set_index("distance_km")["area_km2"]
+        for km in rings.index[rings.index <= at.index.max()]:
+            assert at[km] == pytest.approx(rings[km], abs=1e-5)  # km2, both rounded to 1e-6 per row
+    roads = read_belts(str(_ring_roads(centre, [1000, 4000, 12000], tmp_path / "roads.gpkg")))
+    belts = belts_from(roads, "name")
+    assert list(belts["name"]) == ["within ring 2", "ring 2 - ring 3", "ring 3 - ring 4"]
+    b = by_belt(v, belts)
+    assert b["belt"].iloc[-1] == "beyond ring 4"
+    for year, rows in b.groupby("year"):
+        assert rows["area_km2"].sum() == pytest.approx(totals.loc[year, "area_km2"], rel=1e-6)
+        assert rows["villages"].sum() == totals.loc[year, "villages"]
+        at = d[d["year"] == year].set_index("distance_km")["area_km2"]
+        assert rows["area_km2"].iloc[0] == pytest.approx(at[1.0], rel=1e-3)  # within the 1 km ring road
+    assert b[b["year"] == "2018"]["villages"].iloc[0] >= 1  # the centre's village is in the first belt
+    with pytest.raises(Exception, match="roads2.gpkg: belt 'ring 3': its lines enclose no area"):
+        belts_from(read_belts(str(_ring_roads(centre, [1000, 4000], tmp_path / "roads2.gpkg", drop=1))), "name",
+                   str(tmp_path / "roads2.gpkg"))
+
+
 def test_change_command_writes_layers_tables_and_csv(villages, tmp_path, capsys):
     src = _write_years(villages, tmp_path / "years.gpkg")
     out = tmp_path / "changes.gpkg"
@@ -133,7 +188,7 @@ def test_change_command_writes_layers_tables_and_csv(villages, tmp_path, capsys)
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     layers = {n for n, _ in pyogrio.list_layers(out)}
-    assert {"changes", "villages_tracked", "years", "rings", "runs"} <= layers
+    assert {"changes", "villages_tracked", "years", "rings", "distance", "runs"} <= layers
     assert (tmp_path / "changes_years.csv").read_text().startswith("year,villages,area_km2")
     assert (tmp_path / "changes_changes.csv").is_file() and (tmp_path / "changes_rings.csv").is_file()
     ch = pyogrio.read_dataframe(out, layer="changes")
@@ -170,6 +225,11 @@ def test_years_without_any_village_give_an_empty_analysis(villages, tmp_path, ca
     (["2018={src}:villages_2018"], "at least two years"),
     (["2018={src}:nope", "2020={src}:villages_2020"], "has no layer 'nope'"),
     (["2018={src}", "2020={src}:villages_2020"], "name one as"),
+    (["2018={src}:villages_2018", "2020={src}:villages_2020", "--belts", "{src}:villages_2018", "--belt-field", "x"],
+     "belts have no field 'x'"),
+    (["2018={src}:villages_2018", "2020={src}:villages_2020", "--map-year", "2019"], "--map-year '2019' is not one"),
+    (["2018={src}:villages_2018", "2020={src}:villages_2020", "--centre", "116,40", "--step-km", "0"],
+     "--step-km must be a positive"),
 ])
 def test_bad_change_inputs_are_refused_in_one_line(villages, tmp_path, capsys, args, expected):
     src = _write_years(villages, tmp_path / "years.gpkg", 2)
@@ -268,19 +328,23 @@ def test_change_pct_is_defined_for_new_villages(villages):
 
 
 def test_no_chart_text_overlaps_in_the_rendered_report(villages, beijing, tmp_path, capsys):
-    """Opened in headless Chromium, with rings 250 m wide (many long labels): the summary is the
-    first section, and no two texts of any chart overlap on screen (each text's box through its
-    own rotation, as drawn)."""
+    """Opened in headless Chromium, with rings 250 m wide (many long labels) and ring-road belts:
+    the summary is the first section, the spatial analyses are there, and no two texts of any
+    chart or map overlap on screen (each text's box through its own rotation, as drawn)."""
     from tests.browser import render
 
     src = _write_years(villages, tmp_path / "years.gpkg")
     report = tmp_path / "report.html"
+    centre = villages.to_crs(4326).geometry.iloc[0].centroid.coords[0]
+    roads = _ring_roads(centre, [1000, 4000, 12000], tmp_path / "roads.gpkg")
     code, _, err = run_cli(["change", *(f"{y}={src}:villages_{y}" for y in ("2018", "2020", "2022")), "--out",
-                            tmp_path / "c.gpkg", "--report", report, "--centre", "116.6,39.9", "--ring-km", "0.25"],
-                           capsys)
+                            tmp_path / "c.gpkg", "--report", report, "--centre", "{},{}".format(*centre),
+                            "--ring-km", "0.25", "--belts", roads, "--map-year", "2020"], capsys)
     assert code == 0, err
     page = render(report)
     assert page.headings[0] == "Summary" and not page.errors
+    assert {"Where the villages are, 2020", "Villages within a distance of the centre", "Villages per belt"} <= set(
+        page.headings)
     texts = 0
     for svg in page.svg_texts:
         boxes = [(s, shapely.Polygon(c)) for s, c in svg if s.strip()]

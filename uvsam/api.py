@@ -81,7 +81,8 @@ def change(years: dict, out: str | Path, *, report: str | Path | None = None, im
     to ``FILE[:LAYER]`` or a GeoDataFrame (e.g. what :func:`predict` returned); ``images`` maps
     a year to its imagery; ``options``: :class:`uvsam.config.ChangeConfig` fields
     (``min_overlap``, ``stable_pct``, ``min_area_m2``, ``crs``) and ``run_change``'s
-    (``districts``, ``district_field``, ``centre``, ``ring_km``, ``output_crs``, ``max_shift_m``)."""
+    (``districts``, ``district_field``, ``centre``, ``ring_km``, ``step_km``, ``belts``,
+    ``belt_field``, ``map_year``, ``output_crs``, ``max_shift_m``, ``accuracy``)."""
     names = {f.name for f in fields(ChangeConfig)}
     cfg = ChangeConfig(**{k: v for k, v in options.items() if k in names})
     extra = {k: v for k, v in options.items() if k not in names}

@@ -119,7 +119,9 @@ EXAMPLES = {
                 "uvsam predict --tiles 'https://tiles.example.org/{z}/{x}/{y}.jpg' --bbox 116.2,39.7,116.6,40.1 "
                 "--model villages.ckpt --out villages.gpkg"],
     "change": ["uvsam change 2018=villages.gpkg:y2018 2020=villages.gpkg:y2020 --out change.gpkg --report "
-               "report.html --image 2018=city_2018.tif --image 2020=city_2020.tif"],
+               "report.html --image 2018=city_2018.tif --image 2020=city_2020.tif",
+               "uvsam change 2018=villages.gpkg:y2018 2020=villages.gpkg:y2020 --out change.gpkg --report "
+               "report.html --centre 116.397,39.909 --ring-km 2 --belts ring_roads.gpkg --belt-field name"],
     "sample": ["uvsam sample villages.gpkg:y2020 --out sample_2020.gpkg --n 300 --min-per-stratum 50",
                "uvsam sample villages.gpkg:y2018 --later villages.gpkg:y2020 --out change_sample.gpkg"],
     "accuracy": ["uvsam accuracy sample_2020.gpkg --csv accuracy_2020.csv"],
@@ -553,6 +555,14 @@ def change_cmd(
     district_field: Annotated[str | None, typer.Option(help="Districts' name field (default: first text).")] = None,
     centre: Annotated[str | None, typer.Option(help="LON,LAT of the centre for distance rings.")] = None,
     ring_km: Annotated[float, typer.Option(help="Width of the distance rings (km).")] = 2.0,
+    step_km: Annotated[float, typer.Option(
+        help="Step of the cumulative count and area curves against distance from --centre (km).")] = 0.5,
+    belts: Annotated[str | None, typer.Option(
+        help="FILE[:LAYER] of ring roads (closed lines) or belt polygons to sum by; nested rings make belts "
+             "between them.")] = None,
+    belt_field: Annotated[str | None, typer.Option(help="Belts' name field (default: first text).")] = None,
+    map_year: Annotated[str | None, typer.Option(
+        help="Year the report's distribution map shows (default: the last).")] = None,
     analysis_crs: Annotated[str | None, typer.Option(help="Projected analysis CRS (default: equal-area).")] = None,
     crs: Annotated[str | None, typer.Option(help="CRS of the output layers (default: the years' own CRS when "
                                                  "they share one, else the UTM zone).")] = None,
@@ -578,7 +588,7 @@ def change_cmd(
         point = (lon, lat)
     cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs, min_area_m2=mapping_unit)
     typer.echo(json.dumps(run_change(years, out, cfg, districts, district_field, point, ring_km, crs, report,
-                                     image, max_shift, accuracy, log)))
+                                     image, max_shift, accuracy, belts, belt_field, step_km, map_year, log)))
 
 
 @app.command("sample", epilog=examples("sample"))

@@ -10,14 +10,14 @@ import pandas as pd
 import pyogrio
 
 from uvsam import __version__
-from uvsam.changes.accuracy import Accuracy, assess
+from uvsam.changes.accuracy import CHANGE_CLASSES, Accuracy, assess
 from uvsam.changes.imagery import check_consistency, coregistration
 from uvsam.changes.outputs import parse_crs, write_outputs
 from uvsam.changes.report import write_report
-from uvsam.changes.sources import parse_images, read_layer, year_specs
-from uvsam.changes.summaries import by_district, by_ring
+from uvsam.changes.sources import parse_images, read_belts, read_layer
+from uvsam.changes.summaries import belts_from, by_belt, by_distance, by_district, by_ring
 from uvsam.changes.track import LIFECYCLES, ChangeConfig, track
-from uvsam.errors import InputError
+from uvsam.errors import ConfigError, InputError
 from uvsam.files import check_writable
 from uvsam.progress import Progress
 
@@ -26,17 +26,26 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
                districts: str | Path | None = None, district_field: str | None = None,
                centre: tuple[float, float] | None = None, ring_km: float = 2.0, crs: str | None = None,
                report: str | Path | None = None, images: list[str] | None = None, max_shift_m: float = 5.0,
-               accuracy: list[str] | None = None, log=print) -> dict:
+               accuracy: list[str] | None = None, belts: str | None = None, belt_field: str | None = None,
+               step_km: float = 0.5, map_year: str | None = None, log=print) -> dict:
     """``uvsam change``: read the years, track, aggregate, write (and report); returns a summary.
 
     ``images``: ``YEAR=RASTER`` specs: their co-registration is checked for consecutive years
     (a warning through ``log`` above ``max_shift_m``) and the report's thumbnails show them.
     ``accuracy``: ``YEAR=SAMPLE`` specs, labelled samples of ``uvsam sample``: each year's
     error-adjusted areas and accuracies with 95 % confidence intervals (the ``accuracy`` table,
-    and the report beside the mapped areas).
+    and the report beside the mapped areas); ``EARLIER-LATER=SAMPLE`` for a change sample
+    (``uvsam sample EARLIER --later LATER``): the same per change class (village lost, gained...).
+    Where the villages are: with ``centre`` (lon, lat) the ``rings`` table (every ``ring_km``) and
+    the ``distance`` table (cumulative count and area every ``step_km``); with ``belts``
+    (``FILE[:LAYER]`` of ring roads or areas, named by ``belt_field``) the ``belts`` table; the
+    report maps ``map_year`` (default the last) with them.
     """
     if crs is not None:
         parse_crs(crs)  # a wrong --crs is refused before any work
+    for field, value in (("ring_km", ring_km), ("step_km", step_km)):
+        if not value > 0:
+            raise ConfigError(f"must be a positive distance in km, got {value}", field=field)
     with Progress(len(specs) + 3 + (report is not None), "steps", task="change") as bar:
         layers = []
         for s in specs:
@@ -44,6 +53,10 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
             bar.advance(1, step=f"read {layers[-1].year}")
         pictures = parse_images(images or [], [ly.year for ly in layers])
         assessed = parse_accuracy(accuracy or [], [ly.year for ly in layers])
+        if map_year is not None and map_year not in [ly.year for ly in layers]:
+            raise ConfigError(f"{map_year!r} is not one of the years ({', '.join(ly.year for ly in layers)})",
+                              field="map_year")
+        belt_areas = belts_from(read_belts(belts), belt_field, belts) if belts is not None else None
         check_writable(out)
         if report is not None:
             check_writable(report)
@@ -56,6 +69,9 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
             tables["districts"] = by_district(result.villages, pyogrio.read_dataframe(districts), district_field)
         if centre is not None:
             tables["rings"] = by_ring(result.villages, centre, ring_km)
+            tables["distance"] = by_distance(result.villages, centre, step_km)
+        if belt_areas is not None:
+            tables["belts"] = by_belt(result.villages, belt_areas)
         if assessed:
             tables["accuracy"] = accuracy_table(assessed)
         coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
@@ -65,6 +81,8 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
         run = {"years": [ly.year for ly in layers], "sources": [ly.source for ly in layers], "config": cfg.to_dict(),
                "analysis_crs": result.crs.to_wkt(), "districts": str(districts) if districts else None,
                "centre": list(centre) if centre else None, "ring_km": ring_km if centre else None,
+               "step_km": step_km if centre else None, "belts": belts, "belt_field": belt_field,
+               "map_year": map_year,
                "images": {y: str(p) for y, p in pictures.items()},
                "accuracy_samples": {y: str(s) for y, (s, _) in assessed.items()}, "coregistration": coreg,
                "consistency": consistency,
@@ -72,16 +90,44 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
         files = write_outputs(out, result, tables, run, crs, [ly.villages.crs for ly in layers])
         bar.advance(1, step="written")
         if report is not None:
-            files.append(write_report(report, result, tables, run, pictures))
+            files.append(write_report(report, result, tables, run, pictures, belt_areas))
             bar.advance(1, step="report")
     return {"out": str(out), "files": [str(f) for f in files], "years": run["years"], "coregistration": coreg,
             "consistency": consistency, "lifecycles": {k: int(counts.get(k, 0)) for k in LIFECYCLES}}
 
 
 def parse_accuracy(specs: list[str], years: list[str]) -> dict[str, tuple[str, Accuracy]]:
-    """``YEAR=SAMPLE`` specs -> {year: (sample file, its :class:`~uvsam.changes.accuracy.Accuracy`)}."""
-    return {year: (path, assess(path))
-            for year, path in year_specs(specs, years, "accuracy", "YEAR=SAMPLE.gpkg (a labelled `uvsam sample`)")}
+    """``YEAR=SAMPLE`` (a sample of one year's map) and ``EARLIER-LATER=SAMPLE`` (a change sample of
+    ``uvsam sample EARLIER --later LATER``) specs -> {key: (sample file, its Accuracy)}; a sample
+    given under the wrong kind of key is refused naming it."""
+    out = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"{spec!r}: give YEAR=SAMPLE.gpkg or EARLIER-LATER=SAMPLE.gpkg (a labelled "
+                              "`uvsam sample`)", field="accuracy")
+        key, path = spec.split("=", 1)
+        period = _period(key, years)
+        if key not in years and period is None:
+            raise ConfigError(f"{spec!r}: {key!r} is neither one of the years ({', '.join(years)}) nor two of them "
+                              "as EARLIER-LATER", field="accuracy")
+        acc = assess(path)
+        change = acc.classes == list(CHANGE_CLASSES)
+        if period is not None and not change:
+            raise InputError(f"is a sample of one year's map ({' / '.join(acc.classes)}): give it as YEAR=SAMPLE",
+                             path)
+        if period is None and change:
+            raise InputError("is a sample of the change between two maps: give it as EARLIER-LATER=SAMPLE", path)
+        out[key] = (path, acc)
+    return out
+
+
+def _period(key: str, years: list[str]) -> tuple[str, str] | None:
+    """``EARLIER-LATER`` -> (earlier, later) where both are years in order (year labels may hold dashes)."""
+    for i, ch in enumerate(key):
+        a, b = key[:i], key[i + 1:]
+        if ch == "-" and a in years and b in years and years.index(a) < years.index(b):
+            return a, b
+    return None
 
 
 def accuracy_table(assessed: dict[str, tuple[str, Accuracy]]) -> pd.DataFrame:

@@ -37,9 +37,9 @@ def parse_spec(spec: str) -> tuple[str, Path, str | None]:
     return year.strip(), path, layer
 
 
-def read_layer(spec: str) -> YearLayer:
-    """The polygons of one ``YEAR=FILE[:LAYER]`` (any OGR polygon layer; one-layer files need no name)."""
-    year, path, layer = parse_spec(spec)
+def _read(path: Path, layer: str | None, usable, form: str) -> tuple[str, gpd.GeoDataFrame]:
+    """``layer`` of ``path`` (or its one layer ``usable`` accepts) and its features, georeferenced;
+    one line naming the file otherwise (``form``: how to name a layer, for the message)."""
     if not path.is_file():
         raise InputError("file does not exist", path)
     try:
@@ -47,17 +47,24 @@ def read_layer(spec: str) -> YearLayer:
     except Exception as e:  # noqa: BLE001 - not a vector file
         raise InputError(f"not a vector file GDAL can read ({str(e).splitlines()[0][:120]})", path) from None
     if layer is None:
-        candidates = [n for n in layers if n not in ("runs", "layer_styles") and not n.endswith(("_candidates",
-                                                                                                 "_tiles"))]
-        candidates = [n for n in candidates if n not in ("candidates", "tiles")]
+        candidates = [n for n in layers if usable(n)]
         if len(candidates) != 1:
-            raise InputError(f"holds layers {', '.join(layers)}: name one as {year}={path}:LAYER", path)
+            raise InputError(f"holds layers {', '.join(layers)}: name one as {form}", path)
         layer = candidates[0]
     elif layer not in layers:
         raise InputError(f"has no layer {layer!r} (layers: {', '.join(layers)})", path)
     gdf = pyogrio.read_dataframe(path, layer=layer)
     if gdf.crs is None:
         raise InputError(f"layer {layer!r} has no CRS", path)
+    return layer, gdf
+
+
+def read_layer(spec: str) -> YearLayer:
+    """The polygons of one ``YEAR=FILE[:LAYER]`` (any OGR polygon layer; one-layer files need no name)."""
+    year, path, layer = parse_spec(spec)
+    skipped = ("runs", "layer_styles", "candidates", "tiles")
+    layer, gdf = _read(path, layer, lambda n: n not in skipped and not n.endswith(("_candidates", "_tiles")),
+                       f"{year}={path}:LAYER")
     kinds = set(gdf.geometry.geom_type.dropna())
     if not kinds <= {"Polygon", "MultiPolygon"}:
         raise InputError(f"layer {layer!r} holds {', '.join(sorted(kinds))}, not polygons", path)
@@ -66,6 +73,20 @@ def read_layer(spec: str) -> YearLayer:
     gdf = gdf.explode(index_parts=False, ignore_index=True)
     gdf = gdf[gdf.geometry.geom_type == "Polygon"].reset_index(drop=True)
     return YearLayer(year, f"{path}:{layer}", gdf)
+
+
+def read_belts(spec: str) -> gpd.GeoDataFrame:
+    """The features of ``FILE[:LAYER]`` that belts are made of: ring roads (lines) or areas (polygons)."""
+    path, layer = Path(spec), None
+    if not path.exists() and ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        path, layer = Path(head), tail or None
+    layer, gdf = _read(path, layer, lambda n: n != "layer_styles", f"{path}:LAYER")
+    kinds = set(gdf.geometry.geom_type.dropna())
+    if not kinds or not kinds <= {"Polygon", "MultiPolygon", "LineString", "MultiLineString", "LinearRing"}:
+        raise InputError(f"layer {layer!r} holds {', '.join(sorted(kinds)) or 'no geometry'}, not ring roads "
+                         "(lines) or belts (polygons)", path)
+    return gdf
 
 
 def year_specs(specs: list[str], years: list[str], field: str, form: str) -> list[tuple[str, str]]:
