@@ -103,7 +103,10 @@ def test_a_generalist_that_returns_empty_masks_loses_no_village(beijing, model, 
     from uvsam.modeling.uvsam import UVSAM
     from uvsam.prediction import PredictConfig, model_info, predict_scene
 
-    def empty(self, images, boxes):  # confident (predicted IoU 0.99) and empty
+    cascaded = []
+
+    def empty(self, images, boxes, cascade=False):  # confident (predicted IoU 0.99) and empty
+        cascaded.append(cascade)
         h, w = images.shape[-2:]
         return [(torch.full((len(b), 1, h, w), -20.0), torch.full((len(b),), 0.99)) for b in boxes]
 
@@ -111,7 +114,8 @@ def test_a_generalist_that_returns_empty_masks_loses_no_village(beijing, model, 
     scene = beijing / "train/images.vrt"
     plain = predict_scene(scene, info, PredictConfig(refine=False), tmp_path / "a")
     monkeypatch.setattr(UVSAM, "refine", empty)
-    forced = predict_scene(scene, info, PredictConfig(force_refine=True), tmp_path / "b")
+    forced = predict_scene(scene, info, PredictConfig(force_refine=True, cascade=True), tmp_path / "b")
+    assert cascaded and all(cascaded)  # --cascade reaches every refinement window
     assert forced.refine_on and len(plain.villages) == len(forced.villages) > 0
     assert shapely.union_all(plain.villages).symmetric_difference(shapely.union_all(forced.villages)).area == 0
     assert EMPTY in forced.reasons and not any(forced.refined)

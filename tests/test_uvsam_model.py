@@ -246,6 +246,51 @@ def test_boxes_decoded_in_chunks_match_one_box_per_call():
     assert ((one > 0) == (chunked > 0)).float().mean() > 0.9999
 
 
+def test_cascaded_post_refinement_feeds_each_pass_the_last_mask():
+    """PerSAM's cascade: after the first pass, a pass with the mask's own low-res logits as the
+    mask prompt (three outputs, the highest predicted IoU kept), then one that adds the box of
+    that mask; the semantic prompts go into every pass; the result is the last pass's best."""
+    torch.manual_seed(0)
+    model = UVSAM(UVSAMConfig(encoder="mobile_sam", gsd_m=1.0), Specialist("mit_b0"),
+                  build_generalist("mobile_sam")).eval()
+    images, _ = _villages_image()
+    boxes = [np.array([[4, 4, 60, 50], [30, 40, 120, 126]], np.float32)]
+    calls = []
+    decode = model.generalist.decode
+
+    def spy(emb, **kw):
+        out = decode(emb, **kw)
+        calls.append((kw, out))
+        return out
+
+    model.generalist.decode = spy
+    with torch.inference_mode():
+        (masks, iou), = model.refine(images, boxes, cascade=True)
+    first, second, third = calls
+    assert not first[0].get("multimask_output", False)
+    assert second[0]["multimask_output"] and third[0]["multimask_output"]
+    assert all(c[0]["fuse_sparse"] is not None for c in calls)  # the semantic prompts in every pass
+    torch.testing.assert_close(second[0]["mask_logits"], first[1][0][:, :1])
+    torch.testing.assert_close(second[0]["boxes"], first[0]["boxes"])  # the village's own box first
+    low2, iou2 = second[1]
+    best2 = low2[torch.arange(2), iou2.argmax(1)]
+    torch.testing.assert_close(third[0]["mask_logits"][:, 0], best2)
+    scale = model.generalist.spec.input_size / 256
+    for i in range(2):
+        ys, xs = torch.nonzero(best2[i] > 0, as_tuple=True)
+        expected = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32) * scale
+        torch.testing.assert_close(third[0]["boxes"][i], expected)  # the box of the refined mask
+    low3, iou3 = third[1]
+    k = iou3.argmax(1)
+    torch.testing.assert_close(iou, iou3[torch.arange(2), k])
+    expected = model.generalist.postprocess_masks(low3[torch.arange(2), k][:, None], 128, 128)
+    torch.testing.assert_close(masks, expected)
+    calls.clear()
+    with torch.inference_mode():
+        model.refine(images, boxes)
+    assert len(calls) == 1  # off by default
+
+
 @pytest.mark.parametrize("variant", ["mit_b0", "mit_b2"])
 def test_reordered_segformer_decoder_is_smp_s_decoder(variant):
     """The specialist fuses its stages at their own resolution (half the FLOPs, no 1024-channel

@@ -391,6 +391,9 @@ def evaluate(
     specialist_only: Annotated[bool, typer.Option(help="Skip the in-memory UV-SAM path.")] = False,
     force_refine: Annotated[bool, typer.Option(
         help="Refine even with a generalist whose weights are not verified official ones.")] = PD("force_refine"),
+    cascade: Annotated[bool, typer.Option(
+        help="Score with PerSAM's cascaded post-refinement of the generalist's masks (as predict --cascade).")]
+    = PD("cascade"),
     cv: Annotated[bool, typer.Option(
         help="Score the fold models of MODEL (from `train --folds`) on their held-out folds.")] = False,
     overlays: Annotated[Path | None, typer.Option(
@@ -403,7 +406,7 @@ def evaluate(
 ):
     """IoU/F1/precision/recall and object F1 of what `uvsam predict` ships (polygons), its specialist
     mosaic and the in-memory UV-SAM path, on the label grid (JSON)."""
-    cfg = PredictConfig(force_refine=force_refine, device=device, precision=precision)
+    cfg = PredictConfig(force_refine=force_refine, cascade=cascade, device=device, precision=precision)
     if cv:
         from uvsam.crossval import evaluate_cv
 
@@ -464,6 +467,9 @@ def predict(
     refine: Annotated[bool, typer.Option(help="Refine candidates with the generalist.")] = PD("refine"),
     force_refine: Annotated[bool, typer.Option(
         help="Refine even with a generalist whose weights are not verified official ones.")] = PD("force_refine"),
+    cascade: Annotated[bool, typer.Option(
+        help="PerSAM's cascaded post-refinement: each village's mask decoded twice more, with its own logits "
+             "and then its box as prompts (about 3x the decoder time).")] = PD("cascade"),
     tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = PD("tile"),
     batch_size: Annotated[int | None, typer.Option(
         help="Tiles per specialist call (default: 2 on a CPU, by free memory on a GPU).")] = PD("batch_size"),
@@ -512,7 +518,7 @@ def predict(
                            tile_cache=tile_cache, max_connections=max_connections,
                            requests_per_second=requests_per_second, acquired=acquired)
     cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, threshold=threshold, refine=refine,
-                        force_refine=force_refine, refine_min_iou=refine_min_iou,
+                        force_refine=force_refine, cascade=cascade, refine_min_iou=refine_min_iou,
                         refine_min_stability=refine_min_stability, refine_min_overlap=refine_min_overlap,
                         window=window, window_margin=window_margin, min_area_m2=min_village_area, simplify_m=simplify,
                         block=block, acquired=acquired, grid_offset=grid_offset,

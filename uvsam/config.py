@@ -113,6 +113,7 @@ class PredictConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (uvsam.devices)
     precision: str = "auto"  # auto (fp32), fp32, bf16, fp16 (autocast; uvsam.devices)
     gate: str | None = None  # a tile gate (uvsam train-gate): tiles it rejects skip the specialist and generalist
+    cascade: bool = False  # PerSAM's cascaded post-refinement: two more decoder passes per village
 
     def __post_init__(self):
         date_ok = True

@@ -181,5 +181,5 @@ def in_memory_uvsam(model, model_file: ModelFile, pair: LabelledScene, window: i
     scene = load_scene(pair, model_file.inputs, labels_crs)
     valid = scene.labels != IGNORE
     pred = predict_in_memory(model, scene.image, valid, window=window, full=refine, rule=rule or cfg.rule,
-                             device=device)
+                             device=device, cascade=cfg.cascade)
     return (pred.uvsam if refine else pred.specialist), scene.labels, (scene.gsd_m, scene.gsd_m)

@@ -65,10 +65,11 @@ def combine(out: UVSAMOutput, rule: RefineRule | None = None) -> torch.Tensor:
 @torch.inference_mode()
 def predict_scene(model, image: np.ndarray, valid: np.ndarray, window: int = 512, overlap: int = 64,
                   batch_size: int = 2, full: bool = True, rule: RefineRule | None = None,
-                  device: Device | None = None) -> ScenePrediction:
+                  device: Device | None = None, cascade: bool = False) -> ScenePrediction:
     """Predict a (3, H, W) 0..255 image at the model's GSD; ``full=False`` runs the specialist only.
     ``rule``: when a generalist mask replaces a village's outline (default :class:`RefineRule`);
-    ``device``: its precision (autocast); inputs go wherever the model's weights are."""
+    ``device``: its precision (autocast); inputs go wherever the model's weights are; ``cascade``:
+    PerSAM's cascaded post-refinement of the generalist's masks."""
     rule = rule or RefineRule()
     where = next(model.parameters()).device
     cast = device.autocast() if device is not None else contextlib.nullcontext()
@@ -90,7 +91,7 @@ def predict_scene(model, image: np.ndarray, valid: np.ndarray, window: int = 512
         x = torch.from_numpy(batch).to(where)
         with cast:
             if full:
-                out = model(x)
+                out = model(x, cascade=cascade)
                 layers = [F.softmax(out.specialist_logits.float(), 1)[:, 1], combine(out, rule).float()]
             else:
                 logits, _ = model.run_specialist(x)

@@ -19,6 +19,7 @@ decoder) train; the generalist's image encoder and prompt encoder stay frozen.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -173,12 +174,14 @@ class UVSAM(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, frozen_embeddings: torch.Tensor | None = None,
-                specialist_images: torch.Tensor | None = None, gsd_m: float | None = None) -> UVSAMOutput:
+                specialist_images: torch.Tensor | None = None, gsd_m: float | None = None,
+                cascade: bool = False) -> UVSAMOutput:
         """(B, 3, H, W) 0..255 images at ``gsd_m`` (default: the training GSD) -> :class:`UVSAMOutput`.
 
         ``frozen_embeddings``: precomputed encoder embeddings of ``images`` (the cache).
         ``specialist_images``: what the specialist sees instead of ``images`` (photometric
         augmentation that must not invalidate cached embeddings).
+        ``cascade``: PerSAM's cascaded post-refinement of each village's mask (:meth:`cascade`).
         """
         logits, feature = self.run_specialist(images if specialist_images is None else specialist_images)
         emb = self.embeddings(images, frozen_embeddings)
@@ -198,7 +201,8 @@ class UVSAM(nn.Module):
             found.append(vb)
             large_sets.append(large)
         decoded = self.decode_boxes(images.shape[-2:], logits, semantic, emb,
-                                    [vb.boxes[large] for vb, large in zip(found, large_sets, strict=True)], dense)
+                                    [vb.boxes[large] for vb, large in zip(found, large_sets, strict=True)], dense,
+                                    cascade)
         villages = [ImageVillages(vb.boxes, large, vb.labels, masks, iou)
                     for vb, large, (masks, iou) in zip(found, large_sets, decoded, strict=True)]
         return UVSAMOutput(logits, villages)
@@ -218,9 +222,10 @@ class UVSAM(nn.Module):
         return self.config.mask_prompt and self.generalist.spec.decoder == "sam"
 
     def decode_boxes(self, size: tuple[int, int], logits: torch.Tensor, semantic: torch.Tensor,
-                     emb: torch.Tensor, boxes: list[np.ndarray],
-                     dense: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Decode the (M_b, 4) XYXY pixel boxes of each image, batched (``decode_chunk`` boxes a call).
+                     emb: torch.Tensor, boxes: list[np.ndarray], dense: torch.Tensor | None = None,
+                     cascade: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode the (M_b, 4) XYXY pixel boxes of each image, batched (``decode_chunk`` boxes a call);
+        ``cascade``: then PerSAM's cascaded post-refinement of each mask (:meth:`cascade`).
 
         Returns per image the (M_b, 1, H, W) mask logits and (M_b,) predicted IoU.
         """
@@ -242,21 +247,56 @@ class UVSAM(nn.Module):
             masks, ious = [], []
             for k in range(0, len(t), self.decode_chunk):  # memory grows with the boxes of a call
                 chunk = t[k : k + self.decode_chunk]
+                fuse = partial(self.fusion, semantic=semantic[b : b + 1])
                 low, iou = self.generalist.decode(  # one dense prompt per image, broadcast over its boxes
                     emb[b : b + 1], boxes=chunk, mask_logits=None if dense is None else dense[b : b + 1],
-                    fuse_sparse=lambda s, sem=semantic[b : b + 1]: self.fusion(s, sem),
+                    fuse_sparse=fuse,
                 )
+                low, iou = low[:, :1], iou[:, :1]
+                if cascade and self.generalist.spec.decoder == "sam":
+                    low, iou = self.cascade(emb[b : b + 1], chunk, low, fuse)
                 masks.append(self.generalist.postprocess_masks(low, h, w))
                 ious.append(iou[:, 0])
             out.append((torch.cat(masks), torch.cat(ious)))
         return out
 
-    def refine(self, images: torch.Tensor, boxes: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The generalist's masks for given village boxes (city-scale refinement windows)."""
+    def cascade(self, emb: torch.Tensor, boxes: torch.Tensor, low: torch.Tensor,
+                fuse) -> tuple[torch.Tensor, torch.Tensor]:
+        """PerSAM's cascaded post-refinement of (N, 1, 256, 256) mask logits ``low`` decoded for
+        the (N, 4) prompt-frame ``boxes``: a pass with the masks' own logits as the mask prompt, then
+        one with the box of that mask as well, each with three outputs of which the one of
+        highest predicted IoU is kept (the semantic prompts stay, as PerSAM's points do). SAM's
+        decoder only: EfficientSAM's takes no mask prompt, and :meth:`decode_boxes` skips it there.
+        Returns (N, 1, 256, 256) logits and (N, 1) predicted IoU."""
+        low, iou = self._best(self.generalist.decode(emb, boxes=boxes, mask_logits=low, multimask_output=True,
+                                                     fuse_sparse=fuse))
+        # the box of each mask, in the prompt frame (the 256 grid spans the padded input square)
+        frame = self.generalist.spec.input_size / low.shape[-1]
+        box = boxes.clone()
+        for i, m in enumerate(low[:, 0] > 0):
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            if len(ys):  # an empty mask keeps its box
+                box[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).to(box.dtype) * frame
+        return self._best(self.generalist.decode(emb, boxes=box, mask_logits=low, multimask_output=True,
+                                                 fuse_sparse=fuse))
+
+    @staticmethod
+    def _best(decoded: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of (N, C, 256, 256) logits and (N, C) IoU, each prompt's output of highest predicted IoU."""
+        low, iou = decoded
+        k = iou.argmax(1)
+        rows = torch.arange(len(k), device=k.device)
+        return low[rows, k][:, None], iou[rows, k][:, None]
+
+    def refine(self, images: torch.Tensor, boxes: list[np.ndarray],
+               cascade: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The generalist's masks for given village boxes (city-scale refinement windows);
+        ``cascade``: with PerSAM's cascaded post-refinement."""
         logits, feature = self.run_specialist(images)
         emb = self.embeddings(images)
         dense = self.dense_prompt(logits) if self.uses_mask_prompt else None
-        return self.decode_boxes(images.shape[-2:], logits, self.semantic_prompts(emb, feature), emb, boxes, dense)
+        return self.decode_boxes(images.shape[-2:], logits, self.semantic_prompts(emb, feature), emb, boxes, dense,
+                                 cascade)
 
     @staticmethod
     def combine(out: UVSAMOutput) -> torch.Tensor:

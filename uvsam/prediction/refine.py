@@ -74,20 +74,22 @@ def plan_windows(boxes_px: np.ndarray, size: int, margin: int) -> list[RefineWin
     return windows
 
 
-def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin: int) -> list[dict]:
+def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin: int,
+                  cascade: bool = False) -> list[dict]:
     """The generalist's mask of each member candidate: ``wkb`` (hex WKB multipolygon, scene CRS;
     empty when the mask is empty), its ``predicted_iou`` and ``stability`` score.
 
     A candidate's piece is kept within its box grown by ``margin`` pixels (the generalist
     draws the boundary, it does not annex the neighbourhood); pieces from several windows are
-    merged, and judged against the candidate, by the caller.
+    merged, and judged against the candidate, by the caller. ``cascade``: PerSAM's cascaded
+    post-refinement of each mask (:meth:`uvsam.modeling.uvsam.UVSAM.cascade`).
     """
     model = get_model(info)
     win = Window(window.col, window.row, window.size, window.size)
     img, valid = read_tile(prep, info, win, open_source(prep))
     with torch.inference_mode(), info.device.autocast():
         (masks, ious), = model.refine(torch.from_numpy(img)[None].to(info.device.torch),
-                                      [np.asarray(window.boxes, np.float32)])
+                                      [np.asarray(window.boxes, np.float32)], cascade)
     masks, ious = masks.float().cpu(), ious.float().cpu()
     transform = prep.affine @ Affine.translation(window.col, window.row)
     out = []
@@ -154,7 +156,8 @@ def refine_candidates(candidates: list, prep: ScenePrep, info: ModelInfo, cfg: P
         for w in windows:
             w.members = [int(large[m]) for m in w.members]
         keys = [hashlib.sha1(json.dumps([w.col, w.row, w.size, w.boxes]).encode()).hexdigest()[:16] for w in windows]
-        results = run_journaled(runner, refine_window, [(prep, info, w, cfg.window_margin) for w in windows], keys,
+        results = run_journaled(runner, refine_window, [(prep, info, w, cfg.window_margin, cfg.cascade)
+                                                        for w in windows], keys,
                                 journal.has_blobs, journal.load_blobs, journal.save_blobs)
         for w, out in zip(windows, results, strict=True):
             if progress is not None:

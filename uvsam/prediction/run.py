@@ -185,10 +185,10 @@ def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictCo
         box = [np.array([[8, 8, cfg.window - 8, cfg.window - 8]], np.float32)]
         image = torch.zeros(1, 3, cfg.window, cfg.window, device=info.device.torch)
         with torch.inference_mode(), info.device.autocast():
-            model_.refine(image, box)
+            model_.refine(image, box, cfg.cascade)
             info.device.synchronize()
             t = time.perf_counter()
-            model_.refine(image, box)
+            model_.refine(image, box, cfg.cascade)
             info.device.synchronize()
         per_window = time.perf_counter() - t
     tiles_total = sum(r["tiles"] for r in rows)
