@@ -95,6 +95,8 @@ PRECISION_HELP = "auto (fp32; TF32 products on a CUDA GPU), fp32, or bf16 / fp16
 
 # Examples shown at the end of every command's --help.
 EXAMPLES = {
+    "bench-prompts": ["uvsam bench-prompts --encoder mobile_sam --checkpoint mobile_sam.pt --images rio/image "
+                      "--objects buildings.geojson --out mobile_sam_prompts.json"],
     "segment": ["uvsam segment scene.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --box 200,150,600,550 "
                 "--out mask.tif"],
     "train": ["uvsam train --images labels/images --labels labels/villages.gpkg --out villages.ckpt "
@@ -172,6 +174,39 @@ def _parse_floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]
     if len(vals) not in n:
         raise InputError(f"{what} {text!r} needs {' or '.join(map(str, n))} numbers")
     return vals
+
+
+@app.command("bench-prompts", epilog=examples("bench-prompts"))
+def bench_prompts_cmd(
+    encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")],
+    checkpoint: Annotated[Path, typer.Option(help="Its weights, in the official layout.")],
+    images: Annotated[str, typer.Option(help="Georeferenced rasters: a file, a folder or a glob.")],
+    objects: Annotated[str, typer.Option(
+        help="FILE[:LAYER] of object polygons (building footprints, villages) in any CRS.")],
+    out: Annotated[Path, typer.Option(help="JSON to write (summary and every object); a Markdown table beside.")],
+    objects_crs: Annotated[str | None, typer.Option(help="CRS of an objects file that names none.")] = None,
+    clicks: Annotated[str, typer.Option(help="Click counts to score, comma-separated.")] = "1,3,5",
+    max_objects: Annotated[int | None, typer.Option(help="Score at most this many objects.")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+):
+    """The seeds' evaluation of a generalist: box and 1/3/5-click mIoU per object size (EfficientViT-SAM's protocol)."""
+    from uvsam.files import atomic_path, check_writable
+    from uvsam.prompt_bench import bench_prompts, table
+
+    values = _parse_floats(clicks, tuple(range(1, 11)), "--clicks")
+    if any(v != int(v) or v < 1 for v in values):
+        raise InputError(f"--clicks {clicks!r}: give whole numbers of clicks, 1 or more (e.g. 1,3,5)")
+    counts = tuple(sorted({int(v) for v in values}))
+    out = check_writable(out)
+    result = bench_prompts(encoder, checkpoint, images, objects, objects_crs, counts, max_objects, device, precision,
+                           log)
+    md = out.with_suffix(".md")
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    with atomic_path(md) as tmp:
+        tmp.write_text(table(result))
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "per_object"} | {"out": str(out), "table": str(md)}))
 
 
 @app.command(epilog=examples("segment"))

@@ -167,12 +167,14 @@ def rasterise_labels(label_path: Path, src: RasterSource, labels_crs: str | None
     return out
 
 
-def _rasterise_vector(path: Path, src: RasterSource, labels_crs: str | None) -> np.ndarray:
+def read_vector(path: Path, labels_crs: str | None = None, layer: str | None = None, flag: str = "--labels-crs"):
+    """The features of a vector file (``layer`` of it, or its first) with their CRS: ``labels_crs``
+    where given, else the file's; a file naming none is read as longitude/latitude only when its
+    coordinates can be that (GeoJSON's rule), else refused naming ``flag``."""
     import geopandas as gpd
-    from rasterio.features import rasterize
 
     try:
-        gdf = gpd.read_file(path)
+        gdf = gpd.read_file(path, layer=layer)
     except Exception as e:  # noqa: BLE001 - pyogrio raises several types for unreadable files
         raise InputError(f"not a readable vector file ({str(e).splitlines()[0][:160]})", path) from None
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
@@ -181,11 +183,17 @@ def _rasterise_vector(path: Path, src: RasterSource, labels_crs: str | None) -> 
     elif gdf.crs is None or (gdf.crs.to_epsg() == 4326 and len(gdf)):
         b = gdf.total_bounds if len(gdf) else np.zeros(4)
         if len(gdf) and not (-180 <= b[0] <= b[2] <= 180 and -90 <= b[1] <= b[3] <= 90):
-            raise InputError("coordinates are not longitude/latitude but the file names no other CRS; "
-                             "give --labels-crs", path)
+            raise InputError(f"coordinates are not longitude/latitude but the file names no other CRS; give {flag}",
+                             path)
         if gdf.crs is None:
             gdf = gdf.set_crs("EPSG:4326")
-    gdf = gdf.to_crs(src.crs)
+    return gdf
+
+
+def _rasterise_vector(path: Path, src: RasterSource, labels_crs: str | None) -> np.ndarray:
+    from rasterio.features import rasterize
+
+    gdf = read_vector(path, labels_crs).to_crs(src.crs)
     geoms = [g if g.is_valid else g.buffer(0) for g in gdf.geometry.make_valid()]
     geoms = [g for g in geoms if not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon", "GeometryCollection")]
     if not geoms:

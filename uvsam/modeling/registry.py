@@ -233,8 +233,8 @@ _SPECS: list[EncoderSpec] = [
         paper="Song et al., SAM-Lightening, arXiv 2403.09195",
         weights=None,
         weights_note=(
-            "the authors never released weights (nor a layer configuration): uvsam's variant is ViT-S sized; "
-            "distil or train it and pass the file with --checkpoint"
+            "the authors never released weights: uvsam builds the paper's configuration (384 wide, 6 heads, "
+            "6 layers); distil or train it and pass the file with --checkpoint"
         ),
         published_params_m=None,
     ),

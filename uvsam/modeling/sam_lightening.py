@@ -9,10 +9,10 @@ are mixed, per token and head, with weights proportional to each branch's softma
 tokens of a 1024 input and branches (256, 1), (1024, 4), (4096, 16), every branch attends over
 256 tokens, so attention cost grows linearly with the image instead of quadratically.
 
-The paper gives no layer-by-layer configuration and its weights were never released; uvsam's
-variant is ViT-S sized (384 wide, 12 blocks, 6 heads, patch 16) with SAM's position embedding
-and neck, meant to be distilled or trained by the user (``uvsam`` loads such a checkpoint with
-``--checkpoint`` like any other).
+The encoder is the configuration the seed document gives for SAM-Lightening (384 wide, 6 heads,
+6 layers, patch 16), with SAM's position embedding and neck. Its weights were never released: it
+is meant to be distilled or trained by the user, and ``uvsam`` loads such a checkpoint with
+``--checkpoint`` like any other.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class DilatedBlock(nn.Module):
 class SamLighteningEncoder(ImageEncoder):
     """Dilated-attention ViT: (B, 3, 1024, 1024) -> (B, 256, 64, 64)."""
 
-    def __init__(self, embed_dim: int = 384, depth: int = 12, num_heads: int = 6, img_size: int = 1024,
+    def __init__(self, embed_dim: int = 384, depth: int = 6, num_heads: int = 6, img_size: int = 1024,
                  patch_size: int = 16):
         super().__init__()
         grid = img_size // patch_size
