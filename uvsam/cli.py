@@ -95,6 +95,9 @@ PRECISION_HELP = "auto (fp32; TF32 products on a CUDA GPU), fp32, or bf16 / fp16
 
 # Examples shown at the end of every command's --help.
 EXAMPLES = {
+    "distill": ["uvsam distill --teacher sam_vit_h --student mobile_sam --images city/tiles --out mobile_sam_city.pt",
+                "uvsam distill --teacher sam_vit_b --teacher-checkpoint sam_vit_b_01ec64.pth --student "
+                "efficientvit_sam_l0 --images a.tif --images b.tif --out l0.pt --epochs 4"],
     "bench-prompts": ["uvsam bench-prompts --encoder mobile_sam --checkpoint mobile_sam.pt --images rio/image "
                       "--objects buildings.geojson --out mobile_sam_prompts.json"],
     "segment": ["uvsam segment scene.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --box 200,150,600,550 "
@@ -174,6 +177,45 @@ def _parse_floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]
     if len(vals) not in n:
         raise InputError(f"{what} {text!r} needs {' or '.join(map(str, n))} numbers")
     return vals
+
+
+@app.command("distill", epilog=examples("distill"))
+def distill_cmd(
+    teacher: Annotated[str, typer.Option(help="Teacher encoder (see `uvsam encoders`).")],
+    student: Annotated[str, typer.Option(help="Student encoder to train.")],
+    images: Annotated[list[str], typer.Option(help="Rasters to distil on: a file, a folder or a glob; "
+                                                   "repeatable.")],
+    out: Annotated[Path, typer.Option(help="Student weights to write (its family's official layout); "
+                                           "OUT.json, OUT.losses.csv beside.")],
+    teacher_checkpoint: Annotated[Path | None, typer.Option(
+        help="Teacher weights (default: the verified official file in the weights cache).")] = None,
+    student_checkpoint: Annotated[Path | None, typer.Option(help="Start the student from these weights.")] = None,
+    recipe: Annotated[str, typer.Option(help="embedding: regress the teacher's image embedding (MobileSAM, "
+                                             "EfficientViT-SAM stage 1).")] = "embedding",
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
+    steps_per_epoch: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Views per step.")] = 2,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (cosine decay).")] = 1e-3,
+    crop: Annotated[int, typer.Option(help="Training window (px at the rasters' resolution).")] = 1024,
+    views: Annotated[int, typer.Option(help="Flips and quarter turns of each window (1-8).")] = 8,
+    cache: Annotated[Path | None, typer.Option(help="Teacher embedding cache (default: OUT.cache/).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the distillation that wrote OUT.")] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+):
+    """Distil a fast generalist encoder from a large one on your imagery (saved like a published file)."""
+    from uvsam.distill import DistillConfig, distill
+
+    cfg = DistillConfig(teacher=teacher, student=student, images=tuple(images), out=str(out),
+                        teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
+                        student_checkpoint=str(student_checkpoint) if student_checkpoint else None, recipe=recipe,
+                        crop=crop, views=views, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                        batch_size=batch_size, lr=lr, cache=str(cache) if cache else None, seed=seed, device=device,
+                        precision=precision)
+    record = distill(cfg, resume=resume, log=log)
+    typer.echo(json.dumps({k: record[k] for k in ("student", "teacher", "teacher_sha256", "recipe", "epochs_done",
+                                                  "history", "student_sha256")} | {"out": str(out)}))
 
 
 @app.command("bench-prompts", epilog=examples("bench-prompts"))
