@@ -172,11 +172,15 @@ def distill(cfg: DistillConfig, resume: bool = False, log=print) -> dict:
              for t in range(cfg.views)]
     teacher, student = teacher.to(place.torch).eval(), student.to(place.torch)
     cache = EmbeddingCache(cfg.cache or out.with_name(out.name + ".cache"))
-    targets: dict[int, torch.Tensor] = {}
-    with Progress(len(views), "views", task="distill: teacher") as bar, torch.inference_mode():
-        for k, v in enumerate(views):  # the teacher runs once per view, ever (cached on disk)
-            with place.autocast():
-                targets[k] = cache.embed(teacher, render_view(rasters[v.image], v)[None].to(place.torch))[0].float()
+
+    def target(v: View) -> torch.Tensor:
+        """The teacher's embedding of a view: computed once, ever, then read from the cache."""
+        with torch.inference_mode(), place.autocast():
+            return cache.embed(teacher, render_view(rasters[v.image], v)[None].to(place.torch))[0].float().clone()
+
+    with Progress(len(views), "views", task="distill: teacher") as bar:
+        for v in views:  # all up front: the steps then read embeddings from disk, memory stays bounded
+            target(v)
             bar.advance()
     log(f"distill: {cfg.recipe} recipe, {len(views)} views of {len(paths)} raster(s); teacher {cfg.teacher} "
         f"({Path(teacher_file).name}), student {cfg.student}"
@@ -202,7 +206,7 @@ def distill(cfg: DistillConfig, resume: bool = False, log=print) -> dict:
             for step in range(cfg.steps_per_epoch):
                 idx = rng.integers(0, len(views), cfg.batch_size)
                 x = torch.stack([render_view(rasters[views[i].image], views[i]) for i in idx]).to(place.torch)
-                y = torch.stack([targets[int(i)] for i in idx])
+                y = torch.stack([target(views[i]) for i in idx])
                 with place.autocast():
                     pred = student.image_encoder(student.preprocess(x))
                 loss = F.mse_loss(pred.float(), y)

@@ -270,8 +270,8 @@ class UVSAM(nn.Module):
         Returns (N, 1, 256, 256) logits and (N, 1) predicted IoU."""
         low, iou = self._best(self.generalist.decode(emb, boxes=boxes, mask_logits=low, multimask_output=True,
                                                      fuse_sparse=fuse))
-        # the box of each mask, in the prompt frame (the 256 grid spans the padded input square)
-        frame = self.generalist.spec.input_size / low.shape[-1]
+        # the box of each mask, in the prompt frame (the low-res grid spans the prompt frame's square)
+        frame = self.generalist.spec.prompt_frame / low.shape[-1]
         box = boxes.clone()
         for i, m in enumerate(low[:, 0] > 0):
             ys, xs = torch.nonzero(m, as_tuple=True)
