@@ -128,7 +128,7 @@ def test_districts_and_rings_split_areas_exactly(villages):
 def _ring_roads(centre, radii_m, path, drop: int | None = None):
     """Ring roads around ``centre`` (lon, lat) as a road layer has them: each ring four line
     segments (the last one, ``drop``, missing when asked), in WGS 84."""
-    from uvsam.changes.summaries import _aeqd
+    from uvsam.changes.summaries import equidistant_crs
 
     lines, names = [], []
     for k, radius in enumerate(radii_m):
@@ -139,7 +139,7 @@ def _ring_roads(centre, radii_m, path, drop: int | None = None):
                 continue
             lines.append(shapely.LineString(coords[part * q:(part + 1) * q + 1]))
             names.append(f"ring {k + 2}")
-    roads = gpd.GeoDataFrame({"name": names, "lanes": 4}, geometry=lines, crs=_aeqd(centre)).to_crs(4326)
+    roads = gpd.GeoDataFrame({"name": names, "lanes": 4}, geometry=lines, crs=equidistant_crs(centre)).to_crs(4326)
     pyogrio.write_dataframe(roads, path)
     return path
 

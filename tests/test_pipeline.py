@@ -222,8 +222,9 @@ RANKS = {
     90: ["uvsam.changes.sources", "uvsam.changes.track", "uvsam.changes.summaries", "uvsam.coregister",
          "uvsam.consistency", "uvsam.changes.imagery", "uvsam.changes.outputs", "uvsam.changes.accuracy"],  # change
     95: ["uvsam.changes.report", "uvsam.changes.run", "uvsam.changes"],  # report
-    100: ["uvsam.training", "uvsam.evaluation", "uvsam.segment", "uvsam.gate"],  # commands
-    110: ["uvsam.crossval", "uvsam.workflow", "uvsam.demo", "uvsam.ablations"],  # commands made of commands
+    100: ["uvsam.training", "uvsam.evaluation", "uvsam.segment", "uvsam.gate", "uvsam.prompt_bench"],  # commands
+    110: ["uvsam.crossval", "uvsam.workflow", "uvsam.demo", "uvsam.ablations",
+          "uvsam.distill"],  # commands made of commands (distill: training's schedule)
     120: ["uvsam.cli", "uvsam.api"],  # the two doors: the command line and the flat Python API
     130: ["uvsam.__main__"],
 }

@@ -40,6 +40,7 @@ from uvsam.devices import select
 from uvsam.embedding_cache import EmbeddingCache
 from uvsam.errors import ConfigError
 from uvsam.files import atomic_path, check_writable, sha256_file
+from uvsam.generalist import generalist_status
 from uvsam.modeling.registry import ENCODERS
 from uvsam.modeling.sam import Generalist, build_generalist
 from uvsam.progress import Progress
@@ -163,6 +164,9 @@ def distill(cfg: DistillConfig, resume: bool = False, log=print) -> dict:
         done_epochs, history = record["epochs_done"], record["history"]
     place = select(cfg.device, cfg.precision)
     teacher, teacher_file, teacher_sha = teacher_model(cfg)
+    teacher_status = generalist_status({"generalist": {"sha256": teacher_sha}}, cfg.teacher)
+    if not teacher_status.verified:
+        log(f"note: {teacher_status.note}: the student learns these weights as they are")
     student, took_decoder = student_model(cfg, teacher)
     if resume:
         student.load_official_state_dict(read_state_dict(out))
@@ -220,7 +224,8 @@ def distill(cfg: DistillConfig, resume: bool = False, log=print) -> dict:
                 bar.advance(loss=f"{float(loss):.4g}")
             history.append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 6),
                             "seconds": round(time.perf_counter() - t0, 1)})
-            _save(out, student, opt, sched, cfg, history, rows, teacher_file, teacher_sha, took_decoder, resume)
+            _save(out, student, opt, sched, cfg, history, rows, teacher_file, teacher_sha, teacher_status.verified,
+                  took_decoder, resume)
             rows = []
             resume = True  # later epochs append to the losses file
             log(f"distill: epoch {epoch + 1}/{cfg.epochs}, embedding MSE {history[-1]['loss']:.5g}")
@@ -228,7 +233,7 @@ def distill(cfg: DistillConfig, resume: bool = False, log=print) -> dict:
 
 
 def _save(out: Path, student: Generalist, opt, sched, cfg: DistillConfig, history: list[dict], rows: list[dict],
-          teacher_file: str, teacher_sha: str, took_decoder: bool, append: bool) -> None:
+          teacher_file: str, teacher_sha: str, teacher_verified: bool, took_decoder: bool, append: bool) -> None:
     """The student (official layout), the record, the losses and the optimiser state, each atomically."""
     save_official(student, out)
     losses = out.with_name(out.name + ".losses.csv")
@@ -245,6 +250,7 @@ def _save(out: Path, student: Generalist, opt, sched, cfg: DistillConfig, histor
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
     record = {"format": "uvsam-distilled-encoder", "uvsam_version": __version__, "student": cfg.student,
               "teacher": cfg.teacher, "teacher_file": teacher_file, "teacher_sha256": teacher_sha,
+              "teacher_verified": teacher_verified,
               "recipe": cfg.recipe, "decoder_from_teacher": took_decoder, "config": cfg.to_dict(),
               "epochs_done": len(history), "history": history, "student_sha256": sha256_file(out)}
     with atomic_path(out.with_name(out.name + ".json")) as tmp:

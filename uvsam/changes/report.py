@@ -26,6 +26,7 @@ from rasterio.warp import transform_bounds
 
 from tiles.reader import RasterSource
 from uvsam.changes.accuracy import CHANGE_CLASSES, GAINED, LOST
+from uvsam.changes.summaries import equidistant_crs
 from uvsam.changes.track import LIFECYCLE_COLOURS as COLOURS
 from uvsam.changes.track import ChangeResult
 from uvsam.errors import InputError
@@ -201,15 +202,13 @@ def line_chart(xs: list[float], series: dict[str, list[float]], x_title: str, un
 def distribution_map(villages, year: str, crs, centre: tuple[float, float] | None = None,
                      ring_km: float | None = None, belts=None, width: int = 640) -> str:
     """An SVG map of one year's villages, with the centre and its distance rings or the belts."""
-    from uvsam.changes.summaries import _aeqd
-
     mine = villages[villages["year"] == year]
     if not len(mine):
         return f"<p>No villages in {html.escape(year)}.</p>"
     outlines, labels = [], []
     here = None
     if centre is not None:
-        aeqd = _aeqd(centre)
+        aeqd = equidistant_crs(centre)
         here = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(*centre)
         reach = float(np.hypot(*np.abs(mine.to_crs(aeqd).total_bounds.reshape(2, 2)).max(axis=0)))
         if ring_km:

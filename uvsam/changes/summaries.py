@@ -34,7 +34,7 @@ def by_ring(villages: gpd.GeoDataFrame, centre_lonlat: tuple[float, float], ring
     """Village km2 per year and distance ring around a centre (areas split exactly at ring edges)."""
     if ring_km <= 0:
         raise InputError(f"ring width must be positive, got {ring_km} km")
-    v = villages.to_crs(_aeqd(centre_lonlat))  # rings drawn where distances from the centre are true
+    v = villages.to_crs(equidistant_crs(centre_lonlat))  # rings drawn where distances from the centre are true
     reach = float(np.hypot(*np.abs(v.total_bounds.reshape(2, 2)).max(axis=0))) if len(v) else 0.0
     n = max(1, int(np.ceil(reach / (ring_km * 1000))))
     discs = [shapely.Point(0, 0).buffer(k * ring_km * 1000, 256) for k in range(n + 1)]  # drawn once
@@ -66,7 +66,7 @@ def _covers(villages: gpd.GeoDataFrame, *years: str) -> list:
             for y in years]
 
 
-def _aeqd(centre_lonlat: tuple[float, float]) -> CRS:
+def equidistant_crs(centre_lonlat: tuple[float, float]) -> CRS:
     """The azimuthal equidistant projection centred on a point: distances from it are true."""
     lon, lat = centre_lonlat
     return CRS.from_proj4(f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m +no_defs")
@@ -82,7 +82,7 @@ def by_distance(villages: gpd.GeoDataFrame, centre_lonlat: tuple[float, float], 
     """
     if step_km <= 0:
         raise InputError(f"distance step must be positive, got {step_km} km")
-    v = villages.to_crs(_aeqd(centre_lonlat))
+    v = villages.to_crs(equidistant_crs(centre_lonlat))
     geoms = np.asarray(v.geometry.values, dtype=object)
     origin = shapely.Point(0, 0)
     near = shapely.distance(origin, geoms) if len(geoms) else np.zeros(0)
