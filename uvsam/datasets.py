@@ -167,6 +167,15 @@ def rasterise_labels(label_path: Path, src: RasterSource, labels_crs: str | None
     return out
 
 
+def split_layer(spec: str) -> tuple[Path, str | None]:
+    """``FILE[:LAYER]`` -> (file, layer or None); a file whose own name holds a colon stays whole."""
+    path = Path(spec)
+    if not path.exists() and ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        return Path(head), tail or None
+    return path, None
+
+
 def read_vector(path: Path, labels_crs: str | None = None, layer: str | None = None, flag: str = "--labels-crs"):
     """The features of a vector file (``layer`` of it, or its first) with their CRS: ``labels_crs``
     where given, else the file's; a file naming none is read as longitude/latitude only when its

@@ -17,6 +17,7 @@ each image's grid; an object's box is the bounding box of its pixels.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from rasterio.features import rasterize
 from scipy.ndimage import distance_transform_edt
 
 from uvsam.checkpoint import load_generalist
-from uvsam.datasets import RASTER_EXT, find_files, read_vector
+from uvsam.datasets import RASTER_EXT, find_files, read_vector, split_layer
 from uvsam.devices import select
 from uvsam.errors import InputError
 from uvsam.generalist import generalist_status
@@ -69,7 +70,7 @@ def object_masks(objects, image_crs, transform, shape: tuple[int, int]) -> tuple
     h, w = shape
     left, top = transform @ (0, 0)
     right, bottom = transform @ (w, h)
-    inside = gdf.intersects(_box(left, top, right, bottom))
+    inside = gdf.intersects(shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom)))
     gdf = gdf[inside & gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
     if not len(gdf):
         return np.zeros(shape, np.int32), []
@@ -77,10 +78,6 @@ def object_masks(objects, image_crs, transform, shape: tuple[int, int]) -> tuple
     labels = rasterize(((g, k + 1) for k, g in enumerate(gdf.geometry.values)), out_shape=shape, transform=transform,
                        fill=0, dtype="int32")
     return labels, ids
-
-
-def _box(x0, y0, x1, y1):
-    return shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
 def _best(pred) -> np.ndarray:
@@ -92,8 +89,6 @@ def _best(pred) -> np.ndarray:
 def score_image(predictor: Predictor, gts: list[np.ndarray], valid: np.ndarray, clicks=CLICKS,
                 autocast=None) -> list[dict]:
     """Box and click IoUs of each object mask ``gts`` on the image set in ``predictor``."""
-    import contextlib
-
     cast = autocast or contextlib.nullcontext
     rows = []
     for start in range(0, len(gts), CHUNK):
@@ -135,10 +130,7 @@ def bench_prompts(encoder: str, checkpoint: str | Path, images: str, objects: st
         raise InputError(f"clicks must be positive counts, got {clicks}")
     place = select(device, precision)
     paths = find_files(images, RASTER_EXT, "rasters")
-    path, layer = Path(objects), None
-    if not path.exists() and ":" in objects:
-        head, tail = objects.rsplit(":", 1)
-        path, layer = Path(head), tail or None
+    path, layer = split_layer(objects)
     if not path.is_file():
         raise InputError("objects file does not exist", path)
     gdf = read_vector(path, objects_crs, layer, flag="--objects-crs")

@@ -50,15 +50,31 @@ def _path(geom, x0: float, y1: float, scale: float) -> str:
     return "".join(parts)
 
 
+def _frame(bounds, width: int) -> tuple[float, float, float, int]:
+    """(x0, y1, scale, height) of a map ``width`` px wide over ``bounds`` with a 3 % margin."""
+    x0, y0, x1, y1 = bounds
+    pad = 0.03 * max(x1 - x0, y1 - y0, 1.0)
+    x0, y0, x1, y1 = x0 - pad, y0 - pad, x1 + pad, y1 + pad
+    scale = width / (x1 - x0)
+    return x0, y1, scale, int(np.ceil((y1 - y0) * scale))
+
+
+def _map_svg(parts: list[str], width: int, height: int, scale: float) -> str:
+    """The map's SVG: its ``parts`` over a light ground, a 1-2-5 km scale bar below."""
+    km = _nice(0.25 * width / scale / 1000)
+    bar = km * 1000 * scale
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 24}" '
+            f'viewBox="0 0 {width} {height + 24}" role="img"><rect width="100%" height="{height}" fill="#f7f7f2"/>'
+            + "".join(parts)
+            + f'<rect x="10" y="{height + 8}" width="{bar:.1f}" height="5" fill="#222"/>'
+            f'<text x="{bar + 16:.1f}" y="{height + 15}" font-size="11">{km:g} km</text></svg>')
+
+
 def change_map(changes, width: int = 640) -> str:
     """An SVG map of the events of one pair of years, coloured by lifecycle."""
     if len(changes) == 0:
         return "<p>No villages in either year.</p>"
-    x0, y0, x1, y1 = changes.total_bounds
-    pad = 0.03 * max(x1 - x0, y1 - y0, 1.0)
-    x0, y0, x1, y1 = x0 - pad, y0 - pad, x1 + pad, y1 + pad
-    scale = width / (x1 - x0)
-    height = int(np.ceil((y1 - y0) * scale))
+    x0, y1, scale, height = _frame(changes.total_bounds, width)
     shapes = []
     for _, row in changes.iterrows():
         colour = COLOURS[row["lifecycle"]]
@@ -66,13 +82,7 @@ def change_map(changes, width: int = 640) -> str:
                             f"{row['area_from_m2']:.0f} -> {row['area_to_m2']:.0f} m2")
         shapes.append(f'<path d="{_path(row.geometry, x0, y1, scale)}" fill="{colour}" fill-opacity="0.75" '
                       f'stroke="#222" stroke-width="0.6" fill-rule="evenodd"><title>{title}</title></path>')
-    km = _nice(0.25 * (x1 - x0) / 1000)
-    bar = km * 1000 * scale
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 24}" '
-            f'viewBox="0 0 {width} {height + 24}" role="img"><rect width="100%" height="{height}" fill="#f7f7f2"/>'
-            + "".join(shapes)
-            + f'<rect x="10" y="{height + 8}" width="{bar:.1f}" height="5" fill="#222"/>'
-            f'<text x="{bar + 16:.1f}" y="{height + 15}" font-size="11">{km:g} km</text></svg>')
+    return _map_svg(shapes, width, height, scale)
 
 
 def _nice(v: float) -> float:
@@ -214,22 +224,18 @@ def distribution_map(villages, year: str, crs, centre: tuple[float, float] | Non
         if ring_km:
             n = max(1, math.ceil(reach / (ring_km * 1000)))
             every = math.ceil(n / 10)  # at most ten circles drawn
+            to_map = Transformer.from_crs(aeqd, crs, always_xy=True)
             for k in range(every, n + every, every):
                 circle = shapely.Point(0, 0).buffer(k * ring_km * 1000, 64)
-                outlines.append(shapely.transform(circle, lambda xy: np.column_stack(
-                    Transformer.from_crs(aeqd, crs, always_xy=True).transform(*xy.T))))
+                outlines.append(shapely.transform(circle, lambda xy: np.column_stack(to_map.transform(*xy.T))))
                 labels.append(f"{k * ring_km:g} km")
     if belts is not None and len(belts):  # the belts rather than the circles: one set of lines on the map
         outlines = list(belts.to_crs(crs).geometry.values)
         labels = [""] * len(outlines)
     frame = shapely.union_all([shapely.box(*mine.total_bounds), *(shapely.envelope(g) for g in outlines)]
                               + ([shapely.Point(here)] if here else []))
-    x0, y0, x1, y1 = frame.bounds
-    pad = 0.03 * max(x1 - x0, y1 - y0, 1.0)
-    x0, y0, x1, y1 = x0 - pad, y0 - pad, x1 + pad, y1 + pad
-    scale = width / (x1 - x0)
-    height = int(np.ceil((y1 - y0) * scale))
-    out = [f'<rect width="100%" height="{height}" fill="#f7f7f2"/>']
+    x0, y1, scale, height = _frame(frame.bounds, width)
+    out = []
     for k, g in enumerate(outlines):
         shade = "#e8e8e0" if k % 2 else "none"
         out.append(f'<path d="{_path(g, x0, y1, scale)}" fill="{shade}" stroke="#888" stroke-width="0.8" '
@@ -248,12 +254,7 @@ def distribution_map(villages, year: str, crs, centre: tuple[float, float] | Non
             if lab and last - ty >= 14 and 11 < ty < height:
                 out.append(f'<text x="{cx + 4:.1f}" y="{ty:.1f}" font-size="10" fill="#555">{lab}</text>')
                 last = ty
-    km = _nice(0.25 * (x1 - x0) / 1000)
-    bar = km * 1000 * scale
-    out.append(f'<rect x="10" y="{height + 8}" width="{bar:.1f}" height="5" fill="#222"/>'
-               f'<text x="{bar + 16:.1f}" y="{height + 15}" font-size="11">{km:g} km</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 24}" '
-            f'viewBox="0 0 {width} {height + 24}" role="img">' + "".join(out) + "</svg>")
+    return _map_svg(out, width, height, scale)
 
 
 # -- thumbnails -------------------------------------------------------------------------------

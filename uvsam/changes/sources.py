@@ -11,6 +11,7 @@ import shapely
 
 from tiles.reader import RasterSource
 from tiles.remote import location
+from uvsam.datasets import split_layer
 from uvsam.errors import ConfigError, InputError
 
 
@@ -28,10 +29,7 @@ def parse_spec(spec: str) -> tuple[str, Path, str | None]:
     if "=" not in spec:
         raise InputError(f"{spec!r}: give YEAR=FILE or YEAR=FILE:LAYER (e.g. 2020=villages.gpkg:y2020)")
     year, rest = spec.split("=", 1)
-    path, layer = Path(rest), None
-    if not path.exists() and ":" in rest:
-        head, tail = rest.rsplit(":", 1)
-        path, layer = Path(head), tail or None
+    path, layer = split_layer(rest)
     if not year.strip():
         raise InputError(f"{spec!r}: the year label is empty")
     return year.strip(), path, layer
@@ -77,10 +75,7 @@ def read_layer(spec: str) -> YearLayer:
 
 def read_belts(spec: str) -> gpd.GeoDataFrame:
     """The features of ``FILE[:LAYER]`` that belts are made of: ring roads (lines) or areas (polygons)."""
-    path, layer = Path(spec), None
-    if not path.exists() and ":" in spec:
-        head, tail = spec.rsplit(":", 1)
-        path, layer = Path(head), tail or None
+    path, layer = split_layer(spec)
     layer, gdf = _read(path, layer, lambda n: n != "layer_styles", f"{path}:LAYER")
     kinds = set(gdf.geometry.geom_type.dropna())
     if not kinds or not kinds <= {"Polygon", "MultiPolygon", "LineString", "MultiLineString", "LinearRing"}:
