@@ -1,7 +1,8 @@
 """`uvsam distill` measured: how close students come to their teacher, before and after, against time.
 
-    python benchmarks/distillation.py --train bj/train/images --val bj/val [--students mobile_sam,efficientvit_sam_l0]
-        [--epochs 4] [--steps 10] [--views 2] [--json]
+    python benchmarks/distillation.py --train bj/train/images --val bj/val
+        [--runs mobile_sam:embedding,mobile_sam:full-stage,...] [--epochs 2] [--steps 10] [--views 2]
+        [--prompts 4] [--json]
 
 ``bj/train/images`` and ``bj/val`` come from ``uvsam import-xyz`` of the Beijing tiles (``bj/val``
 holds ``images/`` and ``masks/``). The teacher is ``sam_vit_b`` with weights drawn at random
@@ -13,6 +14,10 @@ building footprints). For each student: the mean cosine similarity of its embedd
 teacher's, and the mean IoU of its masks to the teacher's masks for the same box prompts (three
 masks a prompt, the best by predicted IoU, as `uvsam bench-prompts`), before distillation (a
 fresh student with the teacher's decoder) and after, with the wall time of the distillation.
+Every run of one invocation has the same steps, views and prompts and shares the teacher's
+embedding cache (filled by the first run, whose time includes it). The layerwise recipe matches
+the layers of plain ViTs only, so its student is SAM-Lightening (the family it was made for);
+MobileSAM's TinyViT and EfficientViT are hierarchical.
 """
 
 from __future__ import annotations
@@ -80,10 +85,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", required=True)
     ap.add_argument("--val", required=True, type=Path)
-    ap.add_argument("--students", default="mobile_sam,efficientvit_sam_l0")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--runs", default=",".join(f"{s}:{r}" for s in ("mobile_sam", "efficientvit_sam_l0")
+                                               for r in ("embedding", "full-stage", "prompt-in-loop"))
+                    + ",sam_lightening:layerwise", help="student:recipe pairs")
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -95,18 +103,21 @@ def main() -> None:
         save_official(build_generalist("sam_vit_b"), teacher_file)
         teacher = load_generalist("sam_vit_b", teacher_file)
         teacher_masks = masks(teacher, images)
-        for student_name in args.students.split(","):
-            cfg = DistillConfig(teacher="sam_vit_b", student=student_name, images=(args.train,),
-                                out=str(Path(tmp) / f"{student_name}.pt"), teacher_checkpoint=str(teacher_file),
-                                epochs=args.epochs, steps_per_epoch=args.steps, views=args.views,
+        for run in args.runs.split(","):
+            student_name, recipe = run.split(":")
+            cfg = DistillConfig(teacher="sam_vit_b", student=student_name, images=(args.train,), recipe=recipe,
+                                out=str(Path(tmp) / f"{student_name}-{recipe}.pt"),
+                                teacher_checkpoint=str(teacher_file), epochs=args.epochs, steps_per_epoch=args.steps,
+                                views=args.views, prompts=args.prompts, warmup_steps=max(1, args.steps // 2),
                                 cache=str(Path(tmp) / "cache"), device="cpu")
             before = agreement(student_model(cfg, teacher)[0].eval(), teacher, images, teacher_masks)
             t = time.perf_counter()
             record = distill(cfg, log=lambda m: None)
             seconds = time.perf_counter() - t
             after = agreement(load_generalist(student_name, cfg.out), teacher, images, teacher_masks)
-            rows.append({"student": student_name, "steps": args.epochs * args.steps, "views": args.views,
-                         "before": before, "after": after, "loss_first_epoch": record["history"][0]["loss"],
+            rows.append({"student": student_name, "recipe": recipe, "steps": args.epochs * args.steps,
+                         "views": args.views, "prompts": args.prompts, "before": before, "after": after,
+                         "loss_first_epoch": record["history"][0]["loss"],
                          "loss_last_epoch": record["history"][-1]["loss"], "seconds": round(seconds, 1)})
             if not args.json:
                 print(rows[-1], flush=True)

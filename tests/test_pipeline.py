@@ -215,7 +215,7 @@ RANKS = {
     40: ["uvsam.prediction.model", "uvsam.prediction.execution", "uvsam.prediction.journal", "uvsam.prediction.scene",
          "uvsam.prediction.distributed", "uvsam.prediction.specialist", "uvsam.prediction.sources"],  # specialist
     50: ["uvsam.prediction.candidates"],  # prompts
-    60: ["uvsam.prediction.refine", "uvsam.inference"],  # generalist
+    60: ["uvsam.prediction.refine", "uvsam.inference", "uvsam.distill_losses"],  # generalist
     70: ["uvsam.prediction.assemble", "uvsam.prediction.pipeline",
          "uvsam.prediction.probabilities"],  # masks -> polygons
     80: ["uvsam.layers", "uvsam.stac.items", "uvsam.prediction.run", "uvsam.prediction"],  # layers

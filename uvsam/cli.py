@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -97,7 +98,9 @@ PRECISION_HELP = "auto (fp32; TF32 products on a CUDA GPU), fp32, or bf16 / fp16
 EXAMPLES = {
     "distill": ["uvsam distill --teacher sam_vit_h --student mobile_sam --images city/tiles --out mobile_sam_city.pt",
                 "uvsam distill --teacher sam_vit_b --teacher-checkpoint sam_vit_b_01ec64.pth --student "
-                "efficientvit_sam_l0 --images a.tif --images b.tif --out l0.pt --epochs 4"],
+                "efficientvit_sam_l0 --images a.tif --images b.tif --out l0.pt --epochs 4",
+                "uvsam distill --teacher sam_vit_h --student edgesam --student-checkpoint edgesam_stage1.pt "
+                "--recipe prompt-in-loop --images city/tiles --out edgesam_city.pt"],
     "bench-prompts": ["uvsam bench-prompts --encoder mobile_sam --checkpoint mobile_sam.pt --images rio/image "
                       "--objects buildings.geojson --out mobile_sam_prompts.json"],
     "segment": ["uvsam segment scene.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --box 200,150,600,550 "
@@ -157,6 +160,7 @@ FLAGS = {
     "train-gate": {"steps_per_epoch": "--steps"},
     "ablate": {"steps_per_epoch": "--steps"},
     "change": {"crs": "--analysis-crs", "output_crs": "--crs", "min_area_m2": "--mapping-unit"},
+    "distill": {"warmup_steps": "--warmup"},
 }
 
 
@@ -167,6 +171,13 @@ def flag_for(command: str | None, field: str) -> str:
 
 def _command(args: list[str]) -> str | None:
     return next((a for a in args if not a.startswith("-")), None)
+
+
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{what} {text!r} is not a comma-separated list of whole numbers") from None
 
 
 def _parse_floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]:
@@ -190,14 +201,30 @@ def distill_cmd(
     teacher_checkpoint: Annotated[Path | None, typer.Option(
         help="Teacher weights (default: the verified official file in the weights cache).")] = None,
     student_checkpoint: Annotated[Path | None, typer.Option(help="Start the student from these weights.")] = None,
-    recipe: Annotated[str, typer.Option(help="embedding: regress the teacher's image embedding (MobileSAM, "
-                                             "EfficientViT-SAM stage 1).")] = "embedding",
+    recipe: Annotated[str, typer.Option(help="embedding: the teacher's image embedding (MobileSAM, EfficientViT-SAM "
+                                             "stage 1); full-stage: embedding, decoder tokens and masks with hard "
+                                             "prompts (TinySAM); layerwise: layer by layer, plain ViTs only "
+                                             "(SAM-Lightening); prompt-in-loop: decoder masks with corrective "
+                                             "clicks (EdgeSAM).")] = "embedding",
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
     steps_per_epoch: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Views per step.")] = 2,
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate (cosine decay).")] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 20,
     crop: Annotated[int, typer.Option(help="Training window (px at the rasters' resolution).")] = 1024,
     views: Annotated[int, typer.Option(help="Flips and quarter turns of each window (1-8).")] = 8,
+    prompts: Annotated[int, typer.Option(help="Prompts per view and step, from the teacher's masks (all recipes "
+                                              "but embedding).")] = 8,
+    refine_iters: Annotated[int, typer.Option(help="Decoder passes per prompt, each later one adding a click in "
+                                                   "the error region (1-5).")] = 2,
+    token_weight: Annotated[float, typer.Option(help="full-stage: weight of the decoder-token loss.")] = 1.0,
+    output_weight: Annotated[float, typer.Option(help="full-stage: weight of the mask outputs; layerwise: lambda "
+                                                      "of L_output.")] = 1.0,
+    layer_step: Annotated[int, typer.Option(help="layerwise: steps between switching on one layer and the next "
+                                                 "(0: all on by half of the steps).")] = 0,
+    focus_layers: Annotated[str, typer.Option(help="layerwise: student layers weighing --focus-weight, comma "
+                                                   "separated (-1: the last).")] = "-1",
+    focus_weight: Annotated[float, typer.Option(help="layerwise: weight of the focus layers.")] = 2.0,
     cache: Annotated[Path | None, typer.Option(help="Teacher embedding cache (default: OUT.cache/).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the distillation that wrote OUT.")] = False,
@@ -211,9 +238,14 @@ def distill_cmd(
                         teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None,
                         student_checkpoint=str(student_checkpoint) if student_checkpoint else None, recipe=recipe,
                         crop=crop, views=views, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        batch_size=batch_size, lr=lr, cache=str(cache) if cache else None, seed=seed, device=device,
+                        batch_size=batch_size, lr=lr, warmup_steps=warmup, prompts=prompts, refine_iters=refine_iters,
+                        token_weight=token_weight, output_weight=output_weight, layer_step=layer_step,
+                        focus_layers=_parse_ints(focus_layers, "--focus-layers"),
+                        focus_weight=focus_weight, cache=str(cache) if cache else None, seed=seed, device=device,
                         precision=precision)
     record = distill(cfg, resume=resume, log=log)
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other processes: the first one reports
+        return
     typer.echo(json.dumps({k: record[k] for k in ("student", "teacher", "teacher_sha256", "recipe", "epochs_done",
                                                   "history", "student_sha256")} | {"out": str(out)}))
 
@@ -260,6 +292,8 @@ def segment(
     box: Annotated[list[str], typer.Option(help="X0,Y0,X1,Y1 in pixels; repeatable.")] = [],  # noqa: B006
     point: Annotated[list[str], typer.Option(help="X,Y[,LABEL] in pixels, LABEL 1 (default) or 0.")] = [],  # noqa: B006
     multimask: Annotated[bool, typer.Option(help="Pick the best of three masks per prompt.")] = False,
+    int8: Annotated[bool, typer.Option(help="Static int8 encoder on the CPU, calibrated on IMAGE and used only if "
+                                            "it measures faster with masks agreeing at IoU >= 0.95.")] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ):
@@ -274,7 +308,7 @@ def segment(
         if label not in (0, 1):
             raise InputError(f"--point {p!r}: label must be 1 (foreground) or 0 (background)")
         points.append((v[0], v[1], label))
-    result = segment_image(image, encoder, checkpoint, out, boxes, points, multimask, device, precision)
+    result = segment_image(image, encoder, checkpoint, out, boxes, points, multimask, device, precision, int8)
     typer.echo(json.dumps(result))
 
 
@@ -547,6 +581,9 @@ def predict(
     cascade: Annotated[bool, typer.Option(
         help="PerSAM's cascaded post-refinement: each village's mask decoded twice more, with its own logits "
              "and then its box as prompts (about 3x the decoder time).")] = PD("cascade"),
+    int8: Annotated[bool, typer.Option(
+        help="Static int8 generalist encoder on the CPU (in this process), calibrated on four of your tiles and "
+             "kept only if it measures faster there with masks agreeing at IoU >= 0.95.")] = PD("int8"),
     tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = PD("tile"),
     batch_size: Annotated[int | None, typer.Option(
         help="Tiles per specialist call (default: 2 on a CPU, by free memory on a GPU).")] = PD("batch_size"),
@@ -600,7 +637,7 @@ def predict(
                         window=window, window_margin=window_margin, min_area_m2=min_village_area, simplify_m=simplify,
                         block=block, acquired=acquired, grid_offset=grid_offset,
                         pif_reference=pif_reference or None, force=force, device=device,
-                        precision=precision, gate=str(gate) if gate else None)
+                        precision=precision, gate=str(gate) if gate else None, int8=int8)
     if dry_run:
         from uvsam.prediction import dry_run as estimate
 
@@ -609,7 +646,10 @@ def predict(
     _STATE["resume"] = (f"finished tiles and windows are kept in {out.with_name(out.stem + '.work')}: run the same "
                         f"command again to resume; {out} was not changed")
     gpus = gpus_for(cfg.device)  # a worker per GPU when Dask runs locally
-    if runs_in_process(local, scheduler, workers, len(gpus)):
+    in_process = runs_in_process(local, scheduler, workers, len(gpus))
+    if cfg.int8 and not in_process:
+        raise InputError("--int8: the int8 encoder is measured and kept in this process: give --local")
+    if in_process:
         summary = run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, log=log,
                                  probabilities=probabilities, quicklook=quicklook)
     else:

@@ -114,6 +114,7 @@ class PredictConfig:
     precision: str = "auto"  # auto (fp32), fp32, bf16, fp16 (autocast; uvsam.devices)
     gate: str | None = None  # a tile gate (uvsam train-gate): tiles it rejects skip the specialist and generalist
     cascade: bool = False  # PerSAM's cascaded post-refinement: two more decoder passes per village
+    int8: bool = False  # the generalist's encoder in static int8 on the CPU where it measures faster and agreeing
 
     def __post_init__(self):
         date_ok = True

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from uvsam.devices import Device
 from uvsam.modeling import ENCODERS, build_generalist, get_spec
 from uvsam.progress import Progress
-from uvsam.quantize import embedding_cosine, quantize_encoder_int8
+from uvsam.quantize import embedding_cosine, int8_check, quantize_encoder_static
 
 
 def _sample_image(size: int, seed: int = 0) -> torch.Tensor:
@@ -41,7 +41,8 @@ def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: 
                  image: torch.Tensor | None = None, int8: bool = True, device: Device = Device()) -> list[dict]:
     """One dict per encoder: params (M), GFLOPs at native input, median latency (s) of batch 1
     on ``device`` (``cpu_latency_s`` on the CPU, ``latency_s`` and the device elsewhere), and on
-    the CPU for int8: latency and embedding cosine similarity against fp32."""
+    the CPU for static int8 (:func:`uvsam.quantize.quantize_encoder_static`, calibrated on the
+    image): latency, embedding cosine and mask IoU (a 3 x 3 grid of box prompts) against fp32."""
     rows = []
     names = names or list(ENCODERS)
     with Progress(len(names), "encoders", task="encoders") as bar:
@@ -80,11 +81,11 @@ def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: 
                         row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device.torch) / 2**20)
                         torch.cuda.reset_peak_memory_stats(device.torch)
                     enc.to("cpu")
-                if int8 and device == Device():  # int8 is a CPU fp32 path
-                    q = quantize_encoder_int8(enc)
-                    row["int8_cpu_latency_s"] = round(_latency(q, x, repeats), 3)
-                    with torch.inference_mode():
-                        row["int8_cosine"] = round(embedding_cosine(q(x), ref), 4)
+                if int8 and device == Device():  # static int8 is a CPU fp32 path, calibrated on the image
+                    check = int8_check(model, quantize_encoder_static(enc, [x]), [x], repeats)
+                    row["int8_cpu_latency_s"] = round(check.int8_s, 3)
+                    row["int8_cosine"] = round(check.cosine, 4)
+                    row["int8_mask_iou"] = round(check.mask_iou, 4)
             rows.append(row)
             del model
             bar.advance(1, encoder=spec.name)
@@ -93,7 +94,8 @@ def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: 
 
 def format_table(rows: list[dict]) -> str:
     cols = ["name", "input", "encoder_params_m", "total_params_m", "gflops", "cpu_latency_s", "latency_s",
-            "cosine_vs_cpu_fp32", "peak_gpu_mb", "int8_cpu_latency_s", "int8_cosine", "device", "licence"]
+            "cosine_vs_cpu_fp32", "peak_gpu_mb", "int8_cpu_latency_s", "int8_cosine", "int8_mask_iou", "device",
+            "licence"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

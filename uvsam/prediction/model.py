@@ -41,6 +41,7 @@ class ModelInfo:
     training_gsd_m: float | None = None  # native resolution of the training imagery (None: recorded before it was)
     device: Device = Device()  # where the networks run, resolved once (uvsam.devices)
     gate: GateInfo | None = None  # the tile gate predict runs first (uvsam.gate), if any
+    int8: bool = False  # the process's model gets a static int8 encoder (run.py installs it after measuring)
 
     @property
     def gsd_m(self) -> float:
@@ -52,7 +53,7 @@ _MODELS: dict[tuple[str, str | None, str], object] = {}
 
 def get_model(info: ModelInfo):
     """The model, loaded once per process (a Dask worker plugin preloads it)."""
-    key = (info.path, info.checkpoint, info.sha256, info.device.name)
+    key = (info.path, info.checkpoint, info.sha256, info.device.name, info.int8)
     if key not in _MODELS:
         _MODELS.clear()  # one model a process: a new one replaces the last
         _MODELS[key] = load_model(ModelFile.read(info.path), info.checkpoint)[0].to(info.device.torch)

@@ -15,11 +15,13 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import torch
+from rasterio.windows import Window
 
 from tiles.errors import TilesError
 from tiles.remote import location
 from uvsam import __version__
 from uvsam.config import FORMATS, PredictConfig
+from uvsam.devices import Device
 from uvsam.errors import ConfigError, UvsamError
 from uvsam.files import check_writable
 from uvsam.layers import check_format, date_column, write_layers
@@ -31,9 +33,17 @@ from uvsam.prediction.journal import scene_identity
 from uvsam.prediction.model import gate_info, get_model, model_info, refines
 from uvsam.prediction.pipeline import predict_scene
 from uvsam.prediction.probabilities import scene_output, write_probabilities
-from uvsam.prediction.scene import find_scenes, harmonisation_record, prepare_scene, scene_row
+from uvsam.prediction.scene import (
+    find_scenes,
+    harmonisation_record,
+    open_source,
+    prepare_scene,
+    read_tile,
+    scene_row,
+)
 from uvsam.prediction.specialist import specialist_batch, tile_windows
 from uvsam.progress import Progress, stage
+from uvsam.quantize import int8_check, quantize_encoder_static
 from uvsam.stac.items import build_item, item_path, write_item
 from uvsam.stac.scenes import StacScene
 
@@ -80,6 +90,19 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
     if cfg.refine and not refines(cfg, info):
         log(f"note: {info.generalist_note}: villages keep the specialist's outlines (not refined); "
             "bring the official weights, or give --force-refine to refine anyway")
+    int8_note = None
+    if cfg.int8:
+        if info.device != Device():
+            raise ConfigError(f"is the CPU's fp32 path, the run is on {info.device.describe()}: give --device cpu",
+                              field="int8")
+        if runner is not run_local:
+            raise ConfigError("is measured and kept in this process: give --local", field="int8")
+        if refines(cfg, info):
+            info = replace(info, int8=True)
+            int8_note = install_int8(info, prepared, log)
+        else:
+            int8_note = "not used: the generalist does not run (refinement off)"
+            log(f"note: --int8 {int8_note}")
     for _, prep in prepared:
         for line in (prep.suitability or {}).get("warnings", []):
             log(f"warning: {names.get(prep.path, prep.path)}: {line}")
@@ -121,6 +144,7 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
            "model_gsd_m": info.gsd_m, "generalist": info.generalist_note, "device": info.device.describe(),
            "gate": json.dumps(asdict(info.gate) if info.gate else None),
            "refinement": "on" if refines(cfg, info) else ("off" if not cfg.refine else "off: generalist not verified"),
+           "int8": int8_note,
            "normalisation": info.inputs.normalisation, "harmonise": info.inputs.harmonise,
            "harmonisation": json.dumps([harmonisation_record(prep) for _, prep in prepared]),
            "suitability": json.dumps([prep.suitability for _, prep in prepared]),
@@ -284,3 +308,32 @@ def tiles_progress(scenes: list[dict]) -> Progress:
     total = sum(s["tiles"] for s in scenes)
     return Progress(total, "tiles", rates={"km2/h": 3600 * sum(s["km2"] for s in scenes) / max(1, total)},
                     task="predict")
+
+
+INT8_CALIBRATION_TILES = 4
+
+
+def install_int8(info, prepared: list, log=print) -> str:
+    """Quantise the process's generalist encoder to static int8, calibrated on tiles of the run's
+    own scenes (up to :data:`INT8_CALIBRATION_TILES`, spread over the first scene), and keep it
+    only if it measures faster there with masks agreeing at IoU >= 0.95; returns what was measured."""
+    model = get_model(info)
+    scene, prep = prepared[0]
+    wins = [w for _, w in tile_windows(scene)]
+    picks = sorted({round(i * (len(wins) - 1) / max(1, INT8_CALIBRATION_TILES - 1))
+                    for i in range(INT8_CALIBRATION_TILES)})
+    src = open_source(prep)
+    inputs = []
+    for i in picks:
+        img, _ = read_tile(prep, info, Window(*wins[i]), src)
+        inputs.append(model.generalist.preprocess(torch.from_numpy(img)[None].float()))
+    with stage("int8"):
+        quantized = quantize_encoder_static(model.generalist.image_encoder, inputs)
+        check = int8_check(model.generalist, quantized, inputs)
+    if check.worth_it:
+        model.generalist.image_encoder = quantized
+        note = f"used: {check.describe()} on {len(inputs)} tiles"
+    else:
+        note = f"not used: {check.describe()} on {len(inputs)} tiles (needs faster and IoU >= 0.95)"
+    log(f"int8: {note}")
+    return note
