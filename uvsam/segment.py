@@ -30,7 +30,7 @@ def segment_image(image: str | Path, encoder: str, checkpoint: str | Path, out: 
     """
     place = select(device, precision)
     if int8 and place != Device():
-        raise InputError(f"--int8 is the CPU's path, not {place.describe()}: give --device cpu")
+        raise InputError(f"--int8 is the CPU's fp32 path, not {place.describe()}: give --device cpu --precision fp32")
     if not boxes and not points:
         raise InputError("give at least one --box or --point prompt")
     out = check_writable(out)

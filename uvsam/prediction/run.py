@@ -93,8 +93,8 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
     int8_note = None
     if cfg.int8:
         if info.device != Device():
-            raise ConfigError(f"is the CPU's fp32 path, the run is on {info.device.describe()}: give --device cpu",
-                              field="int8")
+            raise ConfigError(f"is the CPU's fp32 path, the run is on {info.device.describe()}: give --device cpu "
+                              "--precision fp32", field="int8")
         if runner is not run_local:
             raise ConfigError("is measured and kept in this process: give --local", field="int8")
         if refines(cfg, info):
