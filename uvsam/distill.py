@@ -385,8 +385,8 @@ def distill(cfg: DistillConfig, resume: bool = False, log=print) -> dict:
     teacher, student = teacher.to(place.torch).eval(), student.to(place.torch)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    cache = EmbeddingCache(cfg.cache or out.with_name(out.name + ".cache"))
     cached = cfg.recipe != "layerwise"  # layerwise runs the teacher at every step for its layers
+    cache = EmbeddingCache(cfg.cache or out.with_name(out.name + ".cache")) if cached else None
 
     def target(v: View) -> torch.Tensor:
         """The teacher's embedding of a view: computed once, ever, then read from the cache."""
