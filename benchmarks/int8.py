@@ -27,9 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distillation import held_out  # noqa: E402
 
+from uvsam.devices import latency  # noqa: E402
 from uvsam.modeling import build_generalist  # noqa: E402
 from uvsam.prompt_bench import iou  # noqa: E402
-from uvsam.quantize import MIN_MASK_IOU, embedding_cosine, latency, quantize_encoder_static  # noqa: E402
+from uvsam.quantize import MIN_MASK_IOU, embedding_cosine, quantize_encoder_static  # noqa: E402
 from uvsam.raster import read_rgb  # noqa: E402
 
 FAMILIES = "sam_vit_b,mobile_sam,efficientvit_sam_l0,efficientvit_sam_xl0,efficientsam_ti,edgesam,repvit_sam," \

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,20 @@ class Device:
         """For the runs table and benchmarks: ``cuda:0 (NVIDIA H200), bf16``."""
         what = torch.cuda.get_device_name(self.torch) if self.torch.type == "cuda" else self.name
         return f"{self.name} ({what}), {self.precision}" if what != self.name else f"{self.name}, {self.precision}"
+
+
+def latency(fn, x: torch.Tensor, repeats: int = 3, device: Device = Device()) -> float:
+    """Median seconds of ``fn(x)`` on ``device`` (in its precision), after one warm-up."""
+    with torch.inference_mode(), device.autocast():
+        fn(x)
+        device.synchronize()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(x)
+            device.synchronize()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def select(device: str = "auto", precision: str = "auto") -> Device:

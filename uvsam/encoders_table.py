@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from uvsam.devices import Device
+from uvsam.devices import Device, latency
 from uvsam.modeling import ENCODERS, build_generalist, get_spec
 from uvsam.progress import Progress
 from uvsam.quantize import embedding_cosine, int8_check, quantize_encoder_static
@@ -22,19 +19,6 @@ def _sample_image(size: int, seed: int = 0) -> torch.Tensor:
     img = torch.nn.functional.interpolate(torch.from_numpy(base)[None], size=(size, size), mode="bicubic")
     img = img + 0.1 * torch.from_numpy(g.random((1, 3, size, size)).astype(np.float32))
     return (img.clamp(0, 1) * 255).round()
-
-
-def _latency(fn, x, repeats: int, device: Device = Device()) -> float:
-    with torch.inference_mode(), device.autocast():
-        fn(x)  # warm-up
-        device.synchronize()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn(x)
-            device.synchronize()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: int = 3,
@@ -68,12 +52,12 @@ def encoder_rows(names: list[str] | None = None, measure: bool = True, repeats: 
                     ref = enc(x)
                 row["gflops"] = round(counter.get_total_flops() / 1e9, 1)
                 if device.torch.type == "cpu" and device.dtype is None:
-                    row["cpu_latency_s"] = round(_latency(enc, x, repeats), 3)
+                    row["cpu_latency_s"] = round(latency(enc, x, repeats), 3)
                     row["threads"] = torch.get_num_threads()
                 else:  # on the device, in its precision; the embedding compared with the CPU's fp32
                     on = enc.to(device.torch)
                     xd = x.to(device.torch)
-                    row["latency_s"] = round(_latency(on, xd, repeats, device), 4)
+                    row["latency_s"] = round(latency(on, xd, repeats, device), 4)
                     row["device"] = device.describe()
                     with torch.inference_mode(), device.autocast():
                         row["cosine_vs_cpu_fp32"] = round(embedding_cosine(on(xd).float().cpu(), ref), 4)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from uvsam.devices import latency
 
 MIN_MASK_IOU = 0.95
 
@@ -121,18 +122,6 @@ def quantize_encoder_static(encoder: nn.Module, calibration: Sequence[torch.Tens
     return model
 
 
-def latency(fn, x: torch.Tensor, repeats: int = 3) -> float:
-    """Median seconds of ``fn(x)`` after one warm-up."""
-    with torch.inference_mode():
-        fn(x)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 @dataclass(frozen=True)
 class Int8Check:
     """What static int8 measured on some inputs: fp32 and int8 latency (s, median), the mean
@@ -168,8 +157,8 @@ def int8_check(model, quantized: nn.Module, inputs: Sequence[torch.Tensor], repe
     latency, embedding cosine, and the masks of ``model``'s decoder for a 3 x 3 grid of boxes
     (the best of three masks by predicted IoU, as the seeds evaluate)."""
     enc = model.image_encoder
-    fp32_s = statistics.median(latency(enc, x, repeats) for x in inputs[:1])
-    int8_s = statistics.median(latency(quantized, x, repeats) for x in inputs[:1])
+    fp32_s = latency(enc, inputs[0], repeats)
+    int8_s = latency(quantized, inputs[0], repeats)
     cos, ious = [], []
     boxes = grid_boxes(model.spec.prompt_frame)
     with torch.inference_mode():
@@ -188,4 +177,4 @@ def int8_check(model, quantized: nn.Module, inputs: Sequence[torch.Tensor], repe
 
 
 __all__ = ["MIN_MASK_IOU", "Int8Check", "Int8Layer", "embedding_cosine", "fold_batch_norms", "grid_boxes",
-           "int8_check", "latency", "quantize_encoder_int8", "quantize_encoder_static"]
+           "int8_check", "quantize_encoder_int8", "quantize_encoder_static"]
