@@ -103,6 +103,9 @@ EXAMPLES = {
                 "--recipe prompt-in-loop --images city/tiles --out edgesam_city.pt"],
     "bench-prompts": ["uvsam bench-prompts --encoder mobile_sam --checkpoint mobile_sam.pt --images rio/image "
                       "--objects buildings.geojson --out mobile_sam_prompts.json"],
+    "everything": ["uvsam everything city.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --out objects.gpkg",
+                   "uvsam everything 'tiles/*.tif' --encoder mobile_sam --checkpoint mobile_sam.pt --out objects.gpkg "
+                   "--hierarchical --gsd 0.5 --workers 4"],
     "segment": ["uvsam segment scene.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --box 200,150,600,550 "
                 "--out mask.tif"],
     "train": ["uvsam train --images labels/images --labels labels/villages.gpkg --out villages.ckpt "
@@ -309,6 +312,52 @@ def segment(
             raise InputError(f"--point {p!r}: label must be 1 (foreground) or 0 (background)")
         points.append((v[0], v[1], label))
     result = segment_image(image, encoder, checkpoint, out, boxes, points, multimask, device, precision, int8)
+    typer.echo(json.dumps(result))
+
+
+@app.command("everything", epilog=examples("everything"))
+def everything_cmd(
+    scenes: Annotated[list[str], typer.Argument(help="Rasters: files, VRTs, folders, globs or URLs.")],
+    encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`).")],
+    checkpoint: Annotated[Path, typer.Option(help="Its weights, in the official layout.")],
+    out: Annotated[Path, typer.Option(help="GeoPackage to write the objects layer into (other layers kept).")],
+    layer: Annotated[str, typer.Option(help="Layer name.")] = "objects",
+    points_per_side: Annotated[int, typer.Option(help="Point prompts per tile side (the scene's lattice).")] = 32,
+    pred_iou_thresh: Annotated[float, typer.Option(help="Keep masks whose predicted IoU exceeds this.")] = 0.88,
+    stability_thresh: Annotated[float, typer.Option(help="Keep masks whose stability score reaches this.")] = 0.95,
+    nms: Annotated[float, typer.Option(help="Box IoU above which the weaker of two objects is dropped.")] = 0.7,
+    min_region: Annotated[int, typer.Option(help="Islands and holes under this many px are removed (0: off).")] = 0,
+    hierarchical: Annotated[bool, typer.Option(help="TinySAM's hierarchical mode: sparse points first, dense ones "
+                                                    "only where no mask was confident.")] = False,
+    tile: Annotated[int, typer.Option(help="Window side in px (at --gsd).")] = 1024,
+    overlap: Annotated[int, typer.Option(help="Px shared by neighbouring windows.")] = 256,
+    gsd: Annotated[float | None, typer.Option(help="Resample to this GSD in metres first (default: native).")] = None,
+    crs: Annotated[str | None, typer.Option(help="CRS of the layer (default: the first scene's).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local Dask workers.")] = None,
+    local: Annotated[bool | None, typer.Option(
+        "--local/--dask", help="In this process, or on Dask (default: Dask with --scheduler/--workers or 8+ cores).")
+    ] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+):
+    """Every object a generalist finds in the scenes (SAM's automatic mask generator, city-scale)."""
+    from uvsam.everything import EverythingConfig
+    from uvsam.objects import ObjectsConfig, generalist_ref, run_everything
+    from uvsam.prediction.execution import runs_in_process
+
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be at least 1, not {workers}")
+    cfg = ObjectsConfig(EverythingConfig(points_per_side, 64, pred_iou_thresh, stability_thresh, 1.0, nms, min_region,
+                                         hierarchical), tile, overlap, gsd)
+    ref = generalist_ref(_known_encoder(encoder), checkpoint, device, precision)
+    if runs_in_process(local, scheduler, workers):
+        result = run_everything(scenes, ref, out, cfg, layer, crs=crs)
+    else:
+        from uvsam.prediction.distributed import dask_runner, make_client
+
+        with make_client(scheduler, workers) as client:
+            result = run_everything(scenes, ref, out, cfg, layer, dask_runner(client), crs=crs)
     typer.echo(json.dumps(result))
 
 

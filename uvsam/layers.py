@@ -121,12 +121,17 @@ TILES_QML = qml_document('type="categorizedSymbol" attr="status"',
                           fill_symbol("2", "70,130,180,50", "70,130,180,160", "no")],
                          categories=category_list([("done", "tile done"), ("nodata", "tile without data"),
                                                    ("gated", "tile the gate found no village in")]))
+OBJECTS_QML = qml_document('type="categorizedSymbol" attr="complete"',
+                           [fill_symbol("0", "31,120,180,40", "31,120,180,255", width=0.3),
+                            fill_symbol("1", "31,120,180,0", "31,120,180,255", "no", "dash", 0.3)],
+                           categories=category_list([("1", "object"), ("0", "object cut by a window edge")]))
 
 GEOMETRY_COLUMN = "geom"  # what the GeoPackage's geometry column is called (and its stored styles name)
 STYLES = {  # kind of layer -> (QML, description)
     "villages": (VILLAGE_QML, "uvsam default: villages in red, labelled with their area in hectares"),
     "candidates": (CANDIDATE_QML, "uvsam default: the specialist's candidates, dashed orange outlines"),
     "tiles": (TILES_QML, "uvsam default: the tile grid by status, grey, tiles without data hatched"),
+    "objects": (OBJECTS_QML, "uvsam default: everything-mode objects, blue outlines, cut ones dashed"),
 }
 
 
@@ -163,6 +168,16 @@ def layer_problem(layer: str) -> str | None:
     return None
 
 
+def _check_gpkg(out: Path) -> None:
+    """An existing ``out`` must be a GeoPackage GDAL can open (its other layers are kept)."""
+    if out.exists():
+        try:
+            pyogrio.list_layers(out)
+        except Exception as e:  # noqa: BLE001 - not a GeoPackage GDAL can open
+            raise InputError(f"exists but is not a readable GeoPackage ({str(e).splitlines()[0][:120]}); "
+                             "give another --out", out) from None
+
+
 def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidates: gpd.GeoDataFrame,
                      tiles: gpd.GeoDataFrame, run: dict) -> None:
     """Write (or replace) ``layer`` and its companions in ``out``; other layers are kept."""
@@ -170,12 +185,7 @@ def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidat
     problem = layer_problem(layer)
     if problem:
         raise InputError(problem, out)
-    if out.exists():
-        try:
-            pyogrio.list_layers(out)
-        except Exception as e:  # noqa: BLE001 - not a GeoPackage GDAL can open
-            raise InputError(f"exists but is not a readable GeoPackage ({str(e).splitlines()[0][:120]}); "
-                             "give another --out", out) from None
+    _check_gpkg(out)
     runs = _table(out, "runs")
     styles = _table(out, "layer_styles")
     run_row = pd.DataFrame([{k: v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v)
@@ -198,6 +208,30 @@ def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidat
             created = {} if tmp.exists() else {"dataset_options": {"VERSION": "1.2"}}
             write_frame(frame, tmp, layer=table, driver="GPKG", layer_options={"GEOMETRY_NAME": GEOMETRY_COLUMN},
                         **created)
+        pyogrio.write_dataframe(runs, tmp, layer="runs", driver="GPKG")
+        pyogrio.write_dataframe(style, tmp, layer="layer_styles", driver="GPKG")
+
+
+def write_layer(out: Path, layer: str, frame: gpd.GeoDataFrame, run: dict, kind: str) -> None:
+    """Write (or replace) one ``layer`` of style ``kind`` (:data:`STYLES`) in GeoPackage ``out``, its
+    run row appended to ``runs``; other layers are kept. Atomic: a reader never sees half a file."""
+    out = Path(out)
+    _check_gpkg(out)
+    runs, styles = _table(out, "runs"), _table(out, "layer_styles")
+    run_row = pd.DataFrame([{k: v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v)
+                             for k, v in run.items()}])
+    runs = run_row if runs is None else pd.concat([runs, run_row], ignore_index=True)
+    style = styles_table([style_row(layer, *STYLES[kind])])
+    if styles is not None:
+        style = pd.concat([styles[styles["f_table_name"] != layer], style], ignore_index=True)
+    with atomic_path(out) as tmp:
+        if out.exists():
+            shutil.copyfile(out, tmp)
+        else:
+            tmp.unlink()
+        created = {} if tmp.exists() else {"dataset_options": {"VERSION": "1.2"}}
+        write_frame(frame, tmp, layer=layer, driver="GPKG", layer_options={"GEOMETRY_NAME": GEOMETRY_COLUMN},
+                    **created)
         pyogrio.write_dataframe(runs, tmp, layer="runs", driver="GPKG")
         pyogrio.write_dataframe(style, tmp, layer="layer_styles", driver="GPKG")
 
