@@ -106,6 +106,9 @@ EXAMPLES = {
     "everything": ["uvsam everything city.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --out objects.gpkg",
                    "uvsam everything 'tiles/*.tif' --encoder mobile_sam --checkpoint mobile_sam.pt --out objects.gpkg "
                    "--hierarchical --gsd 0.5 --workers 4"],
+    "select": ["uvsam select objects.gpkg --point 12958213,4852311 --point 12958420,4852300,0 --out picked.gpkg",
+               "uvsam select objects.gpkg:objects --text 'dense low-rise settlement' --image city.tif --clip-model "
+               "ViT-B-32 --clip-weights open_clip_vit_b_32.bin --top 20 --out settlements.gpkg"],
     "segment": ["uvsam segment scene.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --box 200,150,600,550 "
                 "--out mask.tif"],
     "train": ["uvsam train --images labels/images --labels labels/villages.gpkg --out villages.ckpt "
@@ -286,6 +289,18 @@ def bench_prompts_cmd(
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "per_object"} | {"out": str(out), "table": str(md)}))
 
 
+def _parse_points(specs: list[str], one: str, zero: str) -> list[tuple[float, float, int]]:
+    """``--point X,Y[,LABEL]`` values -> (x, y, label), LABEL 1 (``one``, the default) or 0 (``zero``)."""
+    points = []
+    for p in specs:
+        v = _parse_floats(p, (2, 3), "--point")
+        label = int(v[2]) if len(v) == 3 else 1
+        if label not in (0, 1):
+            raise InputError(f"--point {p!r}: label must be 1 ({one}) or 0 ({zero})")
+        points.append((v[0], v[1], label))
+    return points
+
+
 @app.command(epilog=examples("segment"))
 def segment(
     image: Annotated[str, typer.Argument(help="Raster to segment (GeoTIFF or any GDAL format; a file or URL).")],
@@ -304,13 +319,7 @@ def segment(
     from uvsam.segment import segment_image
 
     boxes = [_parse_floats(b, (4,), "--box") for b in box]
-    points = []
-    for p in point:
-        v = _parse_floats(p, (2, 3), "--point")
-        label = int(v[2]) if len(v) == 3 else 1
-        if label not in (0, 1):
-            raise InputError(f"--point {p!r}: label must be 1 (foreground) or 0 (background)")
-        points.append((v[0], v[1], label))
+    points = _parse_points(point, "foreground", "background")
     result = segment_image(image, encoder, checkpoint, out, boxes, points, multimask, device, precision, int8)
     typer.echo(json.dumps(result))
 
@@ -359,6 +368,33 @@ def everything_cmd(
         with make_client(scheduler, workers) as client:
             result = run_everything(scenes, ref, out, cfg, layer, dask_runner(client), crs=crs)
     typer.echo(json.dumps(result))
+
+
+@app.command("select", epilog=examples("select"))
+def select_cmd(
+    objects: Annotated[str, typer.Argument(help="Objects layer FILE[:LAYER] (from `uvsam everything`).")],
+    out: Annotated[Path, typer.Option(help="GeoPackage to write the selection into (other layers kept).")],
+    layer: Annotated[str, typer.Option(help="Layer name of the selection.")] = "selected",
+    point: Annotated[list[str], typer.Option(help="X,Y[,LABEL]: objects containing it (LABEL 1, default), or "
+                                                  "cut out where LABEL is 0; repeatable.")] = [],  # noqa: B006
+    box: Annotated[list[str], typer.Option(help="X0,Y0,X1,Y1: the object of highest IoU with it; "
+                                                "repeatable.")] = [],  # noqa: B006
+    text: Annotated[str | None, typer.Option(help="A phrase: the objects whose image crops CLIP finds most "
+                                                  "similar to it.")] = None,
+    image: Annotated[str | None, typer.Option(help="With --text: the raster the objects were found in.")] = None,
+    clip_model: Annotated[str, typer.Option(help="With --text: open_clip model name.")] = "ViT-B-32",
+    clip_weights: Annotated[str | None, typer.Option(help="With --text: its weights file.")] = None,
+    top: Annotated[int, typer.Option(help="With --text: how many objects to keep.")] = 1,
+    prompt_crs: Annotated[str | None, typer.Option(help="CRS of --point/--box coordinates (default: the "
+                                                        "layer's).")] = None,
+):
+    """Objects chosen by points, boxes or a phrase (FastSAM's selection over everything mode)."""
+    from uvsam.selection import ClipModel, run_select
+
+    points = _parse_points(point, "include", "exclude")
+    boxes = [_parse_floats(b, (4,), "--box") for b in box]
+    clip = ClipModel(clip_model, clip_weights) if text is not None else None
+    typer.echo(json.dumps(run_select(objects, out, layer, points, boxes, text, image, clip, top, prompt_crs)))
 
 
 @app.command(epilog=examples("train"))

@@ -35,7 +35,7 @@ def parse_spec(spec: str) -> tuple[str, Path, str | None]:
     return year.strip(), path, layer
 
 
-def _read(path: Path, layer: str | None, usable, form: str) -> tuple[str, gpd.GeoDataFrame]:
+def read_named_layer(path: Path, layer: str | None, usable, form: str) -> tuple[str, gpd.GeoDataFrame]:
     """``layer`` of ``path`` (or its one layer ``usable`` accepts) and its features, georeferenced;
     one line naming the file otherwise (``form``: how to name a layer, for the message)."""
     if not path.is_file():
@@ -61,7 +61,7 @@ def read_layer(spec: str) -> YearLayer:
     """The polygons of one ``YEAR=FILE[:LAYER]`` (any OGR polygon layer; one-layer files need no name)."""
     year, path, layer = parse_spec(spec)
     skipped = ("runs", "layer_styles", "candidates", "tiles")
-    layer, gdf = _read(path, layer, lambda n: n not in skipped and not n.endswith(("_candidates", "_tiles")),
+    layer, gdf = read_named_layer(path, layer, lambda n: n not in skipped and not n.endswith(("_candidates", "_tiles")),
                        f"{year}={path}:LAYER")
     kinds = set(gdf.geometry.geom_type.dropna())
     if not kinds <= {"Polygon", "MultiPolygon"}:
@@ -76,7 +76,7 @@ def read_layer(spec: str) -> YearLayer:
 def read_belts(spec: str) -> gpd.GeoDataFrame:
     """The features of ``FILE[:LAYER]`` that belts are made of: ring roads (lines) or areas (polygons)."""
     path, layer = split_layer(spec)
-    layer, gdf = _read(path, layer, lambda n: n != "layer_styles", f"{path}:LAYER")
+    layer, gdf = read_named_layer(path, layer, lambda n: n != "layer_styles", f"{path}:LAYER")
     kinds = set(gdf.geometry.geom_type.dropna())
     if not kinds or not kinds <= {"Polygon", "MultiPolygon", "LineString", "MultiLineString", "LinearRing"}:
         raise InputError(f"layer {layer!r} holds {', '.join(sorted(kinds)) or 'no geometry'}, not ring roads "
