@@ -106,6 +106,10 @@ EXAMPLES = {
     "everything": ["uvsam everything city.tif --encoder sam_vit_b --checkpoint sam_vit_b_01ec64.pth --out objects.gpkg",
                    "uvsam everything 'tiles/*.tif' --encoder mobile_sam --checkpoint mobile_sam.pt --out objects.gpkg "
                    "--hierarchical --gsd 0.5 --workers 4"],
+    "oneshot": ["uvsam oneshot city_2020.tif --reference marked.tif --reference-mask one_village.gpkg --encoder "
+                "sam_vit_h --checkpoint sam_vit_h_4b8939.pth --out found.gpkg",
+                "uvsam oneshot 'tiles/*.tif' --reference marked.tif --reference-mask one_village.gpkg --encoder "
+                "mobile_sam --checkpoint mobile_sam.pt --method persam-f --min-similarity 0.75 --out found.gpkg"],
     "select": ["uvsam select objects.gpkg --point 12958213,4852311 --point 12958420,4852300,0 --out picked.gpkg",
                "uvsam select objects.gpkg:objects --text 'dense low-rise settlement' --image city.tif --clip-model "
                "ViT-B-32 --clip-weights open_clip_vit_b_32.bin --top 20 --out settlements.gpkg"],
@@ -135,7 +139,10 @@ EXAMPLES = {
     "change": ["uvsam change 2018=villages.gpkg:y2018 2020=villages.gpkg:y2020 --out change.gpkg --report "
                "report.html --image 2018=city_2018.tif --image 2020=city_2020.tif",
                "uvsam change 2018=villages.gpkg:y2018 2020=villages.gpkg:y2020 --out change.gpkg --report "
-               "report.html --centre 116.397,39.909 --ring-km 2 --belts ring_roads.gpkg --belt-field name"],
+               "report.html --centre 116.397,39.909 --ring-km 2 --belts ring_roads.gpkg --belt-field name",
+               "uvsam change 2018=villages.gpkg:y2018 2020=villages.gpkg:y2020 --out change.gpkg --report "
+               "report.html --image 2018=city_2018.tif --image 2020=city_2020.tif --propagate --encoder sam_vit_b "
+               "--checkpoint sam_vit_b_01ec64.pth"],
     "sample": ["uvsam sample villages.gpkg:y2020 --out sample_2020.gpkg --n 300 --min-per-stratum 50",
                "uvsam sample villages.gpkg:y2018 --later villages.gpkg:y2020 --out change_sample.gpkg"],
     "accuracy": ["uvsam accuracy sample_2020.gpkg --csv accuracy_2020.csv"],
@@ -367,6 +374,55 @@ def everything_cmd(
 
         with make_client(scheduler, workers) as client:
             result = run_everything(scenes, ref, out, cfg, layer, dask_runner(client), crs=crs)
+    typer.echo(json.dumps(result))
+
+
+@app.command("oneshot", epilog=examples("oneshot"))
+def oneshot_cmd(
+    scenes: Annotated[list[str], typer.Argument(help="Rasters to search: files, VRTs, folders, globs or URLs.")],
+    reference: Annotated[Path, typer.Option(help="The image the example object is marked on.")],
+    reference_mask: Annotated[str, typer.Option(help="The object: a polygon layer FILE[:LAYER] (any CRS) or a "
+                                                     "mask raster on the reference's grid.")],
+    encoder: Annotated[str, typer.Option(help="Generalist variant (see `uvsam encoders`; SAM's decoder).")],
+    checkpoint: Annotated[Path, typer.Option(help="Its weights, in the official layout.")],
+    out: Annotated[Path, typer.Option(help="GeoPackage to write the found objects into (other layers kept).")],
+    layer: Annotated[str, typer.Option(help="Layer name.")] = "oneshot",
+    method: Annotated[str, typer.Option(help="persam (training-free) or persam-f (two scale weights fitted on "
+                                             "the reference, seconds).")] = "persam",
+    min_similarity: Annotated[float, typer.Option(help="Local maxima of the confidence map above this cosine "
+                                                       "similarity become objects.")] = 0.8,
+    max_points: Annotated[int, typer.Option(help="Objects tried per window at most.")] = 16,
+    train_steps: Annotated[int, typer.Option(help="With persam-f: fitting steps of its two weights.")] = 1000,
+    tile: Annotated[int, typer.Option(help="Window side in px.")] = 1024,
+    overlap: Annotated[int, typer.Option(help="Px shared by neighbouring windows.")] = 256,
+    gsd: Annotated[float | None, typer.Option(help="Resample scenes to this GSD in metres (default: native).")] = None,
+    crs: Annotated[str | None, typer.Option(help="CRS of the layer (default: the first scene's).")] = None,
+    local: Annotated[bool | None, typer.Option(
+        "--local/--dask", help="In this process, or on Dask (default: Dask with --scheduler/--workers or 8+ cores).")
+    ] = None,
+    scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT of a Dask scheduler.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local Dask workers.")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+):
+    """Find objects like one marked example (PerSAM / PerSAM-F one-shot personalisation)."""
+    from uvsam.objects import ObjectsConfig, generalist_ref
+    from uvsam.oneshot import OneShotConfig, run_oneshot
+    from uvsam.prediction.execution import runs_in_process
+
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be at least 1, not {workers}")
+    cfg = OneShotConfig(method, train_steps, min_similarity=min_similarity, max_points=max_points)
+    objects_cfg = ObjectsConfig(tile=tile, overlap=overlap, gsd_m=gsd)
+    ref = generalist_ref(_known_encoder(encoder), checkpoint, device, precision)
+    if runs_in_process(local, scheduler, workers):
+        result = run_oneshot(scenes, reference, reference_mask, ref, out, objects_cfg, cfg, layer, crs=crs)
+    else:
+        from uvsam.prediction.distributed import dask_runner, make_client
+
+        with make_client(scheduler, workers) as client:
+            result = run_oneshot(scenes, reference, reference_mask, ref, out, objects_cfg, cfg, layer,
+                                 dask_runner(client), crs=crs)
     typer.echo(json.dumps(result))
 
 
@@ -781,9 +837,27 @@ def change_cmd(
     accuracy: Annotated[list[str], typer.Option(
         help="YEAR=SAMPLE.gpkg: a labelled `uvsam sample` of that year's map; its error-adjusted areas with 95 % "
              "confidence intervals go in the accuracy table and the report; repeatable.")] = [],  # noqa: B006
+    propagate: Annotated[bool, typer.Option(
+        help="Check every event with SAM-PT: each earlier village's points carried into the later year's --image "
+             "and redrawn by the generalist (--encoder, --checkpoint); propagated_iou and confirmed per event.")
+    ] = False,
+    encoder: Annotated[str | None, typer.Option(help="With --propagate: the generalist variant.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="With --propagate: its weights.")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ):
     """Village lifecycles across years (new, demolished, stable, expanded, shrunk, split, merged)."""
     from uvsam.changes import run_change
+
+    generalist = None
+    if propagate:
+        if encoder is None or checkpoint is None:
+            raise InputError("--propagate needs the generalist: give --encoder NAME --checkpoint FILE")
+        if not image:
+            raise InputError("--propagate needs the later years' imagery: give --image YEAR=RASTER")
+        from uvsam.objects import generalist_ref
+
+        generalist = generalist_ref(_known_encoder(encoder), checkpoint, device, precision)
 
     point = None
     if centre is not None:
@@ -796,7 +870,8 @@ def change_cmd(
         point = (lon, lat)
     cfg = ChangeConfig(min_overlap=min_overlap, stable_pct=stable_pct, crs=analysis_crs, min_area_m2=mapping_unit)
     typer.echo(json.dumps(run_change(years, out, cfg, districts, district_field, point, ring_km, crs, report,
-                                     image, max_shift, accuracy, belts, belt_field, step_km, map_year, log)))
+                                     image, max_shift, accuracy, belts, belt_field, step_km, map_year, log,
+                                     generalist)))
 
 
 @app.command("sample", epilog=examples("sample"))

@@ -377,11 +377,16 @@ def objects_frame(name: str, records: list[dict], ref: SceneRef) -> gpd.GeoDataF
     return frame[[*COLUMNS, "geometry"]]
 
 
-def run_everything(scenes: list[str], seg_ref: GeneralistRef, out: str | Path, cfg: ObjectsConfig,
+def run_everything(scenes: list[str], seg_ref, out: str | Path, cfg: ObjectsConfig,
                    layer: str = "objects", runner: Runner = run_local, bands: tuple[int, ...] | None = None,
-                   crs: str | None = None, progress: Callable[[str, int], None] | None = None) -> dict:
+                   crs: str | None = None, progress: Callable[[str, int], None] | None = None,
+                   command: str = "everything", run_extra: dict | None = None, score: str = "stability") -> dict:
     """``uvsam everything``: every scene's objects into one GeoPackage layer (others kept), a run
-    row in ``runs``. Resumable: tasks are journaled in ``OUT.work/``, removed after success."""
+    row in ``runs``. Resumable: tasks are journaled in ``OUT.work/``, removed after success.
+
+    ``seg_ref``: what finds the objects in a window (:class:`GeneralistRef`, or another with its
+    ``load()``, ``sha256``, ``generalist`` (a GeneralistRef); ``uvsam oneshot``'s); ``score``: the
+    name of the layer's column for the second score of each object (its stability in everything mode)."""
     from uvsam import __version__
     from uvsam.files import check_writable
     from uvsam.layers import layer_problem, write_layer
@@ -413,10 +418,14 @@ def run_everything(scenes: list[str], seg_ref: GeneralistRef, out: str | Path, c
         out_crs = out_crs or ref.crs
         frames.append(objects_frame(Path(path).name, records, ref).to_crs(out_crs))
     frame = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=out_crs)
+    if score != "stability":
+        frame = frame.rename(columns={"stability": score})
+    gen = getattr(seg_ref, "generalist", seg_ref)
     run = {"run_id": hashlib.sha1(f"{out}|{layer}|{datetime.now().isoformat()}".encode()).hexdigest()[:12],
-           "layer": layer, "command": "everything", "scenes": json.dumps([str(p) for p in paths]),
-           "config": json.dumps(cfg.to_dict()), "generalist": seg_ref.encoder, "checkpoint": seg_ref.checkpoint,
-           "generalist_sha256": seg_ref.sha256, "device": seg_ref.device.describe(), "uvsam_version": __version__,
+           "layer": layer, "command": command, "scenes": json.dumps([str(p) for p in paths]),
+           "config": json.dumps(cfg.to_dict()), "generalist": gen.encoder, "checkpoint": gen.checkpoint,
+           "generalist_sha256": gen.sha256, "device": gen.device.describe(), **(run_extra or {}),
+           "uvsam_version": __version__,
            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with stage("write"):
         write_layer(out, layer, frame, run, "objects")

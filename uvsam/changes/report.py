@@ -457,6 +457,26 @@ def spatial_sections(result: ChangeResult, tables: dict[str, pd.DataFrame], run:
     return out
 
 
+def propagation_section(changes: pd.DataFrame, settings: dict) -> str:
+    """What the generalist's propagated masks say of each kind of event (SAM-PT, ``--propagate``)."""
+    done = changes[changes["confirmed"].notna()]
+    rows = []
+    for kind, frame in done.groupby("lifecycle", sort=False):
+        ok = int((frame["confirmed"] == True).sum())  # noqa: E712 - a column of True/False/None
+        rows.append({"lifecycle": kind, "events": len(frame), "confirmed": ok, "questioned": len(frame) - ok,
+                     "median propagated IoU": round(float(frame["propagated_iou"].median()), 3)})
+    weights = settings.get("weights_note", "")
+    text = ("<h2>Propagation check</h2><p>Each village of the earlier year was carried into the later year's "
+            "imagery (through the measured co-registration shift) as SAM-PT's points — K-medoids inside, "
+            "points just outside — and redrawn there by the generalist. A demolition is <em>confirmed</em> when "
+            "the generalist no longer finds the village; a persisting village when its redrawn outline agrees "
+            "with the one detected (IoU at least the threshold). Questioned events deserve a look at the "
+            f"imagery. {html.escape(weights)}</p>")
+    if not rows:
+        return text + "<p>No event had imagery of its later year: nothing was propagated.</p>"
+    return text + _table(pd.DataFrame(rows))
+
+
 def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
            images: dict[str, Path] | None = None, largest: int = 6, belts=None) -> str:
     """The report's HTML text (``belts``: the belts' polygons, drawn on the distribution map)."""
@@ -517,6 +537,9 @@ def render(result: ChangeResult, tables: dict[str, pd.DataFrame], run: dict,
                         + _table(pd.DataFrame(coreg).fillna("")))
     table_cols = ["year_from", "year_to", "lifecycle", "uids_from", "uids_to", "area_from_m2", "area_to_m2",
                   "change_pct"]
+    if "confirmed" in result.changes.columns:
+        sections.append(propagation_section(result.changes, run.get("propagation") or {}))
+        table_cols += ["propagated_iou", "confirmed"]
     sections.append("<h2>All changes</h2>" + _table(result.changes[table_cols]))
     meta = "".join(f"<tr><th>{html.escape(str(k).replace('_', ' '))}</th><td>{html.escape(_value(v))}</td></tr>"
                    for k, v in run.items() if k != "analysis_crs")

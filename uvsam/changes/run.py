@@ -27,7 +27,8 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
                centre: tuple[float, float] | None = None, ring_km: float = 2.0, crs: str | None = None,
                report: str | Path | None = None, images: list[str] | None = None, max_shift_m: float = 5.0,
                accuracy: list[str] | None = None, belts: str | None = None, belt_field: str | None = None,
-               step_km: float = 0.5, map_year: str | None = None, log=print) -> dict:
+               step_km: float = 0.5, map_year: str | None = None, log=print, propagate=None,
+               propagate_cfg=None) -> dict:
     """``uvsam change``: read the years, track, aggregate, write (and report); returns a summary.
 
     ``images``: ``YEAR=RASTER`` specs: their co-registration is checked for consecutive years
@@ -39,7 +40,9 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
     Where the villages are: with ``centre`` (lon, lat) the ``rings`` table (every ``ring_km``) and
     the ``distance`` table (cumulative count and area every ``step_km``); with ``belts``
     (``FILE[:LAYER]`` of ring roads or areas, named by ``belt_field``) the ``belts`` table; the
-    report maps ``map_year`` (default the last) with them.
+    report maps ``map_year`` (default the last) with them. ``propagate``: a generalist
+    (:class:`uvsam.objects.GeneralistRef`): SAM-PT's check of every event against the later year's
+    imagery (:mod:`uvsam.changes.propagate`; ``propagated_iou`` and ``confirmed`` on each event).
     """
     if crs is not None:
         parse_crs(crs)  # a wrong --crs is refused before any work
@@ -75,6 +78,23 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
         if assessed:
             tables["accuracy"] = accuracy_table(assessed)
         coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
+        propagation = None
+        if propagate is not None:
+            from uvsam.changes.propagate import PropagateConfig, propagate_changes
+
+            pcfg = propagate_cfg or PropagateConfig()
+            shifts = {(r["from"], r["to"]): (r["east_m"], r["north_m"]) for r in coreg if r.get("reliable")}
+            propagate_changes(result, pictures, shifts, propagate, pcfg, log)
+            from uvsam import weights
+            from uvsam.modeling.registry import get_spec
+
+            official = weights.expected_sha256(get_spec(propagate.encoder)) == propagate.sha256
+            propagation = {"encoder": propagate.encoder, "checkpoint": propagate.checkpoint,
+                           "sha256": propagate.sha256, **pcfg.to_dict(),
+                           "weights_note": f"Generalist: {propagate.encoder}, "
+                           + ("its official weights." if official else
+                              f"weights that are not its official ones (SHA-256 {propagate.sha256[:12]}...): the "
+                              "propagated masks are only as good as those weights.")}
         consistency = check_consistency(result, pictures, log)
         bar.advance(1, step="imagery checked")
         counts = result.changes["lifecycle"].value_counts().to_dict() if len(result.changes) else {}
@@ -85,7 +105,7 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
                "map_year": map_year,
                "images": {y: str(p) for y, p in pictures.items()},
                "accuracy_samples": {y: str(s) for y, (s, _) in assessed.items()}, "coregistration": coreg,
-               "consistency": consistency,
+               "consistency": consistency, "propagation": propagation,
                "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         files = write_outputs(out, result, tables, run, crs, [ly.villages.crs for ly in layers])
         bar.advance(1, step="written")
