@@ -21,7 +21,7 @@ QGIS_PYTHON = "/usr/bin/python3"  # QGIS's bindings import under the system Pyth
 
 PROBE = textwrap.dedent('''
     import json, os, sys
-    from qgis.core import QgsApplication, QgsVectorLayer
+    from qgis.core import QgsApplication, QgsRenderContext, QgsVectorLayer
     app = QgsApplication([], False)
     app.initQgis()
     out = {}
@@ -29,10 +29,14 @@ PROBE = textwrap.dedent('''
         layer = QgsVectorLayer(f"{sys.argv[1]}|layername={name}", name, "ogr")
         r = layer.renderer()
         single = r.type() == "singleSymbol"
+        ctx = QgsRenderContext()
+        r.startRender(ctx, layer.fields())
+        drawn = sum(r.symbolForFeature(f, ctx) is not None for f in layer.getFeatures())
+        r.stopRender(ctx)
         out[name] = {"valid": layer.isValid(), "renderer": r.type(), "crs": layer.crs().authid(),
                      "colour": list(r.symbol().color().getRgb()) if single else None,
                      "categories": [c.value() for c in r.categories()] if r.type() == "categorizedSymbol" else None,
-                     "labels": layer.labelsEnabled(), "features": layer.featureCount(),
+                     "labels": layer.labelsEnabled(), "features": layer.featureCount(), "drawn": drawn,
                      "types": {f.name(): f.typeName() for f in layer.fields()},
                      "widgets": {f.name(): layer.editorWidgetSetup(i).type() for i, f in enumerate(layer.fields())}}
     print(json.dumps(out), flush=True)
@@ -85,6 +89,27 @@ def test_change_geopackage_opens_in_qgis_with_lifecycle_styles(villages, tmp_pat
     assert changes["renderer"] == "categorizedSymbol" and changes["categories"] == list(LIFECYCLES)
     assert tracked["renderer"] == "categorizedSymbol" and tracked["categories"] == ["2018", "2020", "2022"]
     assert tracked["labels"] and changes["crs"] == tracked["crs"] == "EPSG:3857"
+
+
+def test_objects_layers_open_in_qgis_with_their_style(tmp_path):
+    """`uvsam everything` / `select` / `oneshot` layers: categorised by `complete` (an integer
+    field), every object drawn with one of the two symbols."""
+    import geopandas as gpd
+    import shapely
+
+    from uvsam.layers import write_layer
+
+    out = tmp_path / "objects.gpkg"
+    frame = gpd.GeoDataFrame({"object_id": ["a", "b"], "complete": [1, 0], "predicted_iou": [0.9, 0.8]},
+                             geometry=[shapely.box(0, 0, 10, 10), shapely.box(20, 0, 30, 10)], crs="EPSG:3857")
+    for layer in ("objects", "selected"):
+        write_layer(out, layer, frame, {"layer": layer, "command": "everything"}, "objects")
+    shown, err = qgis_open(out, ["objects", "selected"])
+    assert "Warning" not in err, err
+    for name in ("objects", "selected"):
+        v = shown[name]
+        assert v["valid"] and v["renderer"] == "categorizedSymbol" and v["categories"] == ["1", "0"]
+        assert v["features"] == v["drawn"] == 2 and v["crs"] == "EPSG:3857"
 
 
 def _qgis_process(args: list[str], home, env_extra: dict | None = None) -> subprocess.CompletedProcess:
