@@ -42,22 +42,28 @@ def sam_b(tmp_path_factory):
     return ref, path
 
 
-def test_parity_with_sam_automatic_mask_generator(sam_b, beijing_tile):
-    """Same weights, same settings, a real Beijing tile: the same masks, in the same order."""
-    from segment_anything import SamAutomaticMaskGenerator
-
+@pytest.fixture(scope="module")
+def sam_b_on_tile(sam_b, beijing_tile):
+    """uvsam's Predictor with that sam_vit_b, the Beijing tile embedded."""
     from uvsam.checkpoint import load_generalist
     from uvsam.predictor import Predictor
 
-    ref, path = sam_b
+    pred = Predictor(load_generalist("sam_vit_b", sam_b[1]))
+    pred.set_image(beijing_tile)
+    return pred
+
+
+def test_parity_with_sam_automatic_mask_generator(sam_b, sam_b_on_tile, beijing_tile):
+    """Same weights, same settings, a real Beijing tile: the same masks, in the same order."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    ref, _ = sam_b
     # thresholds for this random decoder (its predicted IoUs run to ~10); box NMS at 1.0 because
     # every random mask spans the tile (NMS at 0.7 would keep one); small regions cleaned (cv2 vs scipy)
     settings = dict(points_per_side=8, pred_iou_thresh=0.2, stability_score_thresh=0.7, box_nms_thresh=1.0,
                     min_mask_region_area=200)
     theirs = SamAutomaticMaskGenerator(ref, **settings).generate(beijing_tile)
-    pred = Predictor(load_generalist("sam_vit_b", path))
-    pred.set_image(beijing_tile)
-    ours = generate(pred, EverythingConfig(**settings))
+    ours = generate(sam_b_on_tile, EverythingConfig(**settings))
     assert 20 <= len(theirs) < 192  # the filters kept some of the 8 x 8 x 3 masks, not all
     assert len(ours) == len(theirs) and ours.decoded == 64
     for k, t in enumerate(theirs):
@@ -112,18 +118,14 @@ def test_hierarchical_points_follow_tinysam():
     assert {tuple(p) for p in edge} == {(52, 52), (60, 52), (52, 60)}  # the rest lies outside
 
 
-def test_hierarchical_mode_decodes_fewer_points_where_confident(sam_b, beijing_tile):
-    from uvsam.checkpoint import load_generalist
-    from uvsam.predictor import Predictor
-
-    pred = Predictor(load_generalist("sam_vit_b", sam_b[1]))
-    pred.set_image(beijing_tile)
-    base = dict(points_per_side=16, pred_iou_thresh=0.2, stability_score_thresh=0.7)
+def test_hierarchical_mode_decodes_fewer_points_where_confident(sam_b_on_tile):
+    pred = sam_b_on_tile
+    base = dict(points_per_side=8, pred_iou_thresh=0.2, stability_score_thresh=0.7)
     strict = generate(pred, EverythingConfig(**base, hierarchical=True, high_score_thresh=1e9))  # nothing confident
     eager = generate(pred, EverythingConfig(**base, hierarchical=True, high_score_thresh=0.0))
-    # the +2 neighbours of the last row and column (4 each of 4 sparse points, one shared) fall outside
-    assert strict.passes == [16, 16 * 15 - (4 * 4 + 4 * 4 - 1)]
-    assert eager.passes[0] == 16 and eager.passes[1] < strict.passes[1] and eager.decoded == sum(eager.passes)
+    # 2 x 2 sparse points; the +2 neighbours of the last row and column (4 each of 2 points, one shared) fall outside
+    assert strict.passes == [4, 4 * 15 - (2 * 4 + 2 * 4 - 1)]
+    assert eager.passes[0] == 4 and eager.passes[1] < strict.passes[1] and eager.decoded == sum(eager.passes)
     assert len(strict) > 0
 
 
@@ -218,7 +220,7 @@ def test_objects_do_not_depend_on_where_the_tile_grid_falls(regions_scene, tmp_p
     pts = lattice(w, h, cfg.spacing)
     expected = {int(labels[int(y), int(x)]) for x, y in pts} - {0}
     truth = {i: shapely.multipolygons(polygonise(labels == i, transform)) for i in expected}
-    seams = shapely.union_all([shapely.LineString([transform * (c, 0), transform * (c, h)])
+    seams = shapely.union_all([shapely.LineString([transform @ (c, 0), transform @ (c, h)])
                                for c in range(192, w, 192)])
     def key(g):  # a polygon's outline to 1 cm (the windows' transforms round differently)
         return shapely.normalize(shapely.set_precision(g, 0.01)).wkt

@@ -215,16 +215,19 @@ RANKS = {
     40: ["uvsam.prediction.model", "uvsam.prediction.execution", "uvsam.prediction.journal", "uvsam.prediction.scene",
          "uvsam.prediction.distributed", "uvsam.prediction.specialist", "uvsam.prediction.sources"],  # specialist
     50: ["uvsam.prediction.candidates"],  # prompts
-    60: ["uvsam.prediction.refine", "uvsam.inference", "uvsam.distill_losses"],  # generalist
+    60: ["uvsam.prediction.refine", "uvsam.inference", "uvsam.distill_losses", "uvsam.everything"],  # generalist
     70: ["uvsam.prediction.assemble", "uvsam.prediction.pipeline",
          "uvsam.prediction.probabilities"],  # masks -> polygons
     80: ["uvsam.layers", "uvsam.stac.items", "uvsam.prediction.run", "uvsam.prediction"],  # layers
     90: ["uvsam.changes.sources", "uvsam.changes.track", "uvsam.changes.summaries", "uvsam.coregister",
-         "uvsam.consistency", "uvsam.changes.imagery", "uvsam.changes.outputs", "uvsam.changes.accuracy"],  # change
+         "uvsam.consistency", "uvsam.changes.imagery", "uvsam.changes.outputs", "uvsam.changes.accuracy",
+         "uvsam.changes.propagate"],  # change (propagate: SAM-PT's check of the events)
     95: ["uvsam.changes.report", "uvsam.changes.run", "uvsam.changes"],  # report
-    100: ["uvsam.training", "uvsam.evaluation", "uvsam.segment", "uvsam.gate", "uvsam.prompt_bench"],  # commands
+    100: ["uvsam.training", "uvsam.evaluation", "uvsam.segment", "uvsam.gate", "uvsam.prompt_bench",
+          "uvsam.objects", "uvsam.selection"],  # commands
     110: ["uvsam.crossval", "uvsam.workflow", "uvsam.demo", "uvsam.ablations",
-          "uvsam.distill"],  # commands made of commands (distill: training's schedule)
+          "uvsam.distill", "uvsam.oneshot"],  # commands made of commands (distill: training's schedule; oneshot:
+    # PerSAM in everything mode's tiling)
     120: ["uvsam.cli", "uvsam.api"],  # the two doors: the command line and the flat Python API
     130: ["uvsam.__main__"],
 }

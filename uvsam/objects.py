@@ -42,14 +42,20 @@ from tiles.errors import TilesError
 from tiles.plan import TilingConfig, plan
 from tiles.radiometry import Stretch
 from tiles.reader import RasterSource, ReadOptions
+from uvsam import __version__
+from uvsam.checkpoint import load_generalist
 from uvsam.devices import Device, select
 from uvsam.errors import InputError
 from uvsam.everything import EverythingConfig, Objects, decode_points, generate
-from uvsam.files import sha256_file
+from uvsam.files import check_writable, sha256_file
+from uvsam.layers import layer_problem, write_layer
+from uvsam.modeling.registry import get_spec
 from uvsam.polygons import polygonise
 from uvsam.prediction.execution import Runner, run_journaled, run_local
 from uvsam.prediction.journal import Journal, scene_identity
 from uvsam.prediction.refine import plan_windows
+from uvsam.prediction.scene import find_scenes
+from uvsam.predictor import Predictor
 from uvsam.progress import stage
 
 COLUMNS = ["object_id", "scene", "predicted_iou", "stability", "area_m2", "complete", "point_x", "point_y"]
@@ -100,7 +106,6 @@ class GeneralistRef:
     def load(self) -> GeneralistSegmenter:
         key = (self.encoder, self.checkpoint, self.sha256, self.device.name)
         if _LOADED.get("key") != key:
-            from uvsam.checkpoint import load_generalist
 
             _LOADED.clear()
             _LOADED.update(key=key, value=GeneralistSegmenter(
@@ -114,7 +119,6 @@ _LOADED: dict = {}
 def generalist_ref(encoder: str, checkpoint: str | Path, device: str = "auto", precision: str = "auto"
                    ) -> GeneralistRef:
     """The :class:`GeneralistRef` of ``encoder`` with weights ``checkpoint``, checked before any work."""
-    from uvsam.modeling.registry import get_spec
 
     name = get_spec(encoder).name
     path = Path(checkpoint)
@@ -127,7 +131,6 @@ class GeneralistSegmenter:
     """Everything mode and point re-decoding on one image with a loaded generalist."""
 
     def __init__(self, model, device: Device = Device()):
-        from uvsam.predictor import Predictor
 
         self.predictor = Predictor(model)
         self.device = device
@@ -387,10 +390,6 @@ def run_everything(scenes: list[str], seg_ref, out: str | Path, cfg: ObjectsConf
     ``seg_ref``: what finds the objects in a window (:class:`GeneralistRef`, or another with its
     ``load()``, ``sha256``, ``generalist`` (a GeneralistRef); ``uvsam oneshot``'s); ``score``: the
     name of the layer's column for the second score of each object (its stability in everything mode)."""
-    from uvsam import __version__
-    from uvsam.files import check_writable
-    from uvsam.layers import layer_problem, write_layer
-    from uvsam.prediction.scene import find_scenes
 
     out = check_writable(out)
     if out.suffix.lower() != ".gpkg":

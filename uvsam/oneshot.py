@@ -31,9 +31,16 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from uvsam.changes.sources import read_named_layer
+from uvsam.datasets import RASTER_EXT, split_layer
 from uvsam.errors import InputError
+from uvsam.everything import Objects, mask_boxes
+from uvsam.files import check_writable
 from uvsam.modeling.persam import PersonalisedDecoder, location_prior
+from uvsam.objects import run_everything
+from uvsam.prediction.execution import run_local
 from uvsam.predictor import Predictor
+from uvsam.raster import read_rgb
 
 METHODS = ("persam", "persam-f")
 
@@ -313,8 +320,6 @@ def read_reference(image: str | Path, mask_spec: str) -> tuple[np.ndarray, np.nd
     import rasterio
     from rasterio.features import rasterize
 
-    from uvsam.datasets import RASTER_EXT, split_layer
-    from uvsam.raster import read_rgb
 
     img = read_rgb(image)
     h, w = img.valid.shape
@@ -327,7 +332,6 @@ def read_reference(image: str | Path, mask_spec: str) -> tuple[np.ndarray, np.nd
                 raise InputError(f"is {src.width} x {src.height} px; the reference image is {w} x {h}", path)
             mask = src.read(1) > 0
     else:
-        from uvsam.changes.sources import read_named_layer
 
         layer, frame = read_named_layer(path, layer, lambda n: n not in ("runs", "layer_styles"), f"{path}:LAYER")
         crs = img.profile.get("crs")
@@ -368,7 +372,6 @@ class OneShotSegmenter:
             self._pred.set_image(image)
 
     def find(self, image: np.ndarray, points: np.ndarray, cfg, stride):
-        from uvsam.everything import Objects, mask_boxes
 
         self._embed(image)
         found = segment_like(self._pred, self.target, self.cfg, many=True)
@@ -403,9 +406,6 @@ def run_oneshot(scenes: list[str], reference: str | Path, reference_mask: str, g
     """``uvsam oneshot``: learn the target from the reference (in this process), then find its
     kind in every scene with :func:`uvsam.objects.run_everything`'s tiling, merge and output
     (``similarity``: each object's confidence-map value at its point)."""
-    from uvsam.files import check_writable
-    from uvsam.objects import run_everything
-    from uvsam.prediction.execution import run_local
 
     if check_writable(out).suffix.lower() != ".gpkg":  # before the reference is learnt
         raise InputError("objects are written to a GeoPackage: give --out NAME.gpkg", out)

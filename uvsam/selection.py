@@ -29,7 +29,14 @@ import geopandas as gpd
 import numpy as np
 import shapely
 
+from tiles.radiometry import compute_stretch
+from tiles.reader import RasterSource
+from uvsam import __version__
+from uvsam.changes.sources import read_named_layer
+from uvsam.datasets import split_layer
 from uvsam.errors import InputError
+from uvsam.files import check_writable
+from uvsam.layers import layer_problem, write_layer
 
 
 def by_points(objects: gpd.GeoDataFrame, include: list[tuple[float, float]],
@@ -121,8 +128,6 @@ def object_crops(objects: gpd.GeoDataFrame, image: str | Path, max_side: int = 5
     from rasterio.features import geometry_mask
     from rasterio.windows import from_bounds
 
-    from tiles.radiometry import compute_stretch
-    from tiles.reader import RasterSource
 
     crops: list[np.ndarray | None] = []
     with RasterSource(image) as src:
@@ -184,8 +189,6 @@ def by_text(objects: gpd.GeoDataFrame, scores: np.ndarray, top: int = 1) -> gpd.
 def read_objects(spec: str) -> tuple[str, gpd.GeoDataFrame]:
     """(``FILE:LAYER``, the polygons) of an objects layer ``FILE[:LAYER]`` (a file of one layer
     besides ``runs`` and ``layer_styles`` needs no name)."""
-    from uvsam.changes.sources import read_named_layer
-    from uvsam.datasets import split_layer
 
     path, layer = split_layer(spec)
     layer, frame = read_named_layer(path, layer, lambda n: n not in ("runs", "layer_styles"), f"{path}:LAYER")
@@ -208,9 +211,6 @@ def run_select(spec: str, out: str | Path, layer: str = "selected", points: list
     from pyproj import CRS, Transformer
     from pyproj.exceptions import CRSError
 
-    from uvsam import __version__
-    from uvsam.files import check_writable
-    from uvsam.layers import layer_problem, write_layer
 
     out = check_writable(out)
     if out.suffix.lower() != ".gpkg":

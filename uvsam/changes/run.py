@@ -9,16 +9,18 @@ from statistics import NormalDist
 import pandas as pd
 import pyogrio
 
-from uvsam import __version__
+from uvsam import __version__, weights
 from uvsam.changes.accuracy import CHANGE_CLASSES, Accuracy, assess
 from uvsam.changes.imagery import check_consistency, coregistration
 from uvsam.changes.outputs import parse_crs, write_outputs
+from uvsam.changes.propagate import PropagateConfig, propagate_changes
 from uvsam.changes.report import write_report
 from uvsam.changes.sources import parse_images, read_belts, read_layer
 from uvsam.changes.summaries import belts_from, by_belt, by_distance, by_district, by_ring
 from uvsam.changes.track import LIFECYCLES, ChangeConfig, track
 from uvsam.errors import ConfigError, InputError
 from uvsam.files import check_writable
+from uvsam.modeling.registry import get_spec
 from uvsam.progress import Progress
 
 
@@ -80,13 +82,10 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
         coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
         propagation = None
         if propagate is not None:
-            from uvsam.changes.propagate import PropagateConfig, propagate_changes
 
             pcfg = propagate_cfg or PropagateConfig()
             shifts = {(r["from"], r["to"]): (r["east_m"], r["north_m"]) for r in coreg if r.get("reliable")}
             propagate_changes(result, pictures, shifts, propagate, pcfg, log)
-            from uvsam import weights
-            from uvsam.modeling.registry import get_spec
 
             official = weights.expected_sha256(get_spec(propagate.encoder)) == propagate.sha256
             propagation = {"encoder": propagate.encoder, "checkpoint": propagate.checkpoint,
