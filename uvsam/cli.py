@@ -366,6 +366,8 @@ def everything_cmd(
         raise InputError(f"--workers must be at least 1, not {workers}")
     cfg = ObjectsConfig(EverythingConfig(points_per_side, 64, pred_iou_thresh, stability_thresh, 1.0, nms, min_region,
                                          hierarchical), tile, overlap, gsd)
+    _STATE["resume"] = (f"finished windows are kept in {out.with_name(out.stem + '.work')}: run the same command "
+                        "again to resume")
     ref = generalist_ref(_known_encoder(encoder), checkpoint, device, precision)
     if runs_in_process(local, scheduler, workers):
         result = run_everything(scenes, ref, out, cfg, layer, crs=crs)
@@ -414,6 +416,8 @@ def oneshot_cmd(
         raise InputError(f"--workers must be at least 1, not {workers}")
     cfg = OneShotConfig(method, train_steps, min_similarity=min_similarity, max_points=max_points)
     objects_cfg = ObjectsConfig(tile=tile, overlap=overlap, gsd_m=gsd)
+    _STATE["resume"] = (f"finished windows are kept in {out.with_name(out.stem + '.work')}: run the same command "
+                        "again to resume")
     ref = generalist_ref(_known_encoder(encoder), checkpoint, device, precision)
     if runs_in_process(local, scheduler, workers):
         result = run_oneshot(scenes, reference, reference_mask, ref, out, objects_cfg, cfg, layer, crs=crs)

@@ -320,7 +320,6 @@ def read_reference(image: str | Path, mask_spec: str) -> tuple[np.ndarray, np.nd
     import rasterio
     from rasterio.features import rasterize
 
-
     img = read_rgb(image)
     h, w = img.valid.shape
     path, layer = split_layer(mask_spec)
@@ -332,7 +331,6 @@ def read_reference(image: str | Path, mask_spec: str) -> tuple[np.ndarray, np.nd
                 raise InputError(f"is {src.width} x {src.height} px; the reference image is {w} x {h}", path)
             mask = src.read(1) > 0
     else:
-
         layer, frame = read_named_layer(path, layer, lambda n: n not in ("runs", "layer_styles"), f"{path}:LAYER")
         crs = img.profile.get("crs")
         if crs is None:
@@ -372,7 +370,6 @@ class OneShotSegmenter:
             self._pred.set_image(image)
 
     def find(self, image: np.ndarray, points: np.ndarray, cfg, stride):
-
         self._embed(image)
         found = segment_like(self._pred, self.target, self.cfg, many=True)
         pts = found["points"]
@@ -406,7 +403,6 @@ def run_oneshot(scenes: list[str], reference: str | Path, reference_mask: str, g
     """``uvsam oneshot``: learn the target from the reference (in this process), then find its
     kind in every scene with :func:`uvsam.objects.run_everything`'s tiling, merge and output
     (``similarity``: each object's confidence-map value at its point)."""
-
     if check_writable(out).suffix.lower() != ".gpkg":  # before the reference is learnt
         raise InputError("objects are written to a GeoPackage: give --out NAME.gpkg", out)
     image, mask, _ = read_reference(reference, reference_mask)

@@ -128,7 +128,6 @@ def object_crops(objects: gpd.GeoDataFrame, image: str | Path, max_side: int = 5
     from rasterio.features import geometry_mask
     from rasterio.windows import from_bounds
 
-
     crops: list[np.ndarray | None] = []
     with RasterSource(image) as src:
         data, valid = src.read_overview(1_000_000)
@@ -189,7 +188,6 @@ def by_text(objects: gpd.GeoDataFrame, scores: np.ndarray, top: int = 1) -> gpd.
 def read_objects(spec: str) -> tuple[str, gpd.GeoDataFrame]:
     """(``FILE:LAYER``, the polygons) of an objects layer ``FILE[:LAYER]`` (a file of one layer
     besides ``runs`` and ``layer_styles`` needs no name)."""
-
     path, layer = split_layer(spec)
     layer, frame = read_named_layer(path, layer, lambda n: n not in ("runs", "layer_styles"), f"{path}:LAYER")
     if not set(frame.geometry.geom_type.dropna()) <= {"Polygon", "MultiPolygon"}:
@@ -210,7 +208,6 @@ def run_select(spec: str, out: str | Path, layer: str = "selected", points: list
     import pandas as pd
     from pyproj import CRS, Transformer
     from pyproj.exceptions import CRSError
-
 
     out = check_writable(out)
     if out.suffix.lower() != ".gpkg":

@@ -202,7 +202,6 @@ def image_pixel(image: str | Path, crs) -> float:
     """The image's pixel size in the analysis CRS's units (its footprint's width over its columns)."""
     from rasterio.warp import transform_bounds
 
-
     with RasterSource(image) as src:
         t = src.transform
         b = transform_bounds(src.crs, crs, t.c, t.f + t.e * src.height, t.c + t.a * src.width, t.f)
@@ -211,7 +210,6 @@ def image_pixel(image: str | Path, crs) -> float:
 
 def read_window(image: str | Path, crs, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 RGB (each band stretched 2-98 % on the window) and validity of ``image`` on ``grid``."""
-
     data, valid = read_on_grid(location(image), crs, grid.bounds, grid.width, grid.height)
     x = np.repeat(data, 3, 0) if data.shape[0] == 1 else data[:3]
     out = np.zeros(x.shape, np.float64)
@@ -228,7 +226,6 @@ def propagate(pred, geom, others: list, image: str | Path, crs, pixel: float, sh
     """The village ``geom`` (analysis CRS) carried by ``shift`` (east, north metres) into ``image``
     and redrawn there by SAM-PT: (propagated geometry or None, predicted IoU). ``others``: the
     other villages of the same year (their positive points are negatives here)."""
-
     moved = affinity.translate(geom, *shift)
     grid = window_around(moved, pixel, cfg.window_px)
     img, valid = read_window(image, crs, grid)
@@ -269,7 +266,6 @@ def propagate_changes(result, images: dict[str, Path], shifts: dict[tuple[str, s
     villages propagated (with re-initialisation along a chain), compared with the detections.
     Adds ``propagated_iou`` and ``confirmed`` to ``result.changes`` (NaN / None where there is no
     imagery or the event is new) and returns one row per propagated village."""
-
     changes = result.changes
     changes["propagated_iou"] = np.nan
     changes["confirmed"] = pd.array([pd.NA] * len(changes), dtype="boolean")

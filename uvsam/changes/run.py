@@ -82,7 +82,6 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
         coreg = coregistration(pictures, [ly.year for ly in layers], result.crs, max_shift_m, log)
         propagation = None
         if propagate is not None:
-
             pcfg = propagate_cfg or PropagateConfig()
             shifts = {(r["from"], r["to"]): (r["east_m"], r["north_m"]) for r in coreg if r.get("reliable")}
             propagate_changes(result, pictures, shifts, propagate, pcfg, log)
