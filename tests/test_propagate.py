@@ -106,6 +106,9 @@ def test_change_propagate_on_a_levir_pair(data_dir, mobile_sam_ckpt, tmp_path, c
     assert old["confirmed"].notna().all() and changes[changes["lifecycle"] == "new"]["confirmed"].isna().all()
     demolished = old[old["lifecycle"] == "demolished"].iloc[0]
     assert bool(demolished["confirmed"]) == (demolished["propagated_iou"] < 0.5)
+    per_village = pyogrio.read_dataframe(out, layer="propagation")  # one row per village propagated
+    assert len(per_village) == 2 and set(per_village["village_uid"]) == set(
+        ",".join(old["uids_from"]).split(",")) and per_village["propagated_iou"].between(0, 1).all()
     html = report.read_text()
     assert "Propagation check" in html and "not its official ones" in html
     code, _, err = run_cli(args[: args.index("--encoder")] + ["--device", "cpu"], capsys)

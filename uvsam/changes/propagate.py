@@ -265,7 +265,8 @@ def propagate_changes(result, images: dict[str, Path], shifts: dict[tuple[str, s
     """Every event of ``result`` between two years with imagery of the later one: the earlier
     villages propagated (with re-initialisation along a chain), compared with the detections.
     Adds ``propagated_iou`` and ``confirmed`` to ``result.changes`` (NaN / None where there is no
-    imagery or the event is new) and returns one row per propagated village."""
+    imagery or the event is new) and returns one row per propagated village (its uid, years,
+    lifecycle, whether the generalist found it, its own ``propagated_iou`` and ``confirmed``)."""
     changes = result.changes
     changes["propagated_iou"] = np.nan
     changes["confirmed"] = pd.array([pd.NA] * len(changes), dtype="boolean")
@@ -283,30 +284,36 @@ def propagate_changes(result, images: dict[str, Path], shifts: dict[tuple[str, s
             pixels[y1] = image_pixel(images[y1], result.crs)
         before = vil[vil["year"] == y0]
         uids = ev["uids_from"].split(",")
-        props = []
+        shift = shifts.get((y0, y1), (0.0, 0.0))
+        props, scores = [], []
         for uid in uids:
             # re-initialisation: the village as propagated into y0, where it was, else as detected
             source = carried.get((uid, y0))
             if source is None:
                 source = shapely.union_all(before[before["village_uid"] == uid].geometry.values)
             others = list(before[~before["village_uid"].isin(uids)].geometry.values)
-            geom, score = propagate(pred, source, others, images[y1], result.crs, pixels[y1],
-                                    shifts.get((y0, y1), (0.0, 0.0)), cfg, rng)
+            geom, score = propagate(pred, source, others, images[y1], result.crs, pixels[y1], shift, cfg, rng)
             if geom is not None:
                 carried[(uid, y1)] = geom
             props.append(geom)
-            rows.append({"uid": uid, "year_from": y0, "year_to": y1, "predicted_iou": round(score, 4),
-                         "found": geom is not None})
-        found = [g for g in props if g is not None]
-        union = shapely.union_all(found) if found else None
-        if ev["lifecycle"] == "demolished":
-            was = shapely.union_all(before[before["village_uid"].isin(uids)].geometry.values)
-            value = iou(union, affinity.translate(was, *shifts.get((y0, y1), (0.0, 0.0))))
-            confirmed = value < cfg.confirm_iou
-        else:
+            scores.append(score)
+        demolished = ev["lifecycle"] == "demolished"
+        if demolished:  # the generalist should no longer find each village where it was
+            targets = {u: affinity.translate(shapely.union_all(before[before["village_uid"] == u].geometry.values),
+                                             *shift) for u in uids}
+            whole = shapely.union_all(list(targets.values()))
+        else:  # ...or should redraw the villages as detected after
             after = vil[(vil["year"] == y1) & vil["village_uid"].isin(ev["uids_to"].split(","))]
-            value = iou(union, shapely.union_all(after.geometry.values))
-            confirmed = value >= cfg.confirm_iou
+            whole = shapely.union_all(after.geometry.values)
+            targets = dict.fromkeys(uids, whole)
+        for uid, geom, score in zip(uids, props, scores, strict=True):
+            value = iou(geom, targets[uid])
+            rows.append({"village_uid": uid, "year_from": y0, "year_to": y1, "lifecycle": ev["lifecycle"],
+                         "found": geom is not None, "predicted_iou": round(score, 4), "propagated_iou": round(value, 4),
+                         "confirmed": bool(value < cfg.confirm_iou if demolished else value >= cfg.confirm_iou)})
+        found = [g for g in props if g is not None]
+        value = iou(shapely.union_all(found) if found else None, whole)
+        confirmed = value < cfg.confirm_iou if demolished else value >= cfg.confirm_iou
         changes.loc[k, "propagated_iou"] = round(value, 4)
         changes.loc[k, "confirmed"] = bool(confirmed)
     n = changes["confirmed"].notna().sum()

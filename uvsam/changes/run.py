@@ -84,7 +84,9 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
         if propagate is not None:
             pcfg = propagate_cfg or PropagateConfig()
             shifts = {(r["from"], r["to"]): (r["east_m"], r["north_m"]) for r in coreg if r.get("reliable")}
-            propagate_changes(result, pictures, shifts, propagate, pcfg, log)
+            tables["propagation"] = pd.DataFrame(propagate_changes(result, pictures, shifts, propagate, pcfg, log),
+                                                 columns=["village_uid", "year_from", "year_to", "lifecycle", "found",
+                                                          "predicted_iou", "propagated_iou", "confirmed"])
 
             official = weights.expected_sha256(get_spec(propagate.encoder)) == propagate.sha256
             propagation = {"encoder": propagate.encoder, "checkpoint": propagate.checkpoint,
