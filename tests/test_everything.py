@@ -277,6 +277,12 @@ def test_everything_command_writes_objects(mobile_sam_ckpt, beijing, tmp_path, c
     assert code == 0
     other = pyogrio.read_dataframe(dask_out, layer="objects")
     assert len(other) == len(frame) and all(a.equals(b) for a, b in zip(frame.geometry, other.geometry, strict=True))
+    # TinySAM's hierarchical points over the scene's lattice: a sparse pass, then dense points
+    code, _, err = run_cli([*args, "--points-per-side", "8", "--hierarchical", "--layer", "sparse_first", "--out",
+                            str(out), "--local"], capsys)
+    assert code == 0, err
+    assert len(pyogrio.read_dataframe(out, layer="sparse_first")) > 0
+    assert {"objects", "sparse_first"} <= {n for n, _ in pyogrio.list_layers(out)}  # the first layer kept
     for bad, says in ((["--overlap", "640"], "overlap"), (["--pred-iou-thresh", "1.5"], "pred iou thresh"),
                       (["--points-per-side", "2", "--hierarchical"], "points per side")):
         code, _, err = run_cli([*args, *bad, "--out", str(tmp_path / "bad.gpkg"), "--local"], capsys)
