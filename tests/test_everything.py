@@ -254,13 +254,13 @@ def test_objects_do_not_depend_on_where_the_tile_grid_falls(regions_scene, tmp_p
 
 
 def test_everything_command_writes_objects(mobile_sam_ckpt, beijing, tmp_path, capsys):
-    """`uvsam everything` over a two-tile scene with a random mobile_sam: a GeoPackage layer
+    """`uvsam everything` over a four-window scene with a random mobile_sam: a GeoPackage layer
     with each object's predicted IoU and stability (random generalist: mechanics only), the same
     on a local Dask cluster as in process; bad settings refused in one line before any work."""
     scene = beijing / "val/images/49554_107968.tif"
     args = ["everything", str(scene), "--encoder", "mobile_sam", "--checkpoint", str(mobile_sam_ckpt),
-            "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0", "--tile", "640",
-            "--overlap", "128", "--device", "cpu", "--precision", "fp32"]
+            "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0", "--gsd", "2.4",
+            "--tile", "320", "--overlap", "64", "--device", "cpu", "--precision", "fp32"]  # 512 px: 4 windows
     out = tmp_path / "objects.gpkg"
     code, stdout, _ = run_cli([*args, "--out", str(out), "--local"], capsys)
     assert code == 0, stdout
@@ -278,12 +278,12 @@ def test_everything_command_writes_objects(mobile_sam_ckpt, beijing, tmp_path, c
     other = pyogrio.read_dataframe(dask_out, layer="objects")
     assert len(other) == len(frame) and all(a.equals(b) for a, b in zip(frame.geometry, other.geometry, strict=True))
     # TinySAM's hierarchical points over the scene's lattice: a sparse pass, then dense points
-    code, _, err = run_cli([*args, "--points-per-side", "8", "--hierarchical", "--layer", "sparse_first", "--out",
-                            str(out), "--local"], capsys)
+    code, _, err = run_cli([*args, "--hierarchical", "--tile", "512", "--layer", "sparse_first", "--out", str(out),
+                            "--local"], capsys)
     assert code == 0, err
     assert len(pyogrio.read_dataframe(out, layer="sparse_first")) > 0
     assert {"objects", "sparse_first"} <= {n for n, _ in pyogrio.list_layers(out)}  # the first layer kept
-    for bad, says in ((["--overlap", "640"], "overlap"), (["--pred-iou-thresh", "1.5"], "pred iou thresh"),
+    for bad, says in ((["--overlap", "320"], "overlap"), (["--pred-iou-thresh", "1.5"], "pred iou thresh"),
                       (["--points-per-side", "2", "--hierarchical"], "points per side")):
         code, _, err = run_cli([*args, *bad, "--out", str(tmp_path / "bad.gpkg"), "--local"], capsys)
         assert code == 2 and says in err and "Traceback" not in err and not (tmp_path / "bad.gpkg").exists()
