@@ -291,16 +291,19 @@ def reference_target(pred: Predictor, mask: np.ndarray, cfg: OneShotConfig) -> T
     return target
 
 
-def segment_like(pred: Predictor, target: Target, cfg: OneShotConfig, index: int = 0, many: bool = False
-                 ) -> dict:
+def segment_like(pred: Predictor, target: Target, cfg: OneShotConfig, index: int = 0, many: bool = False,
+                 region: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Masks of the target's kind in image ``index``: ``masks`` (K, H, W) bool, ``iou`` (K,),
     ``points`` (K, 2) XY, ``similarity`` (H, W). One mask (PerSAM's own behaviour) unless
-    ``many``: then one per local maximum of the confidence map above ``cfg.min_similarity``."""
+    ``many``: then one per local maximum of the confidence map above ``cfg.min_similarity``
+    (only those in ``region``, XY from (2,) inclusive to (2,) exclusive, when given)."""
     sim = confidence_map(pred, target, index)
     pos, neg = point_priors(sim)
     points = np.asarray([pos])
     if many:
         found = peaks(sim.cpu().numpy(), cfg.min_similarity, cfg.peak_distance, cfg.max_points)
+        if region is not None:
+            found = found[((found >= region[0]) & (found < region[1])).all(1)]
         if not len(found):
             return {"masks": np.zeros((0, *sim.shape), bool), "iou": np.zeros(0, np.float32),
                     "points": found, "similarity": sim.cpu().numpy()}
@@ -371,18 +374,16 @@ class OneShotSegmenter:
 
     def find(self, image: np.ndarray, points: np.ndarray, cfg, stride):
         self._embed(image)
-        found = segment_like(self._pred, self.target, self.cfg, many=True)
-        pts = found["points"]
-        if len(points) and len(pts):  # only the peaks in this window's own part of the scene
-            lo, hi = points.min(0) - np.asarray(stride) / 2, points.max(0) + np.asarray(stride) / 2
-            inside = ((pts >= lo) & (pts < hi)).all(1)
-        else:
-            inside = np.zeros(len(pts), bool)
-        masks, iou = found["masks"][inside], found["iou"][inside]
-        sim = found["similarity"]
-        score = np.asarray([sim[y, x] for x, y in pts[inside]], np.float32)
+        points = np.asarray(points, float).reshape(-1, 2)
+        if not len(points):  # the window owns no part of the scene
+            region = (np.zeros(2), np.zeros(2))
+        else:  # only the peaks in this window's own part of the scene (its lattice points span it)
+            region = (points.min(0) - np.asarray(stride) / 2, points.max(0) + np.asarray(stride) / 2)
+        found = segment_like(self._pred, self.target, self.cfg, many=True, region=region)
+        pts, masks, iou, sim = found["points"], found["masks"], found["iou"], found["similarity"]
+        score = np.asarray([sim[y, x] for x, y in pts], np.float32)
         return Objects(masks, mask_boxes(torch.from_numpy(masks)).numpy().astype(np.float32), iou, score,
-                       pts[inside].astype(float), np.zeros(len(masks), int), len(pts))
+                       pts.astype(float), np.zeros(len(masks), int), len(pts))
 
     def redecode(self, image: np.ndarray, points: np.ndarray, which: np.ndarray, cfg):
         self._embed(image)

@@ -251,5 +251,6 @@ def run_select(spec: str, out: str | Path, layer: str = "selected", points: list
                                   "text": text, "top": top, "prompt_crs": prompt_crs,
                                   "clip": {"model": clip.name, "weights": clip.weights} if text and clip else None}),
            "uvsam_version": __version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_layer(out, layer, chosen, run, "objects")
+    # objects of `uvsam everything` keep their style (by `complete`); any other polygons get outlines
+    write_layer(out, layer, chosen, run, "objects" if "complete" in chosen.columns else "candidates")
     return {"out": str(out), "layer": layer, "selected": len(chosen), "of": len(objects)}
