@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -142,24 +144,25 @@ class Stages:
         self._t0: dict[int, float] = {}
         self._peak = self.rss_mb["before"] = peak_rss_mb()
 
-    def hook(self, module, stage: str, items=None) -> None:
-        """Time ``module``'s forward as ``stage``; ``items(args)`` counts what one call processed."""
-        def pre(mod, args):
-            _sync()  # on a GPU, work queued before this module is not this module's
-            self._t0[id(mod)] = time.perf_counter()
+    def pre(self, module, part) -> None:
+        """A module call starts; ``part``: (stage, items) when it is one of the model's timed parts."""
+        if part is None:
+            return
+        _sync()  # on a GPU, work queued before this module is not this module's
+        self._t0[id(module)] = (time.perf_counter(), *part)
 
-        def post(mod, args, out):
-            _sync()
-            self.seconds[stage] += time.perf_counter() - self._t0.pop(id(mod))
-            self.calls[stage] += 1
-            if items is not None:
-                self.items[stage] += int(items(args))
-            peak = peak_rss_mb()
-            if peak > self._peak:
-                self._peak = self.rss_mb[stage] = peak
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+    def post(self, module, args) -> None:
+        if id(module) not in self._t0:
+            return
+        _sync()
+        t0, stage, items = self._t0.pop(id(module))
+        self.seconds[stage] += time.perf_counter() - t0
+        self.calls[stage] += 1
+        if items is not None:
+            self.items[stage] += int(items(args))
+        peak = peak_rss_mb()
+        if peak > self._peak:
+            self._peak = self.rss_mb[stage] = peak
 
     def merge(self, steps: dict) -> None:
         """Add the step modules' own timings (a :meth:`uvsam.progress.StageTimes.snapshot`)."""
@@ -169,40 +172,74 @@ class Stages:
         self.rss_mb.update(steps["rss_mb"])
 
 
+def part_of(mod, model) -> tuple[str, object] | None:
+    """Which timed stage a module call is (``specialist``, ``encoder``, ``decoder``) and how to count
+    what it processed, or None: the eager parts of ``model`` or the compiled ones standing in for them."""
+    from uvsam.compiled import CompiledPart
+
+    if isinstance(mod, CompiledPart):
+        return mod.name, (lambda a: a[1].shape[0]) if mod.name == "decoder" else (lambda a: a[0].shape[0])
+    if mod is model.specialist or mod is model.generalist.image_encoder:
+        return ("specialist" if mod is model.specialist else "encoder"), lambda a: a[0].shape[0]
+    if mod is model.generalist.mask_decoder:
+        return "decoder", lambda a: a[2].shape[0]  # boxes decoded
+    if mod is model.generalist.prompt_encoder:
+        return "decoder", None
+    return None
+
+
 def run_default(scene: Path, model: Path, out: Path, tile: int, overlap: int, plain: bool = False,
-                device: str = "auto", precision: str = "auto") -> dict:
+                device: str = "auto", precision: str = "auto", compile: str = "auto") -> dict:
     """``uvsam predict --local`` on ``scene``, timed by stage. ``plain``: without the batching
-    (one tile per specialist call, one box per decoder call) and with smp's own SegFormer decoder
-    order, the fp32 eager path to compare with."""
+    (one tile per specialist call, one box per decoder call), with smp's own SegFormer decoder
+    order and without compiled parts, the fp32 eager path to compare with.
+
+    The model's parts are timed by global module hooks, which find the model predict loaded (its
+    eager parts, or the compiled ones it installed): nothing is wrapped or patched."""
     import torch
 
-    from uvsam.prediction import PredictConfig, get_model, model_info, run_prediction
+    from uvsam.prediction import PredictConfig, run_prediction
+    from uvsam.prediction import model as loaded
     from uvsam.progress import STAGES
 
     stages = Stages()
-    info = model_info(model, None, device, precision)
-    net = get_model(info)  # the instance predict will use (loaded once per process)
-    stages.hook(net.specialist, "specialist", lambda a: a[0].shape[0])
-    stages.hook(net.generalist.image_encoder, "encoder", lambda a: a[0].shape[0])
-    stages.hook(net.generalist.prompt_encoder, "decoder")
-    stages.hook(net.generalist.mask_decoder, "decoder", lambda a: a[2].shape[0])  # boxes decoded
+    current: list = []  # the model predict uses (loaded once per process)
+
+    def pick(mod):
+        if not loaded._MODELS:
+            return None
+        net = next(iter(loaded._MODELS.values()))
+        if not current or current[0] is not net:
+            current[:] = [net]
+            if plain:
+                net.decode_chunk = 1
+                net.specialist.reordered = False
+        return part_of(mod, net)
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: stages.pre(m, pick(m))),
+             torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: stages.post(m, a))]
     # The generalist here has random weights (none can be downloaded offline): predict would keep the
     # specialist's outlines; forced, it runs the whole UV-SAM path, as with the official weights.
-    cfg = PredictConfig(tile=tile, overlap=overlap, force_refine=True, device=device, precision=precision)
+    cfg = PredictConfig(tile=tile, overlap=overlap, force_refine=True, device=device, precision=precision,
+                        compile=compile)
     if plain:
         cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=1, force_refine=True, device=device,
-                            precision=precision)
-        net.decode_chunk = 1
-        net.specialist.reordered = False
+                            precision=precision, compile="never")
     STAGES.reset()
     t = time.perf_counter()
     summary = run_prediction([str(scene)], model, out, cfg, log=lambda m: None)
     wall = time.perf_counter() - t
+    for h in hooks:
+        h.remove()
     stages.merge(STAGES.snapshot())
+    net = current[0]
+    info = next(iter(loaded._MODELS))
     res = {"wall_s": wall, "stages_s": dict(stages.seconds), "calls": dict(stages.calls), "items": dict(stages.items),
            "rss_mb_by_stage": dict(stages.rss_mb), "peak_rss_mb": peak_rss_mb(), "villages": summary["villages"],
-           "threads": torch.get_num_threads(), "device": info.device.describe(),
+           "threads": torch.get_num_threads(), "device": summary.get("device") or str(info[3]),
+           "compiled": summary.get("compiled"),
            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None}
+    net.compiled = {}  # FLOPs of the eager parts (the compiled ones compute the same)
     res["flops"] = model_flops(net, cfg.tile, cfg.window)  # after the timings: the counter's runs are not the run's
     return res
 
@@ -269,16 +306,19 @@ def run_reference(scene: Path, tiles: int) -> dict:
 def _child(args) -> None:
     if args.child in ("default", "plain"):
         res = run_default(Path(args.scene), Path(args.model), Path(args.out), args.tile, args.overlap,
-                          plain=args.child == "plain", device=args.device, precision=args.precision)
+                          plain=args.child == "plain", device=args.device, precision=args.precision,
+                          compile=args.compile)
     else:
         res = run_reference(Path(args.scene), args.reference_tiles)
     res.setdefault("peak_rss_mb", peak_rss_mb())
     print(json.dumps(res))
 
 
-def _spawn(*argv: str) -> dict:
-    """A child process (so that each run's peak RSS is its own); its last stdout line is JSON."""
-    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+def _spawn(*argv: str, cache: Path | None = None) -> dict:
+    """A child process (so that each run's peak RSS is its own); its last stdout line is JSON.
+    ``cache``: its UVSAM_CACHE (where the compiled parts are kept)."""
+    env = {**os.environ, **({"UVSAM_CACHE": str(cache)} if cache else {})}
+    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"benchmark child {argv[1]} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -308,7 +348,7 @@ def summarise(d: dict, km2: float) -> dict:
             "peak_gpu_mb": d["peak_gpu_mb"],
             "rss_mb_by_stage": {k: round(v) for k, v in d["rss_mb_by_stage"].items()},
             "model_gflops": round(flops / 1e9, 1), "model_gflops_per_s": round(flops / 1e9 / compute, 1),
-            "threads": d["threads"]}
+            "threads": d["threads"], "compiled": d.get("compiled")}
 
 
 def main() -> None:
@@ -322,6 +362,10 @@ def main() -> None:
     ap.add_argument("--reference-tiles", type=int, default=2)
     ap.add_argument("--device", default="auto", help="Where predict runs: auto, cpu, cuda[:N], mps.")
     ap.add_argument("--precision", default="auto", help="auto (fp32), fp32, bf16, fp16.")
+    ap.add_argument("--compile", default="auto", choices=["auto", "always", "never"],
+                    help="predict's --compile for the default runs (the plain fp32 run is always eager).")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="Skip the first run on a fresh cache of compiled parts (use the cache as it is).")
     ap.add_argument("--json", action="store_true", help="One line of JSON (default: indented).")
     ap.add_argument("--write-docs", type=Path, default=None, metavar="MD",
                     help="Also rewrite the generated table in this Markdown file (docs/benchmarks.md).")
@@ -338,11 +382,19 @@ def main() -> None:
     model = Path(args.model) if args.model else train_model(work / "default.ckpt")
     gflops = matmul_gflops()
     common = ["--model", str(model), "--tile", str(args.tile), "--overlap", str(args.overlap),
-              "--device", args.device, "--precision", args.precision]
-    runs = {}
+              "--device", args.device, "--precision", args.precision, "--compile", args.compile]
+    cache = work / "cache"  # the children's UVSAM_CACHE: compiled parts built once, then reused
+    runs, first = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
-            d = _spawn("--child", "default", "--scene", str(scenes[n]), "--out", f"{tmp}/default_{n}.gpkg", *common)
+        if args.compile != "never" and not args.keep_cache:  # the first run on a fresh cache builds them
+            shutil.rmtree(cache / "compiled", ignore_errors=True)
+            n = sizes[-1]
+            d = _spawn("--child", "default", "--scene", str(scenes[n]), "--out", f"{tmp}/first.gpkg", *common,
+                       cache=cache)
+            first = {**summarise(d, scene_km2(scenes[n])), "scene_px": n}
+        for n in sizes:  # warm: the compiled parts come from the cache
+            d = _spawn("--child", "default", "--scene", str(scenes[n]), "--out", f"{tmp}/default_{n}.gpkg", *common,
+                       cache=cache)
             runs[n] = summarise(d, scene_km2(scenes[n]))
         small = sizes[0]  # the fp32 eager path without batching, on the smaller scene
         plain = _spawn("--child", "plain", "--scene", str(scenes[small]), "--out", f"{tmp}/plain.gpkg", *common)
@@ -352,7 +404,7 @@ def main() -> None:
             # on an accelerator or in reduced precision: the same scene on the CPU in fp32, the reference masks
             base = ["--model", str(model), "--tile", str(args.tile), "--overlap", str(args.overlap)]
             d = _spawn("--child", "default", "--scene", str(scenes[small]), "--out", f"{tmp}/cpu.gpkg", *base,
-                       "--device", "cpu", "--precision", "fp32")
+                       "--device", "cpu", "--precision", "fp32", "--compile", "never")
             cpu = {**summarise(d, scene_km2(scenes[small])), "scene_px": small,
                    "mask_iou_vs_cpu_fp32": round(villages_iou(Path(f"{tmp}/default_{small}.gpkg"),
                                                               Path(f"{tmp}/cpu.gpkg")), 4)}
@@ -375,6 +427,7 @@ def main() -> None:
         "device": head["device"],
         "peak_gpu_mb": max((run["peak_gpu_mb"] or 0) for run in runs.values()) or None,
         "cpu_fp32": cpu,
+        "first_run_fresh_cache": first,
         "scenes": {str(n): run for n, run in runs.items()},
         "reference": {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()},
     }
@@ -388,16 +441,22 @@ BEGIN, END = "<!-- pipeline.py: begin -->", "<!-- pipeline.py: end -->"
 
 def write_docs(md: Path, r: dict, argv: list[str]) -> None:
     """Replace the generated block of ``md`` with the tables of this run (atomically)."""
-    rows = ["| scene | km2 | wall s | km2/h | model s | overhead | tiles | windows | boxes | villages | peak RSS MB |",
+    rows = ["| run | km2 | wall s | km2/h | model s | overhead | tiles | windows | boxes | villages | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for n, s in r["scenes"].items():
-        rows.append(f"| {n} x {n} px | {s['km2']} | {s['wall_s']} | {s['km2_per_h']} | {s['model_s']} | "
+    named = [(f"{n} x {n} px", s) for n, s in r["scenes"].items()]
+    if r.get("first_run_fresh_cache"):
+        f = r["first_run_fresh_cache"]
+        named.append((f"{f['scene_px']} x {f['scene_px']} px, first run on a fresh cache (builds the parts)", f))
+    for name, s in named:
+        rows.append(f"| {name} | {s['km2']} | {s['wall_s']} | {s['km2_per_h']} | {s['model_s']} | "
                     f"{s['overhead_ratio']} | {s['tiles']} | {s['windows']} | {s['boxes']} | {s['villages']} | "
                     f"{s['peak_rss_mb']} |")
-    stages = sorted({k for s in r["scenes"].values() for k in s["stages_s"]})
-    rows += ["", "| scene | " + " | ".join(f"{k} s" for k in stages) + " |", "|---" * (len(stages) + 1) + "|"]
-    for n, s in r["scenes"].items():
-        rows.append(f"| {n} px | " + " | ".join(str(s["stages_s"].get(k, 0)) for k in stages) + " |")
+    stages = sorted({k for _, s in named for k in s["stages_s"]})
+    rows += ["", "| run | " + " | ".join(f"{k} s" for k in stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    short = [(name.split(",")[0] + (" first" if "first" in name else ""), s) for name, s in named]
+    for name, s in short:
+        rows.append(f"| {name} | " + " | ".join(str(s["stages_s"].get(k, 0)) for k in stages) + " |")
+    rows += ["", "Compiled parts: " + "; ".join(f"{name}: {s.get('compiled')}" for name, s in short) + "."]
     ref = r["reference"]
     rows += ["", "| figure | value |", "|---|---|",
              f"| default km2/h (largest scene) | {r['km2_per_h_default']} |",
@@ -409,7 +468,7 @@ def write_docs(md: Path, r: dict, argv: list[str]) -> None:
              f"| model GFLOPs per km2 | {r['model_gflops_per_km2']} |",
              f"| machine dense matmul | {r['machine_matmul_gflops']} GFLOP/s |",
              f"| model compute achieved / matmul | {r['compute_bound_fraction']} |",
-             "| mask IoU, default vs plain fp32 (batch 1, one box a call, smp's decoder) | "
+             "| mask IoU, default vs plain fp32 eager (batch 1, one box a call, smp's decoder, not compiled) | "
              f"{r['mask_iou_optimised_vs_fp32']} |"]
     block = "\n".join([BEGIN, "", "```bash", "python benchmarks/pipeline.py " + " ".join(argv), "```", "", *rows, "",
                        END])

@@ -13,6 +13,21 @@ DATA = ROOT.parent / "shared" / "data"
 SCHEMAS = ROOT.parent / "shared" / "schemas"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """The suite's caches (compiled parts, training embeddings) in a folder of its own, never the
+    user's ~/.cache/uvsam."""
+    import os
+
+    before = os.environ.get("UVSAM_CACHE")
+    os.environ["UVSAM_CACHE"] = str(tmp_path_factory.mktemp("uvsam-cache"))
+    yield
+    if before is None:
+        os.environ.pop("UVSAM_CACHE", None)
+    else:
+        os.environ["UVSAM_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     assert DATA.is_dir(), f"real data expected at {DATA} (see the README)"

@@ -203,7 +203,7 @@ RANKS = {
         "uvsam.polygons", "uvsam.stac"],
     1: ["uvsam.modeling", "uvsam.modeling.*"],
     2: ["uvsam.devices", "uvsam.checkpoint", "uvsam.weights", "uvsam.generalist", "uvsam.embedding_cache",
-        "uvsam.quantize", "uvsam.encoders_table", "uvsam.predictor"],
+        "uvsam.quantize", "uvsam.encoders_table", "uvsam.predictor", "uvsam.compiled"],
     10: ["tiles.remote", "tiles.reader", "tiles.radiometry", "tiles.grid", "tiles.vrt", "tiles.xyz", "uvsam.raster",
          "uvsam.folds", "uvsam.suitability", "uvsam.stac.scenes", "tiles.service"],  # raster
     15: ["uvsam.pictures"],  # what is drawn of rasters and polygons (quicklook, overlay, curves)

@@ -505,6 +505,9 @@ def train(
         "(default: official 100 px at 0.916 m).")] = TD("min_area_m2"),
     views_per_scene: Annotated[int, typer.Option(
         help="Fixed views per scene for the UV-SAM path.")] = TD("views_per_scene"),
+    cache_embeddings: Annotated[bool, typer.Option(
+        help="Keep the UV-SAM views' embeddings on disk (~/.cache/uvsam/embeddings, by content) for later runs.")
+    ] = TD("cache_embeddings"),
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = TD("lr"),
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = TD("weight_decay"),
     warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = TD("warmup_steps"),
@@ -550,9 +553,9 @@ def train(
         ladder=ladder, min_area_m2=min_prompt_area, gsd_m=gsd_m, crop=crop,
         scale=_parse_floats(scale_aug, (2,), "--scale-aug"),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
-        sam_epochs=sam_epochs, views_per_scene=views_per_scene, lr=lr, weight_decay=weight_decay,
-        warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise, photometric=photometric,
-        force_refine=force_refine,
+        sam_epochs=sam_epochs, views_per_scene=views_per_scene, cache_embeddings=cache_embeddings, lr=lr,
+        weight_decay=weight_decay, warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise,
+        photometric=photometric, force_refine=force_refine,
         bands=tuple(band) or None, labels_crs=labels_crs, seed=seed, device=device, precision=precision,
     )
     if folds:
@@ -729,6 +732,10 @@ def predict(
     int8: Annotated[bool, typer.Option(
         help="Static int8 generalist encoder on the CPU (in this process), calibrated on four of your tiles and "
              "kept only if it measures faster there with masks agreeing at IoU >= 0.95.")] = PD("int8"),
+    compile: Annotated[str, typer.Option(
+        help="Compiled model parts, built once per model, shape and machine and reused from "
+             "~/.cache/uvsam/compiled: auto (use cached ones; build them for runs of 4+ Mpx at the model's GSD), "
+             "always, never (eager PyTorch).")] = PD("compile"),
     tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = PD("tile"),
     batch_size: Annotated[int | None, typer.Option(
         help="Tiles per specialist call (default: 2 on a CPU, by free memory on a GPU).")] = PD("batch_size"),
@@ -782,7 +789,7 @@ def predict(
                         window=window, window_margin=window_margin, min_area_m2=min_village_area, simplify_m=simplify,
                         block=block, acquired=acquired, grid_offset=grid_offset,
                         pif_reference=pif_reference or None, force=force, device=device,
-                        precision=precision, gate=str(gate) if gate else None, int8=int8)
+                        precision=precision, gate=str(gate) if gate else None, int8=int8, compile=compile)
     if dry_run:
         from uvsam.prediction import dry_run as estimate
 

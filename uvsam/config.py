@@ -11,6 +11,7 @@ start-up.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
@@ -115,6 +116,9 @@ class PredictConfig:
     gate: str | None = None  # a tile gate (uvsam train-gate): tiles it rejects skip the specialist and generalist
     cascade: bool = False  # PerSAM's cascaded post-refinement: two more decoder passes per village
     int8: bool = False  # the generalist's encoder in static int8 on the CPU where it measures faster and agreeing
+    # compiled artefacts of the model's parts (uvsam.compiled): auto = use cached ones, build missing ones
+    # for runs of at least uvsam.compiled.AUTO_MIN_PIXELS; always; never (eager PyTorch)
+    compile: str = "auto"
 
     def __post_init__(self):
         date_ok = True
@@ -137,6 +141,8 @@ class PredictConfig:
                 (self.simplify_m is None or self.simplify_m >= 0, "simplify_m",
                  f"cannot be negative, got {self.simplify_m}"),
                 (date_ok, "acquired", f"must be a date YYYY-MM-DD, got {self.acquired!r}"),
+                (self.compile in ("auto", "always", "never"), "compile",
+                 f"must be auto, always or never, got {self.compile!r}"),
                 *_device_checks(self.device, self.precision)]
                + [(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
                   for name in ("refine_min_iou", "refine_min_stability", "refine_min_overlap")])
@@ -146,6 +152,11 @@ class PredictConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> str:
+        """The settings that shape the results, as JSON (run ids and resume keys): all but ``compile``,
+        which changes how fast the same numbers come (compiled parts agree with eager ones)."""
+        return json.dumps({k: v for k, v in self.to_dict().items() if k != "compile"}, sort_keys=True)
 
     @property
     def rule(self) -> RefineRule:
@@ -211,6 +222,9 @@ class TrainConfig:
     bands: tuple[int, ...] | None = None
     labels_crs: str | None = None
     seed: int = 0
+    # the frozen encoder's embeddings of the UV-SAM views kept on disk ($UVSAM_CACHE/embeddings, keyed by
+    # content): a later run over the same views encodes nothing (uvsam.embedding_cache)
+    cache_embeddings: bool = True
     val_window: int = 512
     device: str = "auto"  # where training runs (uvsam.devices); a resumed run may change it
     precision: str = "auto"  # autocast of the forward passes (auto: fp32; bf16 a choice)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +37,28 @@ def preprocessing_id(model: Generalist) -> str:
     return json.dumps([s.input_size, s.resize, list(s.pixel_mean), list(s.pixel_std)])
 
 
-class EmbeddingCache:
-    """``embed(model, images)`` = ``model.encode(images)``, computed once per distinct input."""
+def default_root() -> Path:
+    """``$UVSAM_CACHE/embeddings`` (default ``~/.cache/uvsam/embeddings``)."""
+    return Path(os.environ.get("UVSAM_CACHE", Path.home() / ".cache" / "uvsam")) / "embeddings"
 
-    def __init__(self, root: str | Path):
+
+class EmbeddingCache:
+    """``embed(model, images)`` = ``model.encode(images)``, computed once per distinct input.
+
+    ``dtype``: how entries are stored (``float16`` halves the disk for training's views; entries of
+    another dtype are other keys)."""
+
+    def __init__(self, root: str | Path, dtype: str = "float32"):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype)
         self.hits = 0
         self.misses = 0
 
     def key(self, model: Generalist, image: torch.Tensor) -> str:
         h = hashlib.sha256()
+        if self.dtype != np.float32:
+            h.update(f"stored:{self.dtype}".encode())
         h.update(model.spec.name.encode())
         h.update(weights_digest(model).encode())
         h.update(preprocessing_id(model).encode())
@@ -64,7 +76,7 @@ class EmbeddingCache:
         out: list[torch.Tensor | None] = []
         for k in keys:
             p = self._path(k)
-            out.append(torch.from_numpy(np.load(p, allow_pickle=False)) if p.exists() else None)
+            out.append(torch.from_numpy(np.load(p, allow_pickle=False).astype(np.float32)) if p.exists() else None)
         todo = [i for i, e in enumerate(out) if e is None]
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
@@ -72,9 +84,9 @@ class EmbeddingCache:
             with torch.inference_mode():
                 fresh = model.encode(images[todo])
             for i, e in zip(todo, fresh, strict=True):
-                out[i] = e.cpu()
+                out[i] = torch.from_numpy(e.cpu().numpy().astype(self.dtype).astype(np.float32))  # as a hit reads it
                 p = self._path(keys[i])
                 p.parent.mkdir(exist_ok=True)
                 with atomic_path(p) as tmp, open(tmp, "wb") as f:
-                    np.save(f, e.cpu().numpy(), allow_pickle=False)
+                    np.save(f, e.cpu().numpy().astype(self.dtype), allow_pickle=False)
         return torch.stack(out).to(images.device)

@@ -30,6 +30,7 @@ from uvsam.checkpoint import load_generalist
 from uvsam.config import TrainConfig
 from uvsam.datasets import LabelledScene, SceneArrays, load_scene, native_gsd, pair_scenes
 from uvsam.devices import select
+from uvsam.embedding_cache import EmbeddingCache, default_root
 from uvsam.errors import ConfigError, InputError
 from uvsam.files import atomic_path, check_writable, sha256_file
 from uvsam.folds import check_leakage, group_scenes, make_folds
@@ -47,7 +48,7 @@ from uvsam.preprocess import InputSpec, training_radiometry
 from uvsam.progress import Progress
 
 # Settings that may change on --resume without changing what is being trained.
-RESUMABLE = {"out", "val_images", "val_labels", "val_window", "checkpoint", "device", "precision"}
+RESUMABLE = {"out", "val_images", "val_labels", "val_window", "checkpoint", "device", "precision", "cache_embeddings"}
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -192,10 +193,14 @@ class WeightAverage:
 
 
 class EmbeddingStore:
-    """In-memory cache of the frozen generalist's embeddings of the fixed views."""
+    """The frozen generalist's embeddings of the fixed views: in memory for the run and, with
+    ``disk``, in the content-keyed :class:`~uvsam.embedding_cache.EmbeddingCache` (float16), so a later
+    run over the same views (another seed of the specialist, a resumed or repeated run, another
+    recipe) encodes nothing again. A view's embedding is the same whether it came from disk or not."""
 
-    def __init__(self):
+    def __init__(self, disk: EmbeddingCache | None = None):
         self.store: dict[str, torch.Tensor] = {}
+        self.disk = disk
         self.hits = self.misses = 0
 
     def get(self, model: UVSAM, views: list[View], images: torch.Tensor) -> torch.Tensor:
@@ -203,10 +208,13 @@ class EmbeddingStore:
         self.misses += len(todo)
         self.hits += len(views) - len(todo)
         if todo:
-            fresh = model.frozen_embeddings(images[todo])
+            if self.disk is not None:
+                fresh = self.disk.embed(model.generalist, images[todo])
+            else:
+                fresh = model.frozen_embeddings(images[todo])
             for i, e in zip(todo, fresh, strict=True):
                 self.store[views[i].key()] = e.to(torch.bfloat16)  # half the memory, ample precision
-        return torch.stack([self.store[v.key()].float() for v in views])
+        return torch.stack([self.store[v.key()].float() for v in views]).to(images.device)
 
 
 def validate(model: UVSAM, scenes: list[SceneArrays], full: bool, window: int) -> dict[str, dict]:
@@ -295,7 +303,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     n_pool = cfg.views_per_scene * len(data.train)
     pool_rng = np.random.default_rng([cfg.seed, 7])
     pool = [random_view(pool_rng, data.train, cfg.crop, cfg.scale) for _ in range(n_pool)]
-    store = EmbeddingStore()
+    store = EmbeddingStore(EmbeddingCache(default_root(), "float16") if cfg.cache_embeddings and sam_epochs else None)
     average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     if average is not None and payload is not None and "average" in payload["training"]:
         average.shadow = {k: v.to(place.torch) for k, v in payload["training"]["average"].items()}
@@ -319,6 +327,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
             t0 = time.monotonic()
             sums: dict[str, float] = {}
             for step in range(cfg.steps_per_epoch):
+                t_step, encoded = time.monotonic(), 0.0
                 if sam_on:
                     views = [pool[i] for i in rng.integers(len(pool), size=cfg.batch_size)]
                 else:
@@ -330,7 +339,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
                 images, spec_images = images.to(place.torch), spec_images.to(place.torch)
                 with place.autocast():  # losses run in fp32 under autocast's own rules
                     if sam_on:
+                        t_enc = time.monotonic()
                         emb = store.get(model, views, images)
+                        encoded = time.monotonic() - t_enc
                         out_ = model(images, frozen_embeddings=emb, specialist_images=spec_images)
                         parts = uvsam_loss(out_, labels, weights)
                     else:
@@ -352,6 +363,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
                     sums[k] = sums.get(k, 0.0) + v
                 gstep = epoch * cfg.steps_per_epoch + step
                 step_rows.append({"epoch": epoch + 1, "step": gstep + 1, "lr": sched.get_last_lr()[0],
+                                  "seconds": round(time.monotonic() - t_step, 4), "encode_seconds": round(encoded, 4),
                                   "sam_path": int(sam_on), **{f"loss_{k}": v for k, v in row.items()}})
                 if tb is not None:
                     tb.add_scalar("loss/total", row["total"], gstep)

@@ -18,6 +18,25 @@ from uvsam.modeling.common import set_norm_eps
 from uvsam.modeling.efficient_sam import EfficientSamMaskDecoder, EfficientSamPromptEncoder
 from uvsam.modeling.registry import EncoderSpec, get_spec
 
+_RESIZE: dict[tuple, torch.Tensor] = {}
+
+
+def resize_matrix(n: int, steps: tuple[tuple[int, int | None], ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """(m, n): the 1-D linear map of a chain of bilinear resizes (``align_corners=False``, as
+    ``F.interpolate``) of a length-``n`` axis: each step ``(size, keep)`` resizes to ``size`` then
+    keeps the first ``keep`` samples (None: all). Built once per chain by running the chain on the
+    identity, so it equals ``F.interpolate``'s weights exactly (bilinear is separable)."""
+    key = (n, steps, dtype, str(device))
+    if key not in _RESIZE:
+        x = torch.eye(n, dtype=dtype).view(n, 1, n, 1)  # the weights F.interpolate computes in this dtype
+        for size, keep in steps:
+            x = F.interpolate(x, (size, 1), mode="bilinear", align_corners=False)[:, :, :keep]
+        if len(_RESIZE) > 64:
+            _RESIZE.clear()
+        _RESIZE[key] = x[:, 0, :, 0].T.contiguous().to(dtype=dtype, device=device)
+    return _RESIZE[key]
+
 
 class Generalist(nn.Module):
     """Frozen SAM-style generalist.
@@ -118,14 +137,24 @@ class Generalist(nn.Module):
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def postprocess_masks(self, low_res: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """(N, C, 256, 256) logits -> (N, C, height, width) logits on the original image grid."""
+        """(N, C, 256, 256) logits -> (N, C, height, width) logits on the original image grid.
+
+        SAM's postprocessing: bilinear to the prompt frame, crop the padding, bilinear to the image
+        (``stretch``: bilinear to the image). Each step is linear and separable, so the chain is
+        applied as its two 1-D matrices, ``rows @ x @ cols.T`` (:func:`resize_matrix`): the same
+        function up to float rounding, without the (N, C, 1024, 1024) intermediate, and a matrix
+        product backward instead of the bilinear scatter (training decodes through it)."""
+        nh, nw = low_res.shape[-2:]
         if self.spec.resize == "stretch":  # the low-res grid covers the whole image
-            return F.interpolate(low_res, (height, width), mode="bilinear", align_corners=False)
-        f = self.spec.prompt_frame
-        x = F.interpolate(low_res, (f, f), mode="bilinear", align_corners=False)
-        sx, _ = self.prompt_scale(height, width)
-        x = x[..., : int(height * sx + 0.5), : int(width * sx + 0.5)]
-        return F.interpolate(x, (height, width), mode="bilinear", align_corners=False)
+            steps_h, steps_w = ((height, None),), ((width, None),)
+        else:
+            f = self.spec.prompt_frame
+            sx, _ = self.prompt_scale(height, width)
+            steps_h = ((f, int(height * sx + 0.5)), (height, None))
+            steps_w = ((f, int(width * sx + 0.5)), (width, None))
+        rows = resize_matrix(nh, steps_h, low_res.dtype, low_res.device)
+        cols = resize_matrix(nw, steps_w, low_res.dtype, low_res.device)
+        return rows @ low_res @ cols.T
 
     # -- official key layout -----------------------------------------------------------------
     def official_key(self, key: str) -> str:

@@ -141,9 +141,23 @@ class UVSAM(nn.Module):
             self.generalist.mask_decoder.eval()
         return self
 
+    # Compiled stand-ins of the parts (uvsam.compiled): name -> a module with ``fits(*inputs)``, run
+    # instead of the eager part where the inputs fit; "specialist" (run_specialist's inputs),
+    # "encoder" (the encoder's preprocessed input), "decoder" (decode_box_chunk's inputs).
+    compiled: dict[str, nn.Module] = {}
+
+    def _compiled(self, part: str, *inputs) -> nn.Module | None:
+        fn = self.compiled.get(part)
+        return fn if fn is not None and not torch.is_grad_enabled() and fn.fits(*inputs) else None
+
     # -- the parts ---------------------------------------------------------------------------
     def run_specialist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) 0..255 -> logits (B, 2, H, W), fused feature (B, 256, h, w)."""
+        fn = self._compiled("specialist", images)
+        return fn(images) if fn is not None else self.run_specialist_eager(images)
+
+    def run_specialist_eager(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`run_specialist` in eager PyTorch."""
         x = specialist_input(images, self.config.specialist_input, self.pixel_mean, self.pixel_std,
                              self.config.lcn_sigma_m / self.config.gsd_m)
         return self.specialist(x)
@@ -151,6 +165,10 @@ class UVSAM(nn.Module):
     @torch.no_grad()
     def frozen_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """The generalist encoder's (B, 256, 64, 64) embeddings: depend on the image only."""
+        if "encoder" in self.compiled:
+            x = self.generalist.preprocess(images)
+            fn = self._compiled("encoder", x)
+            return fn(x) if fn is not None else self.generalist.image_encoder(x)
         return self.generalist.encode(images)
 
     def embeddings(self, images: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,17 +266,30 @@ class UVSAM(nn.Module):
             for k in range(0, len(t), self.decode_chunk):  # memory grows with the boxes of a call
                 chunk = t[k : k + self.decode_chunk]
                 fuse = partial(self.fusion, semantic=semantic[b : b + 1])
-                low, iou = self.generalist.decode(  # one dense prompt per image, broadcast over its boxes
-                    emb[b : b + 1], boxes=chunk, mask_logits=None if dense is None else dense[b : b + 1],
-                    fuse_sparse=fuse,
-                )
-                low, iou = low[:, :1], iou[:, :1]
+                low, iou = self.decode_box_chunk(emb[b : b + 1], chunk, None if dense is None else dense[b : b + 1],
+                                                 semantic[b : b + 1])
                 if cascade and self.generalist.spec.decoder == "sam":
                     low, iou = self.cascade(emb[b : b + 1], chunk, low, fuse)
                 masks.append(self.generalist.postprocess_masks(low, h, w))
                 ious.append(iou[:, 0])
             out.append((torch.cat(masks), torch.cat(ious)))
         return out
+
+    def decode_box_chunk(self, emb: torch.Tensor, boxes: torch.Tensor, dense: torch.Tensor | None,
+                         semantic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder call: (1, 256, 64, 64) embedding, (N, 4) prompt-frame boxes, the image's
+        (1, 1, 256, 256) dense prompt (one for all its boxes) or None, (1, 2, 256) semantic prompts
+        -> (N, 1, 256, 256) mask logits, (N, 1) predicted IoU."""
+        fn = self._compiled("decoder", emb, boxes, dense, semantic)
+        return fn(emb, boxes, dense, semantic) if fn is not None else self.decode_box_chunk_eager(
+            emb, boxes, dense, semantic)
+
+    def decode_box_chunk_eager(self, emb: torch.Tensor, boxes: torch.Tensor, dense: torch.Tensor | None,
+                               semantic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode_box_chunk` in eager PyTorch."""
+        low, iou = self.generalist.decode(emb, boxes=boxes, mask_logits=dense,
+                                          fuse_sparse=partial(self.fusion, semantic=semantic))
+        return low[:, :1], iou[:, :1]
 
     def cascade(self, emb: torch.Tensor, boxes: torch.Tensor, low: torch.Tensor,
                 fuse) -> tuple[torch.Tensor, torch.Tensor]:

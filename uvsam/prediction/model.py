@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from uvsam.compiled import Build, Shapes, compile_model
 from uvsam.config import PredictConfig
 from uvsam.devices import Device, select
 from uvsam.gatefile import GateFile
 from uvsam.modelfile import ModelFile, generalist_file, load_model
 from uvsam.preprocess import InputSpec
+from uvsam.progress import stage
 
 
 @dataclass(frozen=True)
@@ -42,22 +44,49 @@ class ModelInfo:
     device: Device = Device()  # where the networks run, resolved once (uvsam.devices)
     gate: GateInfo | None = None  # the tile gate predict runs first (uvsam.gate), if any
     int8: bool = False  # the process's model gets a static int8 encoder (run.py installs it after measuring)
+    compiled: CompilePlan | None = None  # compiled parts for these shapes (uvsam.compiled), None: eager
 
     @property
     def gsd_m(self) -> float:
         return self.inputs.gsd_m
 
 
+@dataclass(frozen=True)
+class CompilePlan:
+    """Which compiled parts a run's workers install (:func:`uvsam.compiled.compile_model`): for
+    these shapes, ``refine`` whether the generalist runs, ``build`` whether missing artefacts are
+    built (else only cached ones are used)."""
+
+    shapes: Shapes
+    refine: bool
+    build: bool
+
+
 _MODELS: dict[tuple[str, str | None, str], object] = {}
 
 
+_BUILDS: list[Build] = []  # what compile_model did for the process's model
+
+
 def get_model(info: ModelInfo):
-    """The model, loaded once per process (a Dask worker plugin preloads it)."""
-    key = (info.path, info.checkpoint, info.sha256, info.device.name, info.int8)
+    """The model, loaded once per process (a Dask worker plugin preloads it), with the compiled
+    parts ``info.compiled`` asks for (from the cache, or built: see :func:`compile_builds`)."""
+    key = (info.path, info.checkpoint, info.sha256, info.device.name, info.int8, info.compiled)
     if key not in _MODELS:
         _MODELS.clear()  # one model a process: a new one replaces the last
-        _MODELS[key] = load_model(ModelFile.read(info.path), info.checkpoint)[0].to(info.device.torch)
+        _BUILDS.clear()
+        model = load_model(ModelFile.read(info.path), info.checkpoint)[0].to(info.device.torch)
+        if info.compiled is not None:
+            plan = info.compiled
+            with stage("compile"):
+                _BUILDS.extend(compile_model(model, plan.shapes, info.device.torch, plan.build, plan.refine))
+        _MODELS[key] = model
     return _MODELS[key]
+
+
+def compile_builds() -> list[Build]:
+    """What installing the compiled parts of this process's model did (:class:`uvsam.compiled.Build`)."""
+    return list(_BUILDS)
 
 
 _GATES: dict[tuple[str, str, str], object] = {}

@@ -13,7 +13,6 @@ on Dask) and are journaled (:mod:`.journal`), so an interrupted run resumes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir
     scene, prep = prepared if prepared is not None else prepare_scene(path, info, cfg)
     journal = Journal(workdir / "journal", identity or scene_identity(path),
                       info.sha256 + (f"+gate:{info.gate.sha256}" if info.gate else ""),
-                      json.dumps(cfg.to_dict(), sort_keys=True))
+                      cfg.identity())
     if prep.crs is None:
         raise InputError("raster has no CRS; village polygons need georeferenced imagery", path)
     mosaic = workdir / f"{Path(name).stem if name else path.stem}.probability.tif"

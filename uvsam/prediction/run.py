@@ -20,17 +20,19 @@ from rasterio.windows import Window
 from tiles.errors import TilesError
 from tiles.remote import location
 from uvsam import __version__
+from uvsam.compiled import AUTO_MIN_PIXELS, Shapes
 from uvsam.config import FORMATS, PredictConfig
 from uvsam.devices import Device
 from uvsam.errors import ConfigError, UvsamError
 from uvsam.files import check_writable
 from uvsam.layers import check_format, date_column, write_layers
+from uvsam.modeling.uvsam import UVSAM
 from uvsam.pictures import quicklook as draw_quicklook
 from uvsam.polygons import measure as measure_polygons
 from uvsam.prediction.assemble import village_id
 from uvsam.prediction.execution import Runner, run_local
 from uvsam.prediction.journal import scene_identity
-from uvsam.prediction.model import gate_info, get_model, model_info, refines
+from uvsam.prediction.model import CompilePlan, ModelInfo, compile_builds, gate_info, get_model, model_info, refines
 from uvsam.prediction.pipeline import predict_scene
 from uvsam.prediction.probabilities import scene_output, write_probabilities
 from uvsam.prediction.scene import (
@@ -82,7 +84,7 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
     dates = {str(p): from_stac[str(p)].acquired if str(p) in from_stac else cfg.acquired for p in paths}
     names = scene_names(paths, {k: s.item_id for k, s in from_stac.items()})
     versions = [scene_identity(p) for p in paths]  # a remote scene's version asked for once, here
-    identity = versions + [info.sha256, json.dumps(cfg.to_dict(), sort_keys=True), layer,
+    identity = versions + [info.sha256, cfg.identity(), layer,
                            *([info.gate.sha256] if info.gate else [])]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     if prepared is None:  # every scene opened and checked before any work (a workflow did it for all years)
@@ -103,6 +105,7 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
         else:
             int8_note = "not used: the generalist does not run (refinement off)"
             log(f"note: --int8 {int8_note}")
+    info, compile_note = plan_compiled(info, cfg, prepared, runner is run_local, log)
     for _, prep in prepared:
         for line in (prep.suitability or {}).get("warnings", []):
             log(f"warning: {names.get(prep.path, prep.path)}: {line}")
@@ -144,7 +147,7 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
            "model_gsd_m": info.gsd_m, "generalist": info.generalist_note, "device": info.device.describe(),
            "gate": json.dumps(asdict(info.gate) if info.gate else None),
            "refinement": "on" if refines(cfg, info) else ("off" if not cfg.refine else "off: generalist not verified"),
-           "int8": int8_note,
+           "int8": int8_note, "compiled": compile_note,
            "normalisation": info.inputs.normalisation, "harmonise": info.inputs.harmonise,
            "harmonisation": json.dumps([harmonisation_record(prep) for _, prep in prepared]),
            "suitability": json.dumps([prep.suitability for _, prep in prepared]),
@@ -180,7 +183,8 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
     for j in journals:  # the layers are written: the journal has served its purpose
         shutil.rmtree(j, ignore_errors=True)
     return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id,
-            "quicklook": str(picture) if picture else None, "stac_item": str(stac_item)}
+            "quicklook": str(picture) if picture else None, "stac_item": str(stac_item),
+            "device": info.device.describe(), "compiled": compile_note}
 
 
 def dry_run(scenes: list[str], model: str | Path, cfg: PredictConfig = PredictConfig(),
@@ -311,6 +315,36 @@ def tiles_progress(scenes: list[dict]) -> Progress:
 
 
 INT8_CALIBRATION_TILES = 4
+
+
+def plan_compiled(info: ModelInfo, cfg: PredictConfig, prepared: list, in_process: bool,
+                  log=print) -> tuple[ModelInfo, str]:
+    """The run's :class:`CompilePlan` (``cfg.compile``; :mod:`uvsam.compiled`) in ``info``, and a note
+    of what it did for the runs table. In process the parts are installed here (built if the plan
+    says so); Dask workers install them when they load the model (from the same cache)."""
+    if cfg.compile == "never" or not prepared:
+        return info, "off (--compile never)" if prepared else "off: no scene"
+    if cfg.int8 or info.device.precision != "fp32":
+        why = "--int8" if cfg.int8 else f"precision {info.device.precision}"
+        return info, f"off: compiled parts are fp32 (with {why} the model runs eager)"
+    pixels = sum(scene.grid.width * scene.grid.height for scene, _ in prepared)
+    build = cfg.compile == "always" or pixels >= AUTO_MIN_PIXELS
+    tile = max(scene.grid.size for scene, _ in prepared)  # scenes smaller than cfg.tile get smaller tiles
+    shapes = Shapes(tile, cfg.batch_size or info.device.tile_batch(tile), cfg.window, UVSAM.decode_chunk)
+    info = replace(info, compiled=CompilePlan(shapes, refines(cfg, info), build))
+    if not in_process:
+        return info, f"on the workers ({'built where missing' if build else 'from the cache where present'})"
+    get_model(info)
+    builds = compile_builds()
+    if any(b.status == "built" for b in builds):
+        log(f"compiled {', '.join(b.part.split(':')[0] for b in builds if b.status == 'built')} for this machine "
+            f"in {sum(b.seconds for b in builds):.0f} s (cached: later runs load them at once)")
+    parts = [f"{b.part.split(':')[0]} {b.status}" + (f" {b.seconds:.0f} s" if b.status == "built" else "")
+             + (f" ({b.note})" if b.note else "") for b in builds]
+    if not build and any(b.status == "skipped" for b in builds):
+        parts.append(f"missing ones not built for a run of {pixels / 1e6:.1f} Mpx (< {AUTO_MIN_PIXELS / 1e6:.0f}; "
+                     "--compile always builds them)")
+    return info, "; ".join(parts)
 
 
 def install_int8(info, prepared: list, log=print) -> str:

@@ -1,0 +1,125 @@
+"""Compiled inference (issue 25): the model's parts as AOTInductor artefacts built once per
+architecture, shape and machine, reused from the cache with the model's own weights, and the same
+villages as eager PyTorch."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyogrio
+import pytest
+import shapely
+import torch
+from torch import nn
+
+from uvsam.compiled import CompileKey, Shapes, compile_model, compiled_part, schema_digest
+from uvsam.errors import ConfigError
+from uvsam.modelfile import load_model
+
+SHAPES = Shapes(tile=512, batch=2, window=512, boxes=8)  # what predict feeds the model on a CPU
+
+
+@pytest.fixture(scope="session")
+def compiled(model, tmp_path_factory):
+    """The conftest model's parts compiled into a cache of their own, once for the session
+    (about a minute and a half on 2 cores: four artefacts)."""
+    root = tmp_path_factory.mktemp("uvsam-cache")
+    net = load_model(model)[0].eval()
+    t = time.perf_counter()
+    builds = compile_model(net, SHAPES, torch.device("cpu"), build=True, root=root / "compiled")
+    return {"root": root, "net": net, "builds": builds, "seconds": time.perf_counter() - t}
+
+
+def _tiles(data_dir, n: int, size: int = 512) -> torch.Tensor:
+    """``n`` real Beijing crops, (n, 3, size, size) on the 0..255 scale."""
+    from PIL import Image
+
+    paths = sorted((data_dir / "beijing-uv/image/train").glob("*.png"))[:n]
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))[:size, :size].copy())
+                        .permute(2, 0, 1).float() for p in paths])
+
+
+def _eager(net, fn):
+    parts, net.compiled = net.compiled, {}
+    try:
+        return fn()
+    finally:
+        net.compiled = parts
+
+
+def test_compiled_parts_agree_with_eager_and_are_reused_with_any_weights(compiled, model, data_dir):
+    builds, net = compiled["builds"], compiled["net"]
+    assert [b.status for b in builds] == ["built"] * 4, builds
+    assert sorted(net.compiled) == ["decoder", "encoder", "specialist"]
+    x = _tiles(data_dir, 2)
+    with torch.inference_mode():
+        for batch in (x, x[:1]):  # the full batch, and a short one padded to it
+            (lc, fc), (le, fe) = net.run_specialist(batch), _eager(net, lambda b=batch: net.run_specialist(b))
+            assert lc.shape == le.shape == (len(batch), 2, 512, 512)
+            assert (lc - le).abs().max() < 1e-3 and (fc - fe).abs().max() < 1e-3
+            assert (lc.argmax(1) == le.argmax(1)).float().mean() > 0.9999
+        emb = net.frozen_embeddings(x[:1])
+        assert (emb - _eager(net, lambda: net.frozen_embeddings(x[:1]))).abs().max() < 1e-3
+        boxes = [np.array([[40, 60, 300, 280], [200, 10, 500, 200], [0, 0, 511, 511]], np.float32)]
+        (mc, ic), = net.refine(x[:1], boxes)
+        (me, ie), = _eager(net, lambda: net.refine(x[:1], boxes))
+        assert mc.shape == me.shape == (3, 1, 512, 512)
+        assert ((mc > 0) == (me > 0)).float().mean() > 0.9999 and (ic - ie).abs().max() < 1e-3
+    calls = {k: v.calls for k, v in net.compiled.items()}
+    assert calls["specialist"] >= 3 and calls["encoder"] >= 2 and calls["decoder"] >= 1
+    with torch.inference_mode():  # shapes the artefacts were not built for run eager
+        net.run_specialist(x[:, :, :256, :256])
+        net.run_specialist(torch.cat([x, x[:1]]))
+    assert net.compiled["specialist"].calls == calls["specialist"]
+
+    # a fresh process's view: the same artefacts from the cache, in well under a second each
+    other = load_model(model)[0].eval()
+    with torch.no_grad():  # other weights: artefacts hold none, they compute with the model's own
+        for p in other.specialist.parameters():
+            p.mul_(1.1)
+    again = compile_model(other, SHAPES, torch.device("cpu"), build=False, root=compiled["root"] / "compiled")
+    assert [b.status for b in again] == ["hit"] * 4 and sum(b.seconds for b in again) < 10
+    with torch.inference_mode():
+        (lc, _), (le, _) = other.run_specialist(x), _eager(other, lambda: other.run_specialist(x))
+        assert (lc - le).abs().max() < 1e-3
+        assert (lc - net.run_specialist(x)[0]).abs().max() > 0.01  # really the other weights
+
+
+def test_predict_with_compiled_parts_writes_the_villages_eager_pytorch_writes(compiled, model, beijing, tmp_path,
+                                                                              monkeypatch):
+    from uvsam.config import PredictConfig
+    from uvsam.prediction import run_prediction
+
+    monkeypatch.setenv("UVSAM_CACHE", str(compiled["root"]))
+    scene = [str(beijing / "train/images.vrt")]
+    runs = {}
+    for mode in ("always", "never"):
+        out = tmp_path / f"{mode}.gpkg"
+        summary = run_prediction(scene, model, out, PredictConfig(force_refine=True, compile=mode), log=lambda m: None)
+        runs[mode] = (summary, pyogrio.read_dataframe(out, layer="villages"), pyogrio.read_dataframe(out, layer="runs"))
+    (s_c, v_c, r_c), (s_e, v_e, r_e) = runs["always"], runs["never"]
+    assert s_c["compiled"].count("hit") == 4, s_c["compiled"]  # the session's artefacts, nothing built
+    assert r_c["compiled"][0] == s_c["compiled"] and r_e["compiled"][0] == "off (--compile never)"
+    assert s_c["run_id"] == s_e["run_id"]  # how fast is not what: the same run, resumable either way
+    assert len(v_c) == len(v_e) > 0
+    a, b = shapely.union_all(v_c.geometry.values), shapely.union_all(v_e.geometry.values)
+    assert a.intersection(b).area / a.union(b).area > 0.999
+
+
+class _Untraceable(nn.Module):
+    def forward(self, x):
+        return torch.from_numpy(np.sort(x.numpy()))  # leaves torch: export cannot follow it
+
+
+def test_a_part_that_cannot_compile_runs_eager_and_says_why(tmp_path):
+    key = CompileKey("untraceable", schema_digest(_Untraceable()), ((2, 3),), "", "torch.float32", "cpu", 1, "m", "t")
+    runner, build = compiled_part(_Untraceable(), (torch.randn(2, 3),), key, build=False, root=tmp_path)
+    assert runner is None and build.status == "skipped"  # not cached and not asked to build
+    runner, build = compiled_part(_Untraceable(), (torch.randn(2, 3),), key, build=True, root=tmp_path)
+    assert runner is None and build.status == "failed" and build.note
+    assert not list(tmp_path.glob("*.pt2"))  # nothing half-written left for a later run to load
+    with pytest.raises(ConfigError, match="compile"):
+        from uvsam.config import PredictConfig
+
+        PredictConfig(compile="sometimes")

@@ -1,0 +1,316 @@
+"""Compiled inference: the model's parts as ahead-of-time compiled artefacts, built once per
+(architecture, input shapes, machine) and reused from a disk cache.
+
+A part (the specialist with its input normalisation, the generalist's image encoder, UV-SAM's box
+decoder) is exported with :func:`torch.export.export` for the shapes prediction feeds it and
+compiled by AOTInductor (:func:`torch._inductor.aoti_compile_and_package`) into a ``.pt2``
+package of kernels generated for this machine's instruction set. The package holds no weights:
+loaded, it computes with the eager module's own parameters and buffers (AOTInductor's
+user-managed constants: shared, not copied, so memory does not grow), which also lets a retrained
+model of the same architecture reuse it. Loading takes well under a second, so a run that finds its
+artefacts in the cache pays no compilation at all (``torch.compile`` recompiles in every process).
+
+The cache lives in ``$UVSAM_CACHE/compiled`` (default ``~/.cache/uvsam/compiled``); an artefact's
+name is the digest of a :class:`CompileKey`: what the part computes (its code and the settings its
+code reads), the names, shapes and dtypes of its tensors, its input shapes, dtype, device, torch's
+version, the CPU's model and instruction set and the thread count the kernels were generated for.
+A new architecture, shape or machine builds anew and never reuses a wrong artefact.
+
+Shape discipline: tiles and refinement windows have one size in a run; a specialist batch smaller
+than the compiled one is padded with empty tiles (their outputs dropped), and the box decoder is
+compiled for any number of boxes up to the decoding chunk (one dynamic dimension). Any other
+input runs the eager module, and any failure to build or load (no C++ compiler, an operator
+export does not know) leaves the eager module in place with a note: compilation changes speed,
+never results (outputs agree with eager to float rounding; tests/test_compiled.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODES = ("auto", "always", "never")
+# "auto" builds missing artefacts only for runs of at least this many pixels at the model's GSD (a
+# 2000 x 2000 px scene, 55 km2 at 3.7 m): building takes 1-2 minutes on 2 cores, more than a small run
+# lasts; cached artefacts are used whatever the size
+AUTO_MIN_PIXELS = 4_000_000
+
+
+def cache_root() -> Path:
+    """``$UVSAM_CACHE/compiled`` (default ``~/.cache/uvsam/compiled``)."""
+    return Path(os.environ.get("UVSAM_CACHE", Path.home() / ".cache" / "uvsam")) / "compiled"
+
+
+def machine_signature(device: torch.device) -> str:
+    """What generated kernels depend on: the processor (model and instruction-set flags) or the GPU."""
+    if device.type == "cuda":
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(i)
+        return f"cuda:{props.name}:{props.major}.{props.minor}:{torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        lines = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()[:40])}
+        cpu = f"{lines.get('model name', cpu)}|{hashlib.sha256(lines.get('flags', '').encode()).hexdigest()[:16]}"
+    return f"{platform.machine()}:{cpu}"
+
+
+def schema_digest(module: nn.Module) -> str:
+    """SHA-256 of the names, shapes and dtypes of a module's parameters and buffers: what a compiled
+    artefact is specific to. Not their values: an artefact holds no weights (it runs on the module's
+    own tensors, :func:`compiled_part`), so a retrained model of the same architecture reuses it."""
+    h = hashlib.sha256()
+    for name, t in sorted(_tensors(module).items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by name (non-persistent buffers included), detached."""
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    return {n: t.detach() for n, t in named}
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """Everything a compiled artefact depends on; its :meth:`digest` names the cache file."""
+
+    part: str  # what the part computes (its name and the settings its code reads)
+    schema: str  # schema_digest of the exported module
+    shapes: tuple[tuple[int, ...], ...]  # the example inputs' shapes (the dynamic dimension at its maximum)
+    dynamic: str  # which input dimensions are dynamic ("" none)
+    dtype: str
+    device: str
+    threads: int  # the kernels' OpenMP thread count is fixed when they are generated
+    machine: str
+    torch: str
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+class CompiledPart(nn.Module):
+    """A compiled artefact standing in for a part of the model: ``runner`` computes what ``eager``
+    computes for the inputs ``fits`` accepts (the model asks before calling it). ``name``: the part
+    (``specialist``, ``encoder``, ``decoder``); ``calls`` counts the calls it took."""
+
+    def __init__(self, name: str, eager: nn.Module, runner: Callable, fits: Callable[..., bool]):
+        super().__init__()
+        object.__setattr__(self, "eager", eager)  # not registered: it shares the model's weights
+        self.name, self.runner, self.fits, self.calls = name, runner, fits, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.runner(*args)
+
+
+@dataclass
+class Build:
+    """What :func:`compiled_part` did for one part: ``hit`` (loaded from the cache), ``built``
+    (compiled now, seconds), ``skipped`` (not in the cache and not asked to build) or ``failed``."""
+
+    part: str
+    status: str
+    seconds: float = 0.0
+    note: str = ""
+    path: str = ""
+
+
+def _export_and_compile(module: nn.Module, example: tuple, dynamic_shapes, dest: Path) -> None:
+    """Export ``module`` and compile it into the package ``dest`` without its weights, and its lifted
+    tensor constants (tensors made in ``forward``, not weights) beside it (``dest`` + ``.constants``)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+        part = dest.with_name(f".{dest.stem}.{os.getpid()}.part.pt2")
+        side = dest.with_name(f".{dest.stem}.{os.getpid()}.part.constants")
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(part), inductor_configs={"aot_inductor.package_constants_in_so": False})
+            torch.save({k: v.detach().cpu() for k, v in program.constants.items() if isinstance(v, torch.Tensor)}, side)
+            os.replace(side, _constants_path(dest))
+            os.replace(part, dest)  # last, atomically: a reader never sees half an artefact
+        finally:
+            part.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
+
+
+def _constants_path(package: Path) -> Path:
+    return package.with_suffix(".constants")
+
+
+def _load(package: Path, module: nn.Module, device: torch.device) -> Callable:
+    """The package's runner, computing with ``module``'s own parameters and buffers (shared, not copied)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = torch._inductor.aoti_load_package(str(package))
+    tensors = _tensors(module)
+    extra = torch.load(_constants_path(package), map_location=device, weights_only=True)
+    names = runner.get_constant_fqns()
+    missing = [n for n in names if n not in tensors and n not in extra]
+    if missing:
+        raise RuntimeError(f"the artefact needs tensors the module does not have: {', '.join(missing[:3])}")
+    runner.load_constants({n: tensors[n] if n in tensors else extra[n] for n in names}, check_full_update=True,
+                          user_managed=True)
+    runner.keep = (module, extra)  # the tensors it computes with live as long as it does
+    return runner
+
+
+def compiled_part(module: nn.Module, example: tuple, key: CompileKey, build: bool, dynamic_shapes=None,
+                  root: Path | None = None) -> tuple[Callable | None, Build]:
+    """The artefact of ``module`` for ``key``, loaded to compute with ``module``'s own weights (built
+    now from ``example`` inputs when absent and ``build``), and what happened. Two processes building
+    the same artefact wait for one another (a file lock), so the second loads what the first built."""
+    from filelock import FileLock
+
+    root = root or cache_root()
+    dest = root / f"{key.part.split(':')[0]}-{key.digest()}.pt2"
+    t = time.perf_counter()
+    try:
+        status = "hit"
+        if not dest.exists():
+            if not build:
+                return None, Build(key.part, "skipped")
+            root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(dest) + ".lock"):
+                if not dest.exists():
+                    _export_and_compile(module, example, dynamic_shapes, dest)
+                    (root / f"{dest.stem}.json").write_text(json.dumps(asdict(key), indent=1))
+                    status = "built"
+        runner = _load(dest, module, example[0].device)
+        return runner, Build(key.part, status, time.perf_counter() - t, path=str(dest))
+    except Exception as e:  # noqa: BLE001 - any failure leaves the eager module, with the reason
+        return None, Build(key.part, "failed", time.perf_counter() - t, f"{type(e).__name__}: {str(e)[:200]}")
+
+
+# -- UV-SAM's parts -----------------------------------------------------------------------------
+class SpecialistStep(nn.Module):
+    """The specialist with its input preparation: (B, 3, H, W) 0..255 -> logits (B, 2, H, W), fused
+    feature (B, 256, h, w); what :meth:`uvsam.modeling.uvsam.UVSAM.run_specialist` computes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.run_specialist_eager(images)
+
+
+class BoxDecoder(nn.Module):
+    """UV-SAM's box decoding (:meth:`uvsam.modeling.uvsam.UVSAM.decode_box_chunk`): (1, 256, 64, 64)
+    embedding, (N, 4) prompt-frame boxes, (1, 1, 256, 256) dense prompt, (1, 2, 256) semantic
+    prompts -> (N, 1, 256, 256) mask logits, (N, 1) predicted IoU."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, emb, boxes, dense, semantic):
+        return self.model.decode_box_chunk_eager(emb, boxes, dense, semantic)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The input shapes a run feeds the model: ``tile`` px tiles ``batch`` a specialist call,
+    ``window`` px refinement windows, up to ``boxes`` boxes a decoder call."""
+
+    tile: int
+    batch: int
+    window: int
+    boxes: int
+
+
+def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refine: bool = True,
+                  root: Path | None = None, log: Callable[[str], None] = lambda m: None) -> list[Build]:
+    """Install compiled artefacts of ``model``'s parts for ``shapes`` (from the cache, or built now
+    when ``build``) as ``model.compiled``, which :class:`uvsam.modeling.uvsam.UVSAM` runs instead of
+    the eager part where the inputs fit (fp32 inference only).
+
+    Parts: the specialist at the tile batch (and at one window when ``refine``), the generalist's
+    encoder at its input size, and the box decoder for 1..``boxes`` boxes (when ``refine`` and
+    the generalist has SAM's decoder with box and mask prompts). Returns what happened to each.
+    """
+    model.eval()
+    dtype, dev = torch.float32, torch.device(device)
+    common = dict(dtype=str(dtype), device=dev.type, threads=torch.get_num_threads(),
+                  machine=machine_signature(dev), torch=torch.__version__)
+    cfg, gen = model.config, model.generalist
+    installed: dict[str, nn.Module] = {}
+    builds: list[Build] = []
+
+    # the specialist with its input preparation, for each (batch, size) a run feeds it
+    step = SpecialistStep(model)
+    code = f"specialist:{cfg.specialist}:{cfg.specialist_input}:{cfg.lcn_sigma_m / cfg.gsd_m:.6g}"
+    wanted = {(shapes.batch, shapes.tile)} | ({(1, shapes.window)} if refine else set())
+    runners: dict[int, list[tuple[int, Callable]]] = {}
+    for batch, size in sorted(wanted):
+        key = CompileKey(code, schema_digest(step), ((batch, 3, size, size),), "", **common)
+        runner, b = compiled_part(step, (torch.rand(batch, 3, size, size, device=dev) * 255,), key, build, root=root)
+        builds.append(b)
+        if runner is not None:
+            runners.setdefault(size, []).append((batch, runner))
+    if runners:
+        def pick(images, _r=runners):
+            n = images.shape[0]
+            return next(((b, r) for b, r in sorted(_r.get(images.shape[-1], []), key=lambda p: p[0]) if b >= n),
+                        None)
+
+        def run(images):
+            batch, runner = pick(images)
+            n = images.shape[0]
+            if n < batch:  # a short last batch: padded with empty tiles, their outputs dropped
+                images = torch.cat([images, images.new_zeros((batch - n, *images.shape[1:]))])
+            logits, feature = runner(images)
+            return logits[:n], feature[:n]
+
+        def fits(images):
+            return (images.dim() == 4 and images.shape[-2] == images.shape[-1] and images.dtype == dtype
+                    and images.device == dev and pick(images) is not None)
+
+        installed["specialist"] = CompiledPart("specialist", step, run, fits)
+
+    if refine:  # the generalist's encoder, on its preprocessed square input
+        enc, s = gen.image_encoder, gen.spec.input_size
+        key = CompileKey(f"encoder:{gen.spec.name}", schema_digest(enc), ((1, 3, s, s),), "", **common)
+        runner, b = compiled_part(enc, (torch.randn(1, 3, s, s, device=dev),), key, build, root=root)
+        builds.append(b)
+        if runner is not None:
+            installed["encoder"] = CompiledPart("encoder", enc, runner, lambda x: tuple(x.shape) == (1, 3, s, s)
+                                                and x.dtype == dtype and x.device == dev)
+
+    if refine and gen.spec.decoder == "sam" and cfg.box_prompt and model.uses_mask_prompt:
+        dec, f = BoxDecoder(model), gen.spec.prompt_frame
+        example = (torch.randn(1, 256, 64, 64, device=dev), torch.tensor([[0.1, 0.1, 0.5, 0.6]] * 2, device=dev) * f,
+                   torch.randn(1, 1, 256, 256, device=dev), torch.randn(1, 2, 256, device=dev))
+        key = CompileKey(f"decoder:{gen.spec.name}:{cfg.fusion}",
+                         schema_digest(dec),
+                         tuple(tuple(t.shape) for t in example), f"boxes 1..{shapes.boxes}", **common)
+        boxes = torch.export.Dim("boxes", min=1, max=max(2, shapes.boxes))
+        runner, b = compiled_part(dec, example, key, build, dynamic_shapes=(None, {0: boxes}, None, None), root=root)
+        builds.append(b)
+        if runner is not None:
+            def fits_decoder(emb, boxes, dense, semantic, _k=shapes.boxes):
+                return (dense is not None and tuple(emb.shape) == (1, 256, 64, 64) and 1 <= boxes.shape[0] <= _k
+                        and tuple(dense.shape) == (1, 1, 256, 256) and emb.dtype == dtype and emb.device == dev)
+
+            installed["decoder"] = CompiledPart("decoder", dec, runner, fits_decoder)
+    model.compiled = installed
+    for b in builds:
+        if b.status == "failed":
+            log(f"note: the compiled {b.part.split(':')[0]} is not used ({b.note}): it runs eager")
+    return builds
+
+
+__all__ = ["AUTO_MIN_PIXELS", "MODES", "BoxDecoder", "Build", "CompileKey", "CompiledPart", "Shapes", "SpecialistStep",
+           "cache_root", "compile_model", "compiled_part", "machine_signature", "schema_digest"]
