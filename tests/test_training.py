@@ -46,9 +46,12 @@ def test_training_loss_falls(beijing, tmp_path):
     assert np.mean(losses[-8:]) < 0.85 * np.mean(losses[:8]), losses
 
 
-def test_resume_equals_an_uninterrupted_run(beijing, tmp_path):
+def test_resume_equals_an_uninterrupted_run(beijing, tmp_path, monkeypatch):
+    monkeypatch.setenv("UVSAM_CACHE", str(tmp_path / "cache"))
     full = _cfg(beijing, tmp_path / "full.ckpt", force_refine=True)  # the UV-SAM path trains (random generalist)
     train(full, log=lambda m: None)
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache/embeddings").rglob("*.npy")}
+    assert len(cached) == 6  # the fixed pool's embeddings, on disk by content
     part = _cfg(beijing, tmp_path / "part.ckpt", force_refine=True)
     train(part, log=lambda m: None, stop_after=1)  # as if killed after the first epoch
     with pytest.raises(InputError, match="exists"):
@@ -62,6 +65,8 @@ def test_resume_equals_an_uninterrupted_run(beijing, tmp_path):
         torch.testing.assert_close(a["state"][k], b["state"][k], msg=k)
     hist = a["training"]["history"]
     assert hist[1]["sam_path"] == 1 and hist[1]["embeddings_cached"] == 6  # the fixed pool, encoded once
+    # the second run took the same views' embeddings from disk (nothing encoded or rewritten) and trained the same
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache/embeddings").rglob("*.npy")} == cached
 
 
 def test_model_file_reproduces_preprocessing_and_evaluate_cli(beijing, tmp_path, capsys):
