@@ -16,9 +16,9 @@ code reads), the names, shapes and dtypes of its tensors, its input shapes, dtyp
 version, the CPU's model and instruction set and the thread count the kernels were generated for.
 A new architecture, shape or machine builds anew and never reuses a wrong artefact.
 
-Shape discipline: tiles and refinement windows have one size in a run; a specialist batch smaller
-than the compiled one is padded with empty tiles (their outputs dropped), and the box decoder is
-compiled for any number of boxes up to the decoding chunk (one dynamic dimension). Any other
+Shape discipline: tiles and refinement windows have one size in a run; the specialist's batch (up to
+the run's tile batch) and the box decoder's number of boxes (up to the decoding chunk) are each one
+dynamic dimension of their artefact. Any other
 input runs the eager module, and any failure to build or load (no C++ compiler, an operator
 export does not know) leaves the eager module in place with a note: compilation changes speed,
 never results (outputs agree with eager to float rounding; tests/test_compiled.py).
@@ -237,7 +237,7 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
     when ``build``) as ``model.compiled``, which :class:`uvsam.modeling.uvsam.UVSAM` runs instead of
     the eager part where the inputs fit (fp32 inference only).
 
-    Parts: the specialist at the tile batch (and at one window when ``refine``), the generalist's
+    Parts: the specialist for tiles (and windows when ``refine``) of 1..batch images, the generalist's
     encoder at its input size, and the box decoder for 1..``boxes`` boxes (when ``refine`` and
     the generalist has SAM's decoder with box and mask prompts). Returns what happened to each.
     """
@@ -249,36 +249,32 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
     installed: dict[str, nn.Module] = {}
     builds: list[Build] = []
 
-    # the specialist with its input preparation, for each (batch, size) a run feeds it
+    # the specialist with its input preparation: one artefact per tile size a run feeds it (tiles, windows),
+    # its batch one dynamic dimension (a short last batch and a single window run as they are; measured as
+    # fast as fixed-batch artefacts, and one build instead of two)
     step = SpecialistStep(model)
-    code = f"specialist:{cfg.specialist}:{cfg.specialist_input}:{cfg.lcn_sigma_m / cfg.gsd_m:.6g}"
-    wanted = {(shapes.batch, shapes.tile)} | ({(1, shapes.window)} if refine else set())
-    runners: dict[int, list[tuple[int, Callable]]] = {}
-    for batch, size in sorted(wanted):
-        key = CompileKey(code, schema_digest(step), ((batch, 3, size, size),), "", **common)
-        runner, b = compiled_part(step, (torch.rand(batch, 3, size, size, device=dev) * 255,), key, build, root=root)
+    code = (f"specialist:{cfg.specialist}:{cfg.specialist_input}:{cfg.lcn_sigma_m / cfg.gsd_m:.6g}:"
+            f"{model.specialist.reordered}")
+    sizes = {shapes.tile: shapes.batch}
+    if refine:
+        sizes[shapes.window] = max(sizes.get(shapes.window, 1), 1)
+    runners: dict[int, tuple[int, Callable]] = {}
+    for size, most in sorted(sizes.items()):
+        most = max(2, most)
+        key = CompileKey(code, schema_digest(step), ((most, 3, size, size),), f"batch 1..{most}", **common)
+        runner, b = compiled_part(step, (torch.rand(2, 3, size, size, device=dev) * 255,), key, build,
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=most)},), root=root)
         builds.append(b)
         if runner is not None:
-            runners.setdefault(size, []).append((batch, runner))
+            runners[size] = (most, runner)
     if runners:
-        def pick(images, _r=runners):
-            n = images.shape[0]
-            return next(((b, r) for b, r in sorted(_r.get(images.shape[-1], []), key=lambda p: p[0]) if b >= n),
-                        None)
+        def fits(images, _r=runners):
+            r = _r.get(images.shape[-1])
+            return (r is not None and images.dim() == 4 and images.shape[-2] == images.shape[-1]
+                    and images.shape[0] <= r[0] and images.dtype == dtype and images.device == dev)
 
-        def run(images):
-            batch, runner = pick(images)
-            n = images.shape[0]
-            if n < batch:  # a short last batch: padded with empty tiles, their outputs dropped
-                images = torch.cat([images, images.new_zeros((batch - n, *images.shape[1:]))])
-            logits, feature = runner(images)
-            return logits[:n], feature[:n]
-
-        def fits(images):
-            return (images.dim() == 4 and images.shape[-2] == images.shape[-1] and images.dtype == dtype
-                    and images.device == dev and pick(images) is not None)
-
-        installed["specialist"] = CompiledPart("specialist", step, run, fits)
+        installed["specialist"] = CompiledPart("specialist", step, lambda images, _r=runners: _r[images.shape[-1]][1](
+            images), fits)
 
     if refine:  # the generalist's encoder, on its preprocessed square input
         enc, s = gen.image_encoder, gen.spec.input_size
