@@ -339,6 +339,9 @@ def plan_compiled(info: ModelInfo, cfg: PredictConfig, prepared: list, in_proces
     if any(b.status == "built" for b in builds):
         log(f"compiled {', '.join(b.part.split(':')[0] for b in builds if b.status == 'built')} for this machine "
             f"in {sum(b.seconds for b in builds):.0f} s (cached: later runs load them at once)")
+    for b in builds:
+        if b.status == "failed":
+            log(f"note: the compiled {b.part.split(':')[0]} is not used ({b.note}): it runs eager")
     parts = [f"{b.part.split(':')[0]} {b.status}" + (f" {b.seconds:.0f} s" if b.status == "built" else "")
              + (f" ({b.note})" if b.note else "") for b in builds]
     if not build and any(b.status == "skipped" for b in builds):
