@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import platform
 import time
 import warnings
@@ -40,7 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MODES = ("auto", "always", "never")
+from uvsam.files import atomic_path, cache_home
+
 # "auto" builds missing artefacts only for runs of at least this many pixels at the model's GSD (a
 # 2000 x 2000 px scene, 55 km2 at 3.7 m): building takes 1-2 minutes on 2 cores, more than a small run
 # lasts; cached artefacts are used whatever the size
@@ -49,7 +49,7 @@ AUTO_MIN_PIXELS = 4_000_000
 
 def cache_root() -> Path:
     """``$UVSAM_CACHE/compiled`` (default ``~/.cache/uvsam/compiled``)."""
-    return Path(os.environ.get("UVSAM_CACHE", Path.home() / ".cache" / "uvsam")) / "compiled"
+    return cache_home() / "compiled"
 
 
 def machine_signature(device: torch.device) -> str:
@@ -101,13 +101,12 @@ class CompileKey:
 
 
 class CompiledPart(nn.Module):
-    """A compiled artefact standing in for a part of the model: ``runner`` computes what ``eager``
-    computes for the inputs ``fits`` accepts (the model asks before calling it). ``name``: the part
-    (``specialist``, ``encoder``, ``decoder``); ``calls`` counts the calls it took."""
+    """A compiled artefact standing in for a part of the model: ``runner`` computes what the eager
+    part computes for the inputs ``fits`` accepts (the model asks before calling it). ``name``: the
+    part (``specialist``, ``encoder``, ``decoder``); ``calls`` counts the calls it took."""
 
-    def __init__(self, name: str, eager: nn.Module, runner: Callable, fits: Callable[..., bool]):
+    def __init__(self, name: str, runner: Callable, fits: Callable[..., bool]):
         super().__init__()
-        object.__setattr__(self, "eager", eager)  # not registered: it shares the model's weights
         self.name, self.runner, self.fits, self.calls = name, runner, fits, 0
 
     def forward(self, *args):
@@ -124,7 +123,6 @@ class Build:
     status: str
     seconds: float = 0.0
     note: str = ""
-    path: str = ""
 
 
 def _export_and_compile(module: nn.Module, example: tuple, dynamic_shapes, dest: Path) -> None:
@@ -133,17 +131,11 @@ def _export_and_compile(module: nn.Module, example: tuple, dynamic_shapes, dest:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
-        part = dest.with_name(f".{dest.stem}.{os.getpid()}.part.pt2")
-        side = dest.with_name(f".{dest.stem}.{os.getpid()}.part.constants")
-        try:
+        # the package takes its name last (the inner file first): a reader never sees half an artefact
+        with atomic_path(dest) as part, atomic_path(_constants_path(dest)) as side:
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(part), inductor_configs={"aot_inductor.package_constants_in_so": False})
             torch.save({k: v.detach().cpu() for k, v in program.constants.items() if isinstance(v, torch.Tensor)}, side)
-            os.replace(side, _constants_path(dest))
-            os.replace(part, dest)  # last, atomically: a reader never sees half an artefact
-        finally:
-            part.unlink(missing_ok=True)
-            side.unlink(missing_ok=True)
 
 
 def _constants_path(package: Path) -> Path:
@@ -189,7 +181,7 @@ def compiled_part(module: nn.Module, example: tuple, key: CompileKey, build: boo
                     (root / f"{dest.stem}.json").write_text(json.dumps(asdict(key), indent=1))
                     status = "built"
         runner = _load(dest, module, example[0].device)
-        return runner, Build(key.part, status, time.perf_counter() - t, path=str(dest))
+        return runner, Build(key.part, status, time.perf_counter() - t)
     except Exception as e:  # noqa: BLE001 - any failure leaves the eager module, with the reason
         return None, Build(key.part, "failed", time.perf_counter() - t, f"{type(e).__name__}: {str(e)[:200]}")
 
@@ -232,14 +224,15 @@ class Shapes:
 
 
 def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refine: bool = True,
-                  root: Path | None = None, log: Callable[[str], None] = lambda m: None) -> list[Build]:
+                  root: Path | None = None) -> list[Build]:
     """Install compiled artefacts of ``model``'s parts for ``shapes`` (from the cache, or built now
     when ``build``) as ``model.compiled``, which :class:`uvsam.modeling.uvsam.UVSAM` runs instead of
     the eager part where the inputs fit (fp32 inference only).
 
     Parts: the specialist for tiles (and windows when ``refine``) of 1..batch images, the generalist's
     encoder at its input size, and the box decoder for 1..``boxes`` boxes (when ``refine`` and
-    the generalist has SAM's decoder with box and mask prompts). Returns what happened to each.
+    the generalist has SAM's decoder with box and mask prompts). Returns what happened to each (a
+    part that failed runs eager; the caller says so).
     """
     model.eval()
     dtype, dev = torch.float32, torch.device(device)
@@ -273,7 +266,7 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
             return (r is not None and images.dim() == 4 and images.shape[-2] == images.shape[-1]
                     and images.shape[0] <= r[0] and images.dtype == dtype and images.device == dev)
 
-        installed["specialist"] = CompiledPart("specialist", step, lambda images, _r=runners: _r[images.shape[-1]][1](
+        installed["specialist"] = CompiledPart("specialist", lambda images, _r=runners: _r[images.shape[-1]][1](
             images), fits)
 
     if refine:  # the generalist's encoder, on its preprocessed square input
@@ -282,7 +275,7 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
         runner, b = compiled_part(enc, (torch.randn(1, 3, s, s, device=dev),), key, build, root=root)
         builds.append(b)
         if runner is not None:
-            installed["encoder"] = CompiledPart("encoder", enc, runner, lambda x: tuple(x.shape) == (1, 3, s, s)
+            installed["encoder"] = CompiledPart("encoder", runner, lambda x: tuple(x.shape) == (1, 3, s, s)
                                                 and x.dtype == dtype and x.device == dev)
 
     if refine and gen.spec.decoder == "sam" and cfg.box_prompt and model.uses_mask_prompt:
@@ -300,13 +293,10 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
                 return (dense is not None and tuple(emb.shape) == (1, 256, 64, 64) and 1 <= boxes.shape[0] <= _k
                         and tuple(dense.shape) == (1, 1, 256, 256) and emb.dtype == dtype and emb.device == dev)
 
-            installed["decoder"] = CompiledPart("decoder", dec, runner, fits_decoder)
+            installed["decoder"] = CompiledPart("decoder", runner, fits_decoder)
     model.compiled = installed
-    for b in builds:
-        if b.status == "failed":
-            log(f"note: the compiled {b.part.split(':')[0]} is not used ({b.note}): it runs eager")
     return builds
 
 
-__all__ = ["AUTO_MIN_PIXELS", "MODES", "BoxDecoder", "Build", "CompileKey", "CompiledPart", "Shapes", "SpecialistStep",
+__all__ = ["AUTO_MIN_PIXELS", "BoxDecoder", "Build", "CompileKey", "CompiledPart", "Shapes", "SpecialistStep",
            "cache_root", "compile_model", "compiled_part", "machine_signature", "schema_digest"]

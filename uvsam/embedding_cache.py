@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from uvsam.files import atomic_path
+from uvsam.files import atomic_path, cache_home
 from uvsam.modeling.sam import Generalist
 
 
@@ -39,7 +38,7 @@ def preprocessing_id(model: Generalist) -> str:
 
 def default_root() -> Path:
     """``$UVSAM_CACHE/embeddings`` (default ``~/.cache/uvsam/embeddings``)."""
-    return Path(os.environ.get("UVSAM_CACHE", Path.home() / ".cache" / "uvsam")) / "embeddings"
+    return cache_home() / "embeddings"
 
 
 class EmbeddingCache:
@@ -84,9 +83,10 @@ class EmbeddingCache:
             with torch.inference_mode():
                 fresh = model.encode(images[todo])
             for i, e in zip(todo, fresh, strict=True):
-                out[i] = torch.from_numpy(e.cpu().numpy().astype(self.dtype).astype(np.float32))  # as a hit reads it
+                stored = e.cpu().numpy().astype(self.dtype)
+                out[i] = torch.from_numpy(stored.astype(np.float32))  # as a hit reads it
                 p = self._path(keys[i])
                 p.parent.mkdir(exist_ok=True)
                 with atomic_path(p) as tmp, open(tmp, "wb") as f:
-                    np.save(f, e.cpu().numpy().astype(self.dtype), allow_pickle=False)
+                    np.save(f, stored, allow_pickle=False)
         return torch.stack(out).to(images.device)

@@ -19,6 +19,12 @@ _WRITE_ERRORS = (OSError, RuntimeError, rasterio.errors.RasterioError, pyogrio.e
                  pyogrio.errors.DataLayerError, pyogrio.errors.FieldError, pyogrio.errors.GeometryError)
 
 
+def cache_home() -> Path:
+    """Where uvsam keeps what it can rebuild (weights, compiled model parts, embeddings):
+    ``$UVSAM_CACHE``, default ``~/.cache/uvsam``."""
+    return Path(os.environ.get("UVSAM_CACHE", Path.home() / ".cache" / "uvsam"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.

@@ -18,13 +18,12 @@ from pathlib import Path
 
 from uvsam.checkpoint import load_generalist
 from uvsam.errors import WeightsError
-from uvsam.files import atomic_path, sha256_file
+from uvsam.files import atomic_path, cache_home, sha256_file
 from uvsam.modeling.registry import ENCODERS, EncoderSpec, get_spec
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("UVSAM_CACHE", Path.home() / ".cache" / "uvsam"))
-    return root / "weights"
+    return cache_home() / "weights"
 
 
 @dataclass
