@@ -225,7 +225,7 @@ def test_interrupted_prediction_resumes_to_the_same_layers(beijing, model, tmp_p
     a, b = pyogrio.read_dataframe(ref, layer="villages"), pyogrio.read_dataframe(out, layer="villages")
     assert len(a) > 0 and a.drop(columns="geometry").equals(b.drop(columns="geometry"))
     assert all(x.equals_exact(y, 1e-9) for x, y in zip(a.geometry, b.geometry, strict=True))
-    assert not any((tmp_path / "v.work/journal").iterdir())  # cleaned up after success
+    assert not (tmp_path / "v.work").exists()  # cleaned up after success
 
 
 def test_polygons_do_not_depend_on_where_the_tile_grid_falls(beijing, model, tmp_path):
@@ -321,7 +321,7 @@ def test_killed_prediction_resumes_to_the_same_polygons(beijing, model, referenc
     args = ["predict", beijing / "train/images.vrt", "--model", model, *KILL_ARGS, "--layer", "y2020"]
     proc = subprocess.Popen([sys.executable, "-m", "uvsam", *map(str, args), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = tmp_path / "v.work/journal"
+    journal = tmp_path / "v.work/y2020/journal"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not KILL_POINTS[point](out, journal):
         time.sleep(0.005)

@@ -216,7 +216,7 @@ def test_a_signal_exits_non_zero_and_says_how_to_resume(beijing, model, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "uvsam", "predict", str(beijing / "train/images.vrt"), "--model",
                              str(model), "--out", str(out), "--local", "--tile", "64", "--overlap", "32"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    journal = tmp_path / "v.work" / "journal"
+    journal = tmp_path / "v.work" / "villages" / "journal"
     deadline = time.monotonic() + 120
     while not (journal.is_dir() and any(journal.rglob("tiles-*"))) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -339,6 +339,9 @@ def default_bands(colorinterp) -> tuple[int, ...]:
     return tuple(colour[:3]) if len(colour) >= 3 else tuple(colour or range(1, len(colorinterp) + 1))
 
 
+MAX_BLOCK_BYTES = 256 * 2**20  # one compressed block decoded: a 4096 x 4096 px RGBA float32 tile is 256 MiB
+
+
 def _check_integrity(src, path) -> None:
     """Refuse a GeoTIFF whose header promises more than the file holds (truncated downloads,
     headers claiming huge dimensions) before any work is planned on it.
@@ -348,6 +351,13 @@ def _check_integrity(src, path) -> None:
     """
     if src.driver != "GTiff":
         return
+    if src.compression is not None:  # a compressed block is decoded whole, however little of it is read
+        (bh, bw) = src.block_shapes[0]
+        block = bh * bw * sum(np.dtype(d).itemsize for d in src.dtypes)
+        if block > MAX_BLOCK_BYTES:
+            raise TilesError(f"its compressed blocks are {bw} x {bh} px: {block / 1e6:,.0f} MB each to decode "
+                             f"(more than {MAX_BLOCK_BYTES / 1e6:,.0f} MB; a decompression bomb?). Re-tile it: "
+                             "gdal_translate -co TILED=YES -co COMPRESS=DEFLATE IN OUT", path)
     size = path.stat().st_size if isinstance(path, Path) else None  # a remote object: its blocks are checked
     if src.compression is None and size is not None:
         need = src.width * src.height * sum(np.dtype(d).itemsize for d in src.dtypes)

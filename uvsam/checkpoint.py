@@ -26,8 +26,61 @@ WRAPPER_KEYS = ("model", "state_dict")
 def load_tensors(path: Path) -> object:
     """``torch.load`` with ``weights_only=True``, memory-mapped where the file is a zip archive
     (torch's format since 1.6): the tensors are read from the page cache as they are copied into
-    a model, not first into a private copy of the whole file."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    a model, not first into a private copy of the whole file.
+
+    A crafted file is refused (:class:`CheckpointError`) before or right after it is parsed: an
+    archive whose member names leave it (``../``, absolute) or that declares far more data than
+    it holds (a zip bomb), and tensors that claim more elements than their storage holds (a
+    view that copying would blow up to terabytes)."""
+    path = Path(path)
+    archive = zipfile.is_zipfile(path)
+    if archive:
+        check_archive(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
+    check_tensors(obj, path)
+    return obj
+
+
+MAX_INFLATION = 4  # a torch archive stores its tensors uncompressed: declared sizes match the file's
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a zip archive whose members would be written or read outside it, or that declares
+    much more data than the file holds."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"is truncated or corrupt ({_first_line(e)})", path) from None
+    for m in members:
+        name = m.filename.replace("\\", "/")
+        if name.startswith("/") or ".." in name.split("/") or ":" in name.split("/")[0]:
+            raise CheckpointError(f"holds an archive member named {m.filename!r}, outside the archive: refused "
+                                  "(a crafted file?)", path)
+    declared = sum(m.file_size for m in members)
+    size = path.stat().st_size
+    if declared > MAX_INFLATION * size + (1 << 20):
+        raise CheckpointError(f"declares {declared / 1e9:,.1f} GB of data in a {size / 1e6:,.1f} MB file: refused "
+                              "(a zip bomb?)", path)
+
+
+def check_tensors(obj: object, path: Path, depth: int = 0) -> None:
+    """Every tensor of a loaded file must fit its own storage (no view larger than its data)."""
+    if depth > 8:
+        return
+    if isinstance(obj, torch.Tensor):
+        need = obj.numel() * obj.element_size()
+        have = obj.untyped_storage().nbytes()
+        if need > have:
+            shape = " x ".join(map(str, obj.shape))
+            raise CheckpointError(f"declares a {shape} tensor ({need / 1e9:,.1f} GB) over {have:,} bytes of data: "
+                                  "refused (a crafted file?)", path)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            check_tensors(v, path, depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            check_tensors(v, path, depth + 1)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -41,6 +94,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError("checkpoint file is empty (0 bytes)", path)
     try:
         obj = load_tensors(path)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):  # a class or function reference: code
             raise CheckpointError(

@@ -60,8 +60,43 @@ def _on_signal(signum, frame):
 
 def _interrupted(name: str, code: int) -> int:
     hint = _STATE.get("resume")
+    if callable(hint):  # what was kept, as it stands at the interruption
+        hint = hint()
     sys.stderr.write(f"uvsam: interrupted ({name}); " + (hint or "nothing was written") + "\n")
     return code
+
+
+def _work_kept(out: Path, layer: str, what: str):
+    """The interruption line of a journaled run writing ``layer`` of ``out``: what its work folder
+    holds, looked at when the signal comes."""
+    from uvsam.files import work_folder
+
+    folder = work_folder(out, layer)
+    before = out.stat().st_mtime_ns if out.exists() else None
+
+    def hint() -> str:
+        unchanged = (f"{out} was not changed" if out.exists() and out.stat().st_mtime_ns == before
+                     else "nothing was written" if not out.exists() else f"{out} was written")
+        journal = folder / "journal"
+        if journal.is_dir() and any(f.name.startswith(("tiles-", "window-", "tile-")) for d in journal.iterdir()
+                                    if d.is_dir() for f in d.iterdir()):
+            return f"{what} are kept in {folder}: run the same command again to resume; {unchanged}"
+        return f"nothing had finished yet; {unchanged}"
+    return hint
+
+
+def _epochs_kept(out: Path, folds: bool):
+    """The interruption line of ``uvsam train``: whether an epoch of this run reached ``out``."""
+    before = out.stat().st_mtime_ns if out.exists() else None
+
+    def hint() -> str:
+        if folds:
+            return f"finished fold models are kept beside {out}: run the same command with --resume to continue"
+        if out.exists() and out.stat().st_mtime_ns != before:
+            return f"every finished epoch is kept in {out}: run the same command with --resume to continue"
+        return (f"no epoch had finished; {out} was not changed" if out.exists()
+                else "no epoch had finished; nothing was written")
+    return hint
 
 
 def _version(value: bool) -> None:
@@ -366,8 +401,7 @@ def everything_cmd(
         raise InputError(f"--workers must be at least 1, not {workers}")
     cfg = ObjectsConfig(EverythingConfig(points_per_side, 64, pred_iou_thresh, stability_thresh, 1.0, nms, min_region,
                                          hierarchical), tile, overlap, gsd)
-    _STATE["resume"] = (f"finished windows are kept in {out.with_name(out.stem + '.work')}: run the same command "
-                        "again to resume")
+    _STATE["resume"] = _work_kept(out, layer, "finished windows")
     ref = generalist_ref(_known_encoder(encoder), checkpoint, device, precision)
     if runs_in_process(local, scheduler, workers):
         result = run_everything(scenes, ref, out, cfg, layer, crs=crs)
@@ -416,8 +450,7 @@ def oneshot_cmd(
         raise InputError(f"--workers must be at least 1, not {workers}")
     cfg = OneShotConfig(method, train_steps, min_similarity=min_similarity, max_points=max_points)
     objects_cfg = ObjectsConfig(tile=tile, overlap=overlap, gsd_m=gsd)
-    _STATE["resume"] = (f"finished windows are kept in {out.with_name(out.stem + '.work')}: run the same command "
-                        "again to resume")
+    _STATE["resume"] = _work_kept(out, layer, "finished windows")
     ref = generalist_ref(_known_encoder(encoder), checkpoint, device, precision)
     if runs_in_process(local, scheduler, workers):
         result = run_oneshot(scenes, reference, reference_mask, ref, out, objects_cfg, cfg, layer, crs=crs)
@@ -529,9 +562,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the training saved in --out.")] = False,
 ):
     """Train the specialist and fusion head of UV-SAM (the generalist stays frozen)."""
-    _STATE["resume"] = (f"every finished epoch is kept in {out}: run the same command with --resume to continue"
-                        if not folds else f"finished fold models are kept beside {out}: run the same command with "
-                        "--resume to continue")
+    _STATE["resume"] = _epochs_kept(out, bool(folds))
     from uvsam.training import train as run_training
 
     if threads:
@@ -795,8 +826,7 @@ def predict(
 
         typer.echo(json.dumps(estimate(scenes, model, cfg, checkpoint), indent=2))
         return
-    _STATE["resume"] = (f"finished tiles and windows are kept in {out.with_name(out.stem + '.work')}: run the same "
-                        f"command again to resume; {out} was not changed")
+    _STATE["resume"] = _work_kept(out, layer, "finished tiles and windows")
     gpus = gpus_for(cfg.device)  # a worker per GPU when Dask runs locally
     in_process = runs_in_process(local, scheduler, workers, len(gpus))
     if cfg.int8 and not in_process:

@@ -45,3 +45,8 @@ class OutputError(UvsamError):
 
 class ConfigError(InputError):
     """A configuration value is out of range or inconsistent (``field`` names it)."""
+
+
+class ClusterError(UvsamError):
+    """The Dask cluster a run was using went away mid-run (its scheduler died or was unreachable);
+    finished work is journaled, so the same command resumes once the cluster is back."""

@@ -1,11 +1,16 @@
-"""Small file-system helpers: atomic writes and content hashes."""
+"""Small file-system helpers: atomic writes, output locks and content hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
+import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,14 +31,19 @@ def cache_home() -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, clean: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
-    On any error the temporary file is removed and ``path`` is left as it was.
+    On any error the temporary file is removed and ``path`` is left as it was. ``clean``: first
+    remove what killed writers of ``path`` left (:func:`remove_litter`; a folder of many small
+    files, the journal, cleans itself once instead).
     """
     path = Path(path)
-    # the real extension last: drivers that choose a format by it (GDAL's GPKG) stay quiet
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
+    if clean:
+        remove_litter(path)
+    # the real extension last: drivers that choose a format by it (GDAL's GPKG) stay quiet; the
+    # writer's pid in the name tells a later writer whether it is still at work (remove_litter)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=f".part{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
@@ -53,6 +63,127 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_litter(path: str | Path, every: bool = False) -> list[Path]:
+    """Remove the temporary files of ``path`` that a killed writer left (SIGKILL, power loss):
+    ``.STEM.PID.*.part.EXT`` beside it whose process no longer runs on this machine. A live
+    writer's file is left alone. ``every``: ``path`` is a folder, clean all its files' litter.
+    Returns what was removed."""
+    path = Path(path)
+    if every:
+        folder, pattern = path, re.compile(r"\..+\.(\d+)\.[^/.]+\.part(\.[^/]*)?")
+    else:
+        folder = path.parent
+        pattern = re.compile(rf"\.{re.escape(path.stem)}\.(\d+)\.[^/.]+\.part{re.escape(path.suffix)}")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
+                removed.append(folder / name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class Busy(OutputError):
+    """Another process holds the lock of an output (:class:`OutputLock`)."""
+
+
+class OutputLock:
+    """An advisory lock (``flock``) on an output, held in a hidden file beside it
+    (``.NAME[.PURPOSE].lock``, removed on release). The kernel releases it when its process dies,
+    however it dies, so a killed run never leaves a stale lock.
+
+    ``wait``: block until free (a short read-modify-replace of a shared file), else refuse at once
+    with :class:`Busy` naming who holds it (a whole run claiming its output)."""
+
+    def __init__(self, path: str | Path, purpose: str = "", wait: bool = True, what: str = ""):
+        self.path = Path(path)
+        self.file = self.path.with_name(f".{self.path.name}{'.' + purpose if purpose else ''}.lock")
+        self.wait, self.what = wait, what
+        self.fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            except OSError as e:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise Busy(f"{self.what or 'is being written'} by another uvsam run{holder}; wait for it to "
+                               "finish, or write elsewhere", self.path) from None
+                raise OutputError(f"cannot lock ({e.strerror})", self.path) from None
+            # the file may have been removed by the holder that released it just before we got
+            # it: then the lock is on a name nobody else sees; take the file that is there now
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+                self.fd = fd
+                return self
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.file)  # under the lock: a waiter re-checks the name (acquire)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid, since = os.pread(fd, 200, 0).decode().strip().split(" ", 1)
+        return f" (pid {int(pid)}, since {since})"
+    return ""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def work_folder(out: str | Path, layer: str) -> Path:
+    """Where a run writing ``layer`` of ``out`` keeps its journal and intermediate rasters:
+    ``OUT.work/LAYER/`` (runs writing other layers of the same file never share it)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".work") / layer
+
+
+def remove_work_folder(folder: Path) -> None:
+    """A finished run's :func:`work_folder`, and ``OUT.work`` itself once no other layer's is left."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()  # only when empty
 
 
 def check_writable(path: str | Path, folder: bool = False) -> Path:

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from uvsam.errors import InputError
+from uvsam.checkpoint import load_tensors
+from uvsam.errors import CheckpointError, InputError
 from uvsam.files import sha256_file
 from uvsam.modelfile import ModelFile
 from uvsam.modeling.gate import TileGate
@@ -40,7 +39,9 @@ class GateFile:
         if not path.is_file():
             raise InputError("gate file does not exist", path)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = load_tensors(path)
+        except CheckpointError:  # a crafted archive or tensor
+            raise
         except Exception as e:  # a truncated or foreign file: torch raises many kinds
             raise InputError(f"not a gate file ({str(e).splitlines()[0][:120]})", path) from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:

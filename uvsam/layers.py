@@ -5,7 +5,8 @@ specialist's villages before refinement) and ``tiles`` (the grid, with status), 
 table (configuration, versions, weights hashes, normalisation of every run) and a default QGIS
 style in ``layer_styles``. A file is never written in place: the new content goes to a copy
 that replaces the original only when complete, so other layers (other years) are untouched and
-an interrupted run leaves the previous file as it was.
+an interrupted run leaves the previous file as it was; runs adding layers to one file at the same
+time take turns (:class:`~uvsam.files.OutputLock`), so neither layer is lost.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pyogrio
 
 from uvsam.config import FORMATS
 from uvsam.errors import ConfigError, InputError
-from uvsam.files import atomic_path
+from uvsam.files import OutputLock, atomic_path
 
 
 def date_column(value: str | date | None, n: int) -> pd.Series:
@@ -154,6 +155,20 @@ def _table(path: Path, layer: str) -> pd.DataFrame | None:
     return None
 
 
+def check_crs(crs: str | None, field: str = "crs") -> str | None:
+    """An output CRS as given, once pyproj knows it (checked before any work, not at the write)."""
+    if crs is None:
+        return None
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(crs)
+    except CRSError as e:
+        raise ConfigError(f"{crs!r} is not a CRS ({str(e).splitlines()[0][:120]})", field=field) from None
+    return crs
+
+
 def companion(layer: str, kind: str) -> str:
     """Name of the candidates / tiles layer that goes with villages layer ``layer``."""
     return kind if layer == "villages" else f"{layer}_{kind}"
@@ -185,6 +200,12 @@ def write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidat
     problem = layer_problem(layer)
     if problem:
         raise InputError(problem, out)
+    with OutputLock(out):  # another run adding its layer to the same file waits: no lost update
+        _write_geopackage(out, layer, villages, candidates, tiles, run)
+
+
+def _write_geopackage(out: Path, layer: str, villages: gpd.GeoDataFrame, candidates: gpd.GeoDataFrame,
+                      tiles: gpd.GeoDataFrame, run: dict) -> None:
     _check_gpkg(out)
     runs = _table(out, "runs")
     styles = _table(out, "layer_styles")
@@ -216,6 +237,11 @@ def write_layer(out: Path, layer: str, frame: gpd.GeoDataFrame, run: dict, kind:
     """Write (or replace) one ``layer`` of style ``kind`` (:data:`STYLES`) in GeoPackage ``out``, its
     run row appended to ``runs``; other layers are kept. Atomic: a reader never sees half a file."""
     out = Path(out)
+    with OutputLock(out):
+        _write_layer(out, layer, frame, run, kind)
+
+
+def _write_layer(out: Path, layer: str, frame: gpd.GeoDataFrame, run: dict, kind: str) -> None:
     _check_gpkg(out)
     runs, styles = _table(out, "runs"), _table(out, "layer_styles")
     run_row = pd.DataFrame([{k: v if isinstance(v, str | int | float | bool) or v is None else json.dumps(v)

@@ -16,6 +16,7 @@ model stays reproducible.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass, field, replace
@@ -92,6 +93,28 @@ class ModelFile:
     meta: dict
     inferred: tuple[str, ...] = ()
     loaded: list = field(default_factory=list, repr=False, compare=False)  # the payload read, until handed over
+    shapes: dict = field(default_factory=dict, repr=False, compare=False)  # "state"/"generalist_state" key -> shape
+
+    def check_weights(self) -> None:
+        """Refuse weights that do not fit the network the config describes (a damaged or edited
+        file), before any work: every tensor of the file against a skeleton of the network (the
+        specialist built, the generalist on the meta device: no memory, a fraction of a second)."""
+        with torch.device("meta"):
+            generalist = build_generalist(self.config.encoder)
+        skeleton = UVSAM(self.config, Specialist(self.config.specialist), generalist)
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        own = {f"generalist.{k}": v for k, v in self.shapes.get("generalist_state", {}).items()}
+        for key, shape in {**self.shapes.get("state", {}), **own}.items():
+            if key not in expected:
+                raise CheckpointError(f"model weights do not fit its config: {key} is not a weight of a "
+                                      f"{self.config.specialist} / {self.config.encoder} UV-SAM", self.path)
+            if expected[key] != shape:
+                raise CheckpointError(f"model weights do not fit its config: {key} is {_dims(shape)}, the network's "
+                                      f"is {_dims(expected[key])}", self.path)
+        missing = [k for k in expected if not k.startswith("generalist.") and k not in self.shapes.get("state", {})]
+        if missing:
+            raise CheckpointError(f"model weights do not fit its config: {len(missing)} missing "
+                                  f"({', '.join(missing[:3])})", self.path)
 
     @property
     def gsd_m(self) -> float:
@@ -145,6 +168,8 @@ def _load_payload(path: Path) -> tuple[dict, str]:
         raise CheckpointError("model file is empty (0 bytes)", path)
     try:
         payload = load_tensors(path)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):  # a class or function reference: code
             raise CheckpointError("model file holds pickled Python objects; uvsam loads tensors only", path) from None
@@ -167,7 +192,15 @@ def _from_payload(path: Path, payload: dict, digest: str) -> ModelFile:
     if "gsd_m" not in raw and "gsd_m" in meta:  # the earliest files kept it beside the config only
         raw["gsd_m"] = meta["gsd_m"]
         inferred.append("gsd_m")
-    config = UVSAMConfig.from_dict(raw)
+    try:
+        config = UVSAMConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"model file's config is damaged ({str(e)[:120]})", path) from None
+    source = meta.get("source_gsd_m")
+    problems = config.problems() + ([f"source_gsd_m is {source!r}: it must be a number > 0"]
+                                    if source is not None and not _positive(source) else [])
+    if problems:
+        raise CheckpointError(f"model file's {problems[0]}", path)
     for name, default in (("normalisation", "auto"), ("bands", None), ("harmonise", False), ("source_gsd_m", None)):
         if name not in meta:
             meta[name] = default
@@ -175,8 +208,18 @@ def _from_payload(path: Path, payload: dict, digest: str) -> ModelFile:
     inputs = InputSpec(config.gsd_m, tuple(meta["bands"]) if meta["bands"] else None, meta["normalisation"],
                        bool(meta["harmonise"]), Radiometry.from_dict(meta["radiometry"]))
     source_gsd = meta["source_gsd_m"]
+    shapes = {part: {k: tuple(v.shape) for k, v in payload[part].items() if isinstance(v, torch.Tensor)}
+              for part in ("state", "generalist_state") if isinstance(payload.get(part), dict)}
     return ModelFile(path, digest, config, inputs, dict(meta["generalist"]),
-                     float(source_gsd) if source_gsd is not None else None, meta, tuple(inferred), [payload])
+                     float(source_gsd) if source_gsd is not None else None, meta, tuple(inferred), [payload], shapes)
+
+
+def _dims(shape: tuple) -> str:
+    return " x ".join(map(str, shape)) or "a scalar"
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def read_model_file(path: str | Path) -> dict:
@@ -216,7 +259,11 @@ def load_model(path: str | Path | ModelFile, checkpoint: str | Path | None = Non
         generalist = load_generalist(config.encoder, file)
         generalist.weights_sha256 = model_file.generalist["sha256"]
     model = UVSAM(config, Specialist(config.specialist), generalist)
-    missing, unexpected = model.load_state_dict(payload["state"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(payload["state"], strict=False)
+    except RuntimeError as e:  # a size mismatch (ModelFile.check_weights says which, before any work)
+        raise CheckpointError(f"model weights do not fit its config ({str(e).splitlines()[-1].strip()[:160]})",
+                              model_file.path) from None
     missing = [k for k in missing if not k.startswith("generalist.")]
     if missing or unexpected:
         raise CheckpointError(f"model weights do not fit its config: {len(missing)} missing, "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -47,7 +46,7 @@ from uvsam.checkpoint import load_generalist
 from uvsam.devices import Device, select
 from uvsam.errors import InputError
 from uvsam.everything import EverythingConfig, Objects, decode_points, generate
-from uvsam.files import check_writable, sha256_file
+from uvsam.files import OutputLock, check_writable, remove_work_folder, sha256_file, work_folder
 from uvsam.layers import layer_problem, write_layer
 from uvsam.modeling.registry import get_spec
 from uvsam.polygons import measure, polygonise
@@ -272,8 +271,8 @@ def scene_objects(path: str | Path, seg_ref, cfg: ObjectsConfig, workdir: Path, 
                   progress: Callable[[str, int], None] | None = None, prepared=None) -> tuple[list[dict], SceneRef]:
     """Every object of one scene: records (scene CRS ``geometry``, attributes) after the merge."""
     ref, scene = prepared or prepare(path, cfg)
-    journal = Journal(workdir / "journal", scene_identity(path), seg_ref.sha256, json.dumps(cfg.to_dict(),
-                                                                                            sort_keys=True))
+    journal = Journal(workdir / "journal", scene=Path(str(path)).name, content=scene_identity(path),
+                      model=seg_ref.sha256, options=json.dumps(cfg.to_dict(), sort_keys=True))
     size = cfg.tile
     grid = scene.grid
     rows, cols = sorted({t.window.row_off for t in grid}), sorted({t.window.col_off for t in grid})
@@ -379,7 +378,7 @@ def run_everything(scenes: list[str], seg_ref, out: str | Path, cfg: ObjectsConf
                    crs: str | None = None, progress: Callable[[str, int], None] | None = None,
                    command: str = "everything", run_extra: dict | None = None, score: str = "stability") -> dict:
     """``uvsam everything``: every scene's objects into one GeoPackage layer (others kept), a run
-    row in ``runs``. Resumable: tasks are journaled in ``OUT.work/``, removed after success.
+    row in ``runs``. Resumable: tasks are journaled in ``OUT.work/LAYER/``, removed after success.
 
     ``seg_ref``: what finds the objects in a window (:class:`GeneralistRef`, or another with its
     ``load()``, ``sha256``, ``generalist`` (a GeneralistRef); ``uvsam oneshot``'s); ``score``: the
@@ -402,8 +401,15 @@ def run_everything(scenes: list[str], seg_ref, out: str | Path, cfg: ObjectsConf
     if not paths:
         raise InputError("no rasters found in " + ", ".join(scenes))
     prepared = [prepare(p, cfg, bands) for p in paths]  # every scene checked before any work
-    workdir = out.with_name(out.stem + ".work")
-    workdir.mkdir(exist_ok=True)
+    with OutputLock(out, f"{layer}.run", wait=False, what=f"layer {layer!r} is being written"):
+        return _run_everything(paths, prepared, seg_ref, out, cfg, layer, runner, crs, progress, command,
+                               run_extra, score)
+
+
+def _run_everything(paths, prepared, seg_ref, out: Path, cfg: ObjectsConfig, layer: str, runner: Runner, crs,
+                    progress, command: str, run_extra: dict | None, score: str) -> dict:
+    workdir = work_folder(out, layer)
+    workdir.mkdir(parents=True, exist_ok=True)
     frames, out_crs = [], crs
     for path, prep in zip(paths, prepared, strict=True):
         records, ref = scene_objects(path, seg_ref, cfg, workdir, runner, progress, prep)
@@ -421,6 +427,6 @@ def run_everything(scenes: list[str], seg_ref, out: str | Path, cfg: ObjectsConf
            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with stage("write"):
         write_layer(out, layer, frame, run, "objects")
-    shutil.rmtree(workdir, ignore_errors=True)
+    remove_work_folder(workdir)
     return {"out": str(out), "layer": layer, "scenes": len(paths), "objects": len(frame),
             "complete": int(frame["complete"].sum()) if len(frame) else 0}

@@ -12,6 +12,7 @@ The workflow's own text is stored in the output's ``runs`` table with every year
 from __future__ import annotations
 
 from dataclasses import fields
+from datetime import datetime
 from pathlib import Path
 from typing import get_type_hints
 
@@ -88,7 +89,14 @@ class Year(Strict):
     @field_validator("acquired", mode="before")
     @classmethod
     def _date(cls, v):
-        return None if v is None else str(v)  # YAML reads 2020-07-01 as a date
+        if v is None:
+            return None
+        v = str(v)
+        try:
+            datetime.strptime(v, "%Y-%m-%d")
+        except ValueError:
+            raise ValueError(f"acquired must be a date YYYY-MM-DD, got {v!r}") from None
+        return v
 
 
 class Execution(Strict):
@@ -141,6 +149,16 @@ class Workflow(Strict):
         return PredictConfig(**self.predict.model_dump(), acquired=year.acquired)
 
 
+class _DatesAsText(yaml.SafeLoader):
+    """YAML's safe loader with dates left as text: a workflow checks them itself, so ``2020-13-45``
+    is one clear line rather than the parser's error."""
+
+
+_DatesAsText.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
 def load(path: str | Path) -> tuple[Workflow, str]:
     """The validated workflow (paths resolved against the file's folder) and its text.
 
@@ -149,9 +167,16 @@ def load(path: str | Path) -> tuple[Workflow, str]:
     path = Path(path)
     if not path.is_file():
         raise InputError("workflow file does not exist", path)
-    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not a text file (byte {e.start} is not UTF-8)", path) from None
+    try:
+        loader = _DatesAsText(text)  # a SafeLoader: plain data only
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -18,6 +18,7 @@ decoder) train; the generalist's image encoder and prompt encoder stay frozen.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -82,6 +83,30 @@ class UVSAMConfig:
     @property
     def min_area(self) -> float:
         return min_area_m2(OFFICIAL_GSD_M) if self.min_area_m2 is None else self.min_area_m2
+
+    MAX_GSD_M = 100.0  # coarser than this, a village is a pixel or two
+
+    def problems(self) -> list[str]:
+        """What makes this config unusable (a damaged or hand-edited file); empty when sound."""
+        out = []
+
+        def number(name: str, value, low: float, high: float = math.inf, low_open: bool = True) -> None:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value > high or value < low or (low_open and value == low):
+                bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+                out.append(f"{name} is {value!r}: it must be a number {bound}")
+
+        number("gsd_m", self.gsd_m, 0.0, self.MAX_GSD_M)
+        if self.min_area_m2 is not None:
+            number("min_area_m2", self.min_area_m2, 0.0, low_open=False)
+        number("max_villages", self.max_villages, 1, low_open=False)
+        number("lcn_sigma_m", self.lcn_sigma_m, 0.0)
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+            return [*out, f"pixel_mean / pixel_std have {len(self.pixel_mean)} / {len(self.pixel_std)} values, not 3"]
+        for i, (m, s) in enumerate(zip(self.pixel_mean, self.pixel_std, strict=True)):
+            number(f"pixel_mean[{i}]", m, -math.inf, low_open=False)
+            number(f"pixel_std[{i}]", s, 0.0)
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)

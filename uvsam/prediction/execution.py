@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 
+from uvsam.errors import ConfigError
+
 Runner = Callable[[Callable, Iterable[tuple]], Iterator]
 
 
 LOCAL_CLUSTER_MIN_CORES = 8
+SCHEDULER_SCHEMES = ("tcp://", "tls://", "inproc://", "ws://", "wss://")
 
 
 def runs_in_process(local: bool | None, scheduler: str | None = None, workers: int | None = None,
@@ -20,6 +23,10 @@ def runs_in_process(local: bool | None, scheduler: str | None = None, workers: i
     with fewer than ``LOCAL_CLUSTER_MIN_CORES`` cores, where one model's threads already use
     every core and a local cluster only adds processes and memory (docs/benchmarks.md), else a
     local cluster."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"must be at least 1, got {workers}", field="workers")
+    if scheduler is not None and not scheduler.startswith(SCHEDULER_SCHEMES):
+        raise ConfigError(f"must be a scheduler address such as tcp://HOST:8786, got {scheduler!r}", field="scheduler")
     if local is not None:
         return local
     if scheduler or workers:
@@ -39,7 +46,8 @@ def run_journaled(runner: Runner, fn: Callable, arg_list: list[tuple], keys: lis
                   load: Callable, save: Callable) -> Iterator:
     """``runner`` over the tasks the journal does not hold yet; all results in order.
 
-    Finished results are read back lazily, so memory holds no more than the runner does.
+    Finished results are read back lazily, so memory holds no more than the runner does; one
+    that cannot be read back (``load`` returns None) is computed again, here.
     """
     todo = [i for i, k in enumerate(keys) if not exists(k)]
     computed = iter(zip(todo, runner(fn, (arg_list[i] for i in todo)), strict=True))
@@ -50,4 +58,8 @@ def run_journaled(runner: Runner, fn: Callable, arg_list: list[tuple], keys: lis
             save(keys[j], result)
             yield result
         else:
-            yield load(key)
+            result = load(key)
+            if result is None:
+                result = next(iter(runner(fn, [arg_list[i]])))
+                save(key, result)
+            yield result

@@ -13,6 +13,7 @@ from pathlib import Path
 from uvsam.compiled import Build, Shapes, compile_model
 from uvsam.config import PredictConfig
 from uvsam.devices import Device, select
+from uvsam.errors import CheckpointError
 from uvsam.gatefile import GateFile
 from uvsam.modelfile import ModelFile, generalist_file, load_model
 from uvsam.preprocess import InputSpec
@@ -75,7 +76,12 @@ def get_model(info: ModelInfo):
     if key not in _MODELS:
         _MODELS.clear()  # one model a process: a new one replaces the last
         _BUILDS.clear()
-        model = load_model(ModelFile.read(info.path), info.checkpoint)[0].to(info.device.torch)
+        model_file = ModelFile.read(info.path)
+        if model_file.sha256 != info.sha256:  # a worker that sees another file under the run's path
+            raise CheckpointError(f"is not the run's model here (SHA-256 {model_file.sha256[:12]}..., the run's is "
+                                  f"{info.sha256[:12]}...): every Dask worker must see the same model file",
+                                  info.path)
+        model = load_model(model_file, info.checkpoint)[0].to(info.device.torch)
         if info.compiled is not None:
             plan = info.compiled
             with stage("compile"):
@@ -105,7 +111,7 @@ def gate_info(path: str | Path, model: str | Path) -> GateInfo:
     """The gate file's :class:`GateInfo`, after checking it was trained for ``model``'s inputs."""
     gate = GateFile.read(path)
     gate.check_inputs(ModelFile.read(model))
-    return GateInfo(str(path), gate.sha256, gate.crop, gate.threshold)
+    return GateInfo(str(Path(path).resolve()), gate.sha256, gate.crop, gate.threshold)
 
 
 def model_info(path: str | Path, checkpoint: str | Path | None = None, device: str = "auto",
@@ -114,9 +120,12 @@ def model_info(path: str | Path, checkpoint: str | Path | None = None, device: s
     and the generalist's weights are checked (by SHA-256) first."""
     place = select(device, precision)
     model = ModelFile.read(path)
+    model.check_weights()
     generalist_file(model, checkpoint)  # the right weights are there, before any work
     status = model.status
-    return ModelInfo(str(path), str(checkpoint) if checkpoint else None, model.sha256, model.inputs,
+    # absolute paths: a Dask worker started elsewhere opens the same files, whatever its folder
+    return ModelInfo(str(Path(path).resolve()), str(Path(checkpoint).resolve()) if checkpoint else None,
+                     model.sha256, model.inputs,
                      model.config.min_area, status.verified, status.note, model.source_gsd_m, place)
 
 

@@ -32,21 +32,25 @@ from uvsam.progress import stage
 
 def predict_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, workdir: Path,
                   runner: Runner = run_local, progress: Callable[[str, int], None] | None = None,
-                  prepared: tuple | None = None, identity: str | None = None, name: str | None = None) -> SceneResult:
+                  prepared: tuple | None = None, name: str | None = None,
+                  log: Callable[[str], None] | None = None) -> SceneResult:
     """Run the four steps on one scene; the probability mosaic is written into ``workdir``.
 
     Finished tasks are journaled in ``workdir``: an interrupted run, run again, skips them.
     ``progress(stage, n)`` is called as tiles and windows finish. ``prepared``: the scene's
-    :func:`~uvsam.prediction.scene.prepare_scene` when the caller has it already; ``identity``: the
-    scene's :func:`~uvsam.prediction.journal.scene_identity` when the caller has it (a remote
-    scene's version is then asked for once per run); ``name``: what the scene goes by in the run
-    (its files in ``workdir``), default its file name.
+    :func:`~uvsam.prediction.scene.prepare_scene` when the caller has it already (its ``version``, what
+    its pixels come from, names the journal); ``name``: what the scene goes by in the run
+    (its files in ``workdir``), default its file name; ``log``: where a note goes that an earlier
+    run's journal of this scene no longer applies (its scene, model or options changed).
     """
     path = location(path)
     scene, prep = prepared if prepared is not None else prepare_scene(path, info, cfg)
-    journal = Journal(workdir / "journal", identity or scene_identity(path),
-                      info.sha256 + (f"+gate:{info.gate.sha256}" if info.gate else ""),
-                      cfg.identity())
+    journal = Journal(workdir / "journal", scene=name or path.name, content=prep.version or scene_identity(path),
+                      model=info.sha256 + (f"+gate:{info.gate.sha256}" if info.gate else ""),
+                      options=cfg.identity())
+    if journal.replaced and log is not None:
+        log(f"note: {name or path.name}: the finished work of an earlier run is not reused "
+            f"({'; '.join(dict.fromkeys(journal.replaced))}): starting this scene afresh")
     if prep.crs is None:
         raise InputError("raster has no CRS; village polygons need georeferenced imagery", path)
     mosaic = workdir / f"{Path(name).stem if name else path.stem}.probability.tif"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import shutil
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -24,8 +23,8 @@ from uvsam.compiled import AUTO_MIN_PIXELS, Shapes
 from uvsam.config import FORMATS, PredictConfig
 from uvsam.devices import Device
 from uvsam.errors import ConfigError, UvsamError
-from uvsam.files import check_writable
-from uvsam.layers import check_format, date_column, write_layers
+from uvsam.files import OutputLock, check_writable, remove_work_folder, work_folder
+from uvsam.layers import check_crs, check_format, date_column, write_layers
 from uvsam.modeling.uvsam import UVSAM
 from uvsam.pictures import quicklook as draw_quicklook
 from uvsam.polygons import measure as measure_polygons
@@ -58,7 +57,7 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
                    probabilities: str | Path | None = None, quicklook: bool = True) -> dict:
     """Predict every scene and write the layers; returns a summary.
 
-    Resumable: finished tasks are journaled beside the output (``OUT.work/journal``), so the
+    Resumable: finished tasks are journaled beside the output (``OUT.work/LAYER/journal``), so the
     same command run again after an interruption skips them and writes the same layers. The
     run id is derived from the inputs, model and configuration, so it too is the same.
     ``run_extra`` adds columns to the ``runs`` table (a workflow stores its name and text);
@@ -72,6 +71,16 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
     """
     out = check_writable(out)
     fmt = check_format(fmt, layer, out)  # given, else the extension's
+    crs = check_crs(crs)
+    # one run at a time writes a layer of a file (a second is refused at once, before any work);
+    # runs of other layers of the same file go ahead and take turns to write (write_layers)
+    with OutputLock(out, f"{layer}.run", wait=False, what=f"layer {layer!r} is being written"):
+        return _run_prediction(scenes, model, out, cfg, layer, fmt, crs, checkpoint, runner, log, run_extra,
+                               prepared, probabilities, quicklook)
+
+
+def _run_prediction(scenes, model, out: Path, cfg: PredictConfig, layer: str, fmt: str, crs, checkpoint,
+                    runner: Runner, log, run_extra, prepared, probabilities, quicklook) -> dict:
     if probabilities is not None:
         probabilities = check_writable(probabilities)
         if probabilities.suffix.lower() not in (".tif", ".tiff"):
@@ -88,7 +97,7 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
                            *([info.gate.sha256] if info.gate else [])]
     run_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     if prepared is None:  # every scene opened and checked before any work (a workflow did it for all years)
-        prepared = [prepare_scene(p, info, cfg) for p in paths]
+        prepared = [prepare_scene(p, info, cfg, v) for p, v in zip(paths, versions, strict=True)]
     if cfg.refine and not refines(cfg, info):
         log(f"note: {info.generalist_note}: villages keep the specialist's outlines (not refined); "
             "bring the official weights, or give --force-refine to refine anyway")
@@ -112,16 +121,15 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
         if (prep.suitability or {}).get("problems"):
             log(f"warning: {names.get(prep.path, prep.path)}: run with --force despite: "
                 + "; ".join(prep.suitability["problems"]))
-    workdir = out.with_name(out.stem + ".work")
-    workdir.mkdir(exist_ok=True)
-    frames, cands, tiles, journals = [], [], [], []
+    workdir = work_folder(out, layer)
+    workdir.mkdir(parents=True, exist_ok=True)
+    frames, cands, tiles = [], [], []
     out_crs = crs
     with tiles_progress([scene_row(scene, info) for scene, _ in prepared]) as bar:
-        for path, prep, version in zip(paths, prepared, versions, strict=True):
+        for path, prep in zip(paths, prepared, strict=True):
             name = names[str(path)]
             res = predict_scene(path, info, cfg, workdir, runner, progress=bar_callback(bar), prepared=prep,
-                                identity=version, name=name)
-            journals.append(res.journal)
+                                name=name, log=log)
             if probabilities is not None:
                 with stage("write"):
                     write_probabilities(res.mosaic, scene_output(probabilities, name, len(paths)), info.gsd_m)
@@ -180,8 +188,7 @@ def run_prediction(scenes: list[str | StacScene], model: str | Path, out: str | 
                           [dates[str(p)] for p in paths], "EPSG:4326" if fmt == "geojson" else out_crs, written,
                           picture, list(from_stac.values()), info.gsd_m)
         stac_item = write_item(item, item_path(out, layer))
-    for j in journals:  # the layers are written: the journal has served its purpose
-        shutil.rmtree(j, ignore_errors=True)
+    remove_work_folder(workdir)  # the layers are written: the journal and mosaics have served their purpose
     return {"out": str(out), "layer": layer, "scenes": len(paths), "villages": len(villages), "run_id": run_id,
             "quicklook": str(picture) if picture else None, "stac_item": str(stac_item),
             "device": info.device.describe(), "compiled": compile_note}

@@ -3,6 +3,7 @@ then read window by window (:func:`read_tile`) through one open source per worke
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,10 @@ from rasterio.windows import Window
 
 from tiles.plan import TilingConfig, plan
 from tiles.reader import RasterSource, ReadOptions
-from tiles.remote import is_remote
 from tiles.service import TileService, service_raster
 from uvsam.config import PredictConfig
 from uvsam.datasets import RASTER_EXT, find_files
+from uvsam.prediction.journal import scene_identity
 from uvsam.prediction.model import ModelInfo
 from uvsam.preprocess import Preprocessing, read_overview, read_window, scene_preprocessing
 from uvsam.progress import stage
@@ -36,6 +37,7 @@ class ScenePrep:
     width: int
     height: int
     suitability: dict | None = None  # uvsam.suitability.Suitability of the scene
+    version: str = ""  # digest of what its pixels come from when it was prepared (journal.scene_identity)
 
     @property
     def affine(self) -> Affine:
@@ -66,8 +68,9 @@ def find_scenes(specs: list[str | StacScene | TileService], gsd_m: float | None 
     return out
 
 
-def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
-    """The tiling plan and the :class:`ScenePrep` of one scene, from one read of its overview."""
+def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, identity: str | None = None):
+    """The tiling plan and the :class:`ScenePrep` of one scene, from one read of its overview;
+    ``identity``: its :func:`~uvsam.prediction.journal.scene_identity` when the caller has it."""
     read = info.inputs.read
     with RasterSource(path, ReadOptions(info.inputs.bands)) as native:  # the header only: nothing resampled yet
         scene_gsd = float(np.mean(native.ground_res)) if native.ground_res else None
@@ -84,8 +87,9 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig):
     if preprocessing.mode == "histogram":
         check_radiometry(suit, preprocessing.source.quantiles, info.inputs.radiometry.quantiles)
     s = scene.source
+    identity = identity or scene_identity(path)
     prep = ScenePrep(str(path), read, preprocessing, s["crs"], tuple(s["transform"]), s["width"], s["height"],
-                     suit.to_dict())
+                     suit.to_dict(), hashlib.sha256(identity.encode()).hexdigest()[:16])
     return scene, prep
 
 
@@ -139,11 +143,10 @@ def open_source(prep: ScenePrep) -> RasterSource:
     them from GDAL's block cache, where opening it for every task would decode every
     compressed block four times or more.
     """
-    if is_remote(prep.path):  # its version was fixed when the run began (the journal's scene identity)
-        key = (prep.path, prep.read)
-    else:
-        stat = Path(prep.path).stat()
-        key = (prep.path, prep.read, stat.st_mtime_ns, stat.st_size)  # a file replaced on disk is reopened
+    # by what its pixels come from when the run began: a scene whose file or any source of it (a
+    # VRT's tiles) changed since is reopened, never served from blocks cached before (a Dask
+    # worker lives on from run to run); a remote scene's version is the one the run fixed
+    key = (prep.path, prep.read, prep.version)
     cached = getattr(_SOURCES, "open", None)
     if cached is None or cached[0] != key:
         if cached is not None:

@@ -1,0 +1,468 @@
+"""Unattended city runs (issue 26): concurrent writers, stale resumes, signals, a real cluster.
+
+Each test drives the real commands on the real Beijing tiles with the session's test model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import torch
+
+from tests.conftest import ROOT, run_cli
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+SMALL = ["--local", "--tile", "256", "--overlap", "128"]  # the train mosaic: 16 tiles
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _frame(path: Path, layer: str):
+    return pyogrio.read_dataframe(path, layer=layer).drop(columns=["run_id"])
+
+
+def _same(a: Path, b: Path, layer_a: str = "villages", layer_b: str | None = None) -> None:
+    x, y = _frame(a, layer_a), _frame(b, layer_b or layer_a)
+    assert len(x) > 0 and x.drop(columns="geometry").equals(y.drop(columns="geometry"))
+    assert all(p.equals_exact(q, 1e-9) for p, q in zip(x.geometry, y.geometry, strict=True))
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("note:", "warning:"))]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# -- concurrent writers -----------------------------------------------------------------------------------
+WRITER = """
+import sys
+import geopandas as gpd
+from shapely.geometry import box
+from uvsam.layers import write_layer
+out, prefix = sys.argv[1], sys.argv[2]
+for i in range(8):
+    frame = gpd.GeoDataFrame({"n": [i]}, geometry=[box(i, 0, i + 1, 1)], crs="EPSG:3857")
+    write_layer(out, f"{prefix}{i}", frame, {"run_id": f"{prefix}{i}"}, "objects")
+"""
+
+
+def test_processes_adding_layers_to_one_geopackage_lose_none(tmp_path):
+    """Three processes each add eight layers to one GeoPackage at the same time (a read-copy-
+    replace each): every layer and every run row is there at the end (without the output lock
+    most are lost: each writer replaces the file with its own copy)."""
+    out = tmp_path / "shared.gpkg"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), p], env=ENV, stderr=subprocess.PIPE, text=True)
+             for p in ("a", "b", "c")]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    layers = {name for name, _ in pyogrio.list_layers(out)}
+    assert {f"{p}{i}" for p in "abc" for i in range(8)} <= layers
+    assert len(pyogrio.read_dataframe(out, layer="runs")) == 24
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no lock or temporary left
+
+
+def test_a_layer_being_written_refuses_a_second_run_at_once(beijing, model, tmp_path, capsys):
+    from uvsam.files import OutputLock
+
+    out = tmp_path / "v.gpkg"
+    shutil.copyfile(beijing / "val/images/49554_107968.tif", tmp_path / "scene.tif")
+    with OutputLock(out, "y2020.run", wait=False):  # another run is writing layer y2020
+        t = time.monotonic()
+        code, _, err = run_cli(["predict", tmp_path / "scene.tif", "--model", model, "--out", out, "--layer", "y2020",
+                                "--local"], capsys)
+        assert time.monotonic() - t < 30  # refused before any work
+    line = _one_line(err)
+    assert code == 2 and line.startswith(f"uvsam: error: {out}: layer 'y2020' is being written by another uvsam run "
+                                         f"(pid {os.getpid()}, since "), line
+    assert not out.exists() and not out.with_name("v.work").exists()
+    # free again: the same command runs
+    code, _, err = run_cli(["predict", tmp_path / "scene.tif", "--model", model, "--out", out, "--layer", "y2020",
+                            "--local"], capsys)
+    assert code == 0, err
+
+
+def test_two_years_predicted_at_once_into_one_file_are_each_right(beijing, model, tmp_path):
+    """Two ``uvsam predict`` processes at the same time, each a year whose scene has the same
+    file name (``2018/scene.tif``, ``2020/scene.tif``), into two layers of one GeoPackage: both
+    layers are there, each exactly what the year predicted alone gives (its own mosaic, its own
+    journal), and no work folder is left."""
+    scenes = {}
+    for year, tile in (("2018", "49554_107968"), ("2020", "49554_107970")):
+        (tmp_path / year).mkdir()
+        scenes[year] = shutil.copyfile(beijing / f"val/images/{tile}.tif", tmp_path / year / "scene.tif")
+    out = tmp_path / "both.gpkg"
+    procs = [subprocess.Popen([sys.executable, "-m", "uvsam", "predict", str(scenes[y]), "--model", str(model),
+                               "--out", str(out), "--layer", f"y{y}", "--local", "--force-refine"],
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for y in scenes]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    for year, scene in scenes.items():
+        alone = tmp_path / f"alone{year}.gpkg"
+        code = subprocess.run([sys.executable, "-m", "uvsam", "predict", str(scene), "--model", str(model), "--out",
+                               str(alone), "--local", "--force-refine"], env=ENV, capture_output=True).returncode
+        assert code == 0
+        _same(alone, out, "villages", f"y{year}")
+    assert not (tmp_path / "both.work").exists()
+
+
+# -- stale resumes -----------------------------------------------------------------------------------------
+def _dying_after(n: int):
+    from uvsam.prediction import run_local
+
+    done = []
+
+    def runner(fn, arg_list):
+        for result in run_local(fn, arg_list):
+            if len(done) == n:
+                raise KeyboardInterrupt  # as if killed here
+            done.append(fn.__name__)
+            yield result
+    return runner
+
+
+@pytest.fixture(scope="module")
+def mosaic(beijing, tmp_path_factory) -> Path:
+    """A copy of the train mosaic (a VRT of six GeoTIFFs), so a test may change a source tile."""
+    root = tmp_path_factory.mktemp("mosaic")
+    shutil.copytree(beijing / "train", root / "train")
+    return root / "train/images.vrt"
+
+
+def test_a_resume_after_a_source_of_the_mosaic_changed_starts_afresh(mosaic, model, tmp_path):
+    """Interrupted, then one source tile of the VRT is replaced by another image (same size and
+    grid, the VRT file untouched): the re-run says why it starts afresh and writes exactly what a
+    fresh run on the new pixels writes, not a mix of old tiles and new."""
+    from uvsam.prediction import PredictConfig, run_prediction
+
+    scene = tmp_path / "train"
+    shutil.copytree(mosaic.parent, scene)
+    cfg = PredictConfig(tile=256, overlap=128, batch_size=4, force_refine=True)
+    out, notes = tmp_path / "v.gpkg", []
+    with pytest.raises(KeyboardInterrupt):
+        run_prediction([str(scene / "images.vrt")], model, out, cfg, runner=_dying_after(3), log=notes.append)
+    journal = tmp_path / "v.work/villages/journal"
+    assert len(list(journal.rglob("tiles-*.npz"))) == 3
+    # a source tile's pixels change (a later image of the same place), the VRT file does not
+    source = scene / "images/49566_107866.tif"
+    with rasterio.open(source, "r+") as ds:
+        ds.write(np.ascontiguousarray(ds.read()[:, ::-1, ::-1]))
+    run_prediction([str(scene / "images.vrt")], model, out, cfg, log=notes.append)
+    why = "not reused (the scene's pixels or files changed): starting this scene afresh"
+    assert any(why in n for n in notes), notes
+    fresh = tmp_path / "fresh.gpkg"
+    run_prediction([str(scene / "images.vrt")], model, fresh, cfg, log=lambda m: None)
+    _same(fresh, out)
+    assert not (tmp_path / "v.work").exists()
+
+
+def test_a_resume_with_other_options_or_model_never_mixes_old_results(mosaic, model, tmp_path):
+    """Interrupted, then run again with an option that changes results, then with another model
+    file: each re-run says why it starts afresh, and its output is that of a fresh run."""
+    from uvsam.prediction import PredictConfig, run_prediction
+
+    cfg = PredictConfig(tile=256, overlap=128, batch_size=4)
+    out, notes = tmp_path / "v.gpkg", []
+    with pytest.raises(KeyboardInterrupt):
+        run_prediction([str(mosaic)], model, out, cfg, runner=_dying_after(2), log=notes.append)
+    other = PredictConfig(tile=256, overlap=128, batch_size=4, threshold=0.6)
+    with pytest.raises(KeyboardInterrupt):
+        run_prediction([str(mosaic)], model, out, other, runner=_dying_after(2), log=notes.append)
+    assert "options that change results changed" in notes[-1], notes
+    copy = tmp_path / "retrained.ckpt"  # another model file: the same network, one weight nudged
+    payload = torch.load(model, weights_only=True)
+    name = next(k for k, v in payload["state"].items() if v.is_floating_point() and v.numel() > 16)
+    payload["state"][name] = payload["state"][name] * 1.01
+    torch.save(payload, copy)
+    run_prediction([str(mosaic)], copy, out, other, log=notes.append)
+    assert "the model file changed" in notes[-2], notes
+    fresh = tmp_path / "fresh.gpkg"
+    run_prediction([str(mosaic)], copy, fresh, other, log=lambda m: None)
+    _same(fresh, out)
+
+
+def test_an_unreadable_journal_entry_is_computed_again(mosaic, model, tmp_path):
+    from uvsam.prediction import PredictConfig, run_prediction
+
+    cfg = PredictConfig(tile=256, overlap=128, batch_size=4)
+    ref = tmp_path / "ref.gpkg"
+    run_prediction([str(mosaic)], model, ref, cfg, log=lambda m: None)
+    out = tmp_path / "v.gpkg"
+    with pytest.raises(KeyboardInterrupt):
+        run_prediction([str(mosaic)], model, out, cfg, runner=_dying_after(3), log=lambda m: None)
+    entries = sorted((tmp_path / "v.work/villages/journal").rglob("tiles-*.npz"))
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # cut short (a disk error, a full disk)
+    entries[1].write_bytes(b"")
+    run_prediction([str(mosaic)], model, out, cfg, log=lambda m: None)
+    _same(ref, out)
+
+
+def test_the_journal_is_compressed(mosaic, model, tmp_path):
+    from uvsam.prediction import PredictConfig, run_prediction
+
+    cfg = PredictConfig(tile=256, overlap=128, batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_prediction([str(mosaic)], model, tmp_path / "v.gpkg", cfg, runner=_dying_after(4), log=lambda m: None)
+    entries = list((tmp_path / "v.work/villages/journal").rglob("tiles-*.npz"))
+    raw = 256 * 256 * 4  # one tile's float32 probabilities, as stored before (a bit more, with the header)
+    sizes = [e.stat().st_size for e in entries]
+    assert len(entries) == 4 and max(sizes) < 0.8 * raw and sum(sizes) < 0.6 * 4 * raw, sizes
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next(tmp_path):
+    from uvsam.files import atomic_path
+
+    out = tmp_path / "v.gpkg"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    litter = tmp_path / f".v.{dead.pid}.abc123.part.gpkg"  # a SIGKILLed writer's copy
+    litter.write_bytes(b"x" * 1000)
+    live = tmp_path / f".v.{os.getpid()}.zzz999.part.gpkg"  # one being written now: kept
+    live.write_bytes(b"x")
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new" and not litter.exists() and live.exists()
+
+
+# -- a real cluster: `dask scheduler` and `dask worker` processes ---------------------------------------------
+CLUSTER_ARGS = ["--tile", "256", "--overlap", "128", "--batch-size", "2", "--compile", "never"]
+
+
+class Cluster:
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, as a user starts them (the
+    workers in a folder of their own, as on another machine's)."""
+
+    def __init__(self, root: Path, workers: int = 2):
+        self.root = root
+        self.file = root / "scheduler.json"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.workers = workers
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_" + args[0], *args[1:]],
+                                            cwd=self.root / "elsewhere", env=ENV, stdout=log, stderr=log)
+
+    def start(self) -> Cluster:
+        (self.root / "elsewhere").mkdir(exist_ok=True)
+        self.file.unlink(missing_ok=True)
+        self._start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                  "--scheduler-file", str(self.file)])
+        deadline = time.monotonic() + 60
+        while not self.file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for i in range(self.workers):
+            self._start(f"worker{i}", ["worker", "--scheduler-file", str(self.file), "--nthreads", "1",
+                                       "--no-dashboard", "--host", "127.0.0.1", "--name", f"w{i}"])
+        from distributed import Client
+
+        with Client(self.address, timeout=60) as c:
+            c.wait_for_workers(self.workers, timeout=120)
+        return self
+
+    @property
+    def address(self) -> str:
+        return json.loads(self.file.read_text())["address"]
+
+    def kill(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait()
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def two_models(model, tmp_path_factory) -> dict[str, Path]:
+    """The test model, and another that finds more villages (its village logit raised), each
+    under the same file name in a folder of its own (``a/model.ckpt``, ``b/model.ckpt``)."""
+    root = tmp_path_factory.mktemp("models")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    shutil.copyfile(model, root / "a/model.ckpt")
+    payload = torch.load(model, weights_only=True)
+    payload["state"]["specialist.net.segmentation_head.0.bias"][1] += 1.5
+    torch.save(payload, root / "b/model.ckpt")
+    return {"a": root / "a/model.ckpt", "b": root / "b/model.ckpt"}
+
+
+def _predict(scene: Path, model: Path, out: Path, *args, cwd: Path | None = None, check: bool = True):
+    proc = subprocess.run([sys.executable, "-m", "uvsam", "predict", str(scene), "--model", str(model), "--out",
+                           str(out), *CLUSTER_ARGS, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_a_real_cluster_predicts_what_this_process_does_with_each_run_s_own_model(cluster, mosaic, two_models,
+                                                                                 tmp_path):
+    """Two runs on one long-lived cluster, each with its own model given by the same relative name
+    (``model.ckpt``, from two folders): each is exactly the in-process result of its own model."""
+    local = {k: tmp_path / f"local_{k}.gpkg" for k in two_models}
+    for k, m in two_models.items():
+        _predict(mosaic, m, local[k], "--local")
+    assert len(_frame(local["a"], "villages")) != len(_frame(local["b"], "villages"))  # the models differ
+    for k, m in two_models.items():
+        out = tmp_path / f"cluster_{k}.gpkg"
+        _predict(mosaic, Path("model.ckpt"), out, "--scheduler", cluster.address, cwd=m.parent)
+        _same(local[k], out)
+        runs = pyogrio.read_dataframe(out, layer="runs")
+        assert runs["model_sha256"][0] == hashlib.sha256(m.read_bytes()).hexdigest()
+
+
+def test_a_worker_or_the_scheduler_killed_mid_run_loses_nothing(cluster, mosaic, two_models, tmp_path):
+    """A worker SIGKILLed mid-run: the run completes on the other, identical. The scheduler
+    SIGKILLed mid-run: one line, exit 2, the output untouched; on a restarted cluster the same
+    command resumes from the journal and writes the same layers."""
+    model = two_models["a"]
+    ref = tmp_path / "ref.gpkg"
+    _predict(mosaic, model, ref, "--local")
+    out = tmp_path / "v.gpkg"
+    journal = tmp_path / "v.work/villages/journal"
+
+    def run_and_kill(victim: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "uvsam", "predict", str(mosaic), "--model", str(model), "--out",
+                                 str(out), *CLUSTER_ARGS, "--scheduler", cluster.address], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while len(list(journal.rglob("tiles-*"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        cluster.kill(victim)
+        return proc
+
+    proc = run_and_kill("worker0")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    _same(ref, out)
+    out.unlink()
+    proc = run_and_kill("scheduler")
+    _, err = proc.communicate(timeout=300)
+    line = _one_line(err)
+    assert proc.returncode == 2 and line.startswith("uvsam: error: ") and "scheduler" in line, err
+    assert not out.exists() and len(list(journal.rglob("tiles-*"))) >= 2
+    cluster.stop()
+    cluster.start()
+    _predict(mosaic, model, out, "--scheduler", cluster.address)
+    _same(ref, out)
+
+
+# -- signals at random moments ------------------------------------------------------------------------------
+TRAIN = ["--epochs", "3", "--steps", "6", "--batch-size", "4", "--crop", "64", "--gsd", "3.7", "--sam-epochs", "0",
+         "--views-per-scene", "1", "--seed", "5"]
+
+
+def _interrupt(argv: list[str], sig: int, after_s: float, cwd: Path, group: bool = False) -> tuple[int, str]:
+    """``uvsam ARGV`` sent ``sig`` after ``after_s`` seconds (to its whole process group, as a
+    terminal's Ctrl-C is, with ``group``); (exit code, stderr). Exit 0 means it finished first."""
+    proc = subprocess.Popen([sys.executable, "-m", "uvsam", *map(str, argv)], cwd=cwd, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
+    try:
+        proc.wait(timeout=after_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def _timed(argv: list[str], cwd: Path) -> float:
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "uvsam", *map(str, argv)], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return time.monotonic() - t
+
+
+def _check_interrupted(code: int, err: str, sig: int) -> str:
+    assert code == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+    line = _one_line(err)
+    assert line.startswith(f"uvsam: interrupted ({'Ctrl-C' if sig == signal.SIGINT else 'SIGTERM'}); "), line
+    return line
+
+
+@pytest.mark.parametrize(("command", "sig"), [("predict", signal.SIGINT), ("train", signal.SIGTERM),
+                                              ("change", signal.SIGINT), ("run", signal.SIGTERM)])
+def test_a_signal_at_a_random_moment_keeps_the_output_and_the_next_run_completes_it(
+        command, sig, beijing, model, tmp_path):
+    """SIGINT (a terminal's Ctrl-C, to the whole process group: Dask's worker processes too) or
+    SIGTERM at a random moment of a command's measured run time: exit 130/143, one line saying
+    what was kept, no traceback, an existing output byte for byte as it was; the command run
+    again (``--resume`` for a training that kept an epoch) gives what an undisturbed run gives."""
+    import random
+
+    scene = shutil.copyfile(beijing / "val/images/49554_107968.tif", tmp_path / "scene.tif")
+    rng = random.Random(f"{command}-{sig}")
+    if command == "predict":  # on a local Dask cluster: its workers get the Ctrl-C too
+        argv = ["predict", scene, "--model", model, "--out", "v.gpkg", "--workers", "1", "--force-refine",
+                "--layer", "y2020"]
+        ref = ["predict", scene, "--model", model, "--out", "ref.gpkg", "--local", "--force-refine", "--layer", "y2020"]
+        existing, layer = tmp_path / "v.gpkg", "y2020"
+    elif command == "train":
+        argv = ["train", "--images", beijing / "train/images", "--labels", beijing / "train/masks", "--out", "t.ckpt",
+                *TRAIN]
+        ref = [*argv[:-len(TRAIN) - 2], "--out", "ref.ckpt", *TRAIN]
+        existing = layer = None
+    elif command == "change":
+        _timed(["predict", scene, "--model", model, "--out", "y.gpkg", "--local", "--layer", "y2018"], tmp_path)
+        _timed(["predict", beijing / "val/images/49554_107970.tif", "--model", model, "--out", "y.gpkg", "--local",
+                "--layer", "y2020"], tmp_path)
+        argv = ["change", "2018=y.gpkg:y2018", "2020=y.gpkg:y2020", "--out", "c.gpkg", "--report", "c.html"]
+        ref = ["change", "2018=y.gpkg:y2018", "2020=y.gpkg:y2020", "--out", "ref.gpkg", "--report", "ref.html"]
+        existing, layer = tmp_path / "c.gpkg", "changes"
+    else:
+        (tmp_path / "w.yaml").write_text(
+            f"name: signals\nmodel: {model}\nout: v.gpkg\nexecution: {{local: true}}\n"
+            f"years:\n  - {{layer: y2020, scenes: [scene.tif], acquired: 2020-07-01}}\n")
+        (tmp_path / "r.yaml").write_text((tmp_path / "w.yaml").read_text().replace("v.gpkg", "ref.gpkg"))
+        argv, ref = ["run", "w.yaml"], ["run", "r.yaml"]
+        existing, layer = tmp_path / "v.gpkg", "y2020"
+    took = _timed(ref, tmp_path)  # the undisturbed run, and how long one takes
+    adds_layer = command in ("predict", "run")  # into a file that holds other layers (another year's)
+    if existing is not None:  # the user's file, which an interrupted run must leave as it was
+        shutil.copyfile(tmp_path / "ref.gpkg", existing)
+        if adds_layer:
+            pyogrio.write_dataframe(_frame(existing, layer), existing, layer="kept_2018", driver="GPKG")
+        before = _digest(existing)
+    code, err = _interrupt(argv, sig, rng.uniform(0.25, 0.75) * took, tmp_path, group=command == "predict")
+    line = _check_interrupted(code, err, sig)
+    if existing is not None:
+        assert _digest(existing) == before
+    again = argv + (["--resume"] if command == "train" and "--resume" in line else [])
+    _timed(again, tmp_path)
+    if command == "train":
+        a, b = (torch.load(tmp_path / n, weights_only=True)["state"] for n in ("ref.ckpt", "t.ckpt"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        _same(tmp_path / "ref.gpkg", existing, layer)
+        if adds_layer:
+            _same(tmp_path / "ref.gpkg", existing, layer, "kept_2018")
