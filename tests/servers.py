@@ -20,7 +20,8 @@ import psutil
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     """Static files with what cloud object stores answer: HEAD, byte ranges (206), ETag and
-    Last-Modified; ``server.faults`` transient failures first (503 answers, dropped connections)."""
+    Last-Modified; ``server.faults`` transient failures first (503 answers, ``drop``: connections
+    closed unanswered, ``truncate``: half the promised body, then closed)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -77,6 +78,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         if fault == "drop":
             self.connection.close()
             return
+        truncate = fault == "truncate"  # the headers promise the whole body; half comes, then the connection closes
         time.sleep(self.server.delay)
         path = self._file()
         if path is None:
@@ -96,6 +98,12 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             else:
                 body = f.read()
                 self._headers(path, len(body))
+        if truncate:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.close()
+            self.close_connection = True
+            return
         self.wfile.write(body)
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 class TilesError(ValueError):
     """Bad input to the tiling engine. ``str()`` is one line: ``PATH: problem``."""
 
-    def __init__(self, problem: str, path: str | Path | None = None):
+    def __init__(self, problem: str, path: str | Path | None = None, transient: bool = False):
         self.problem = problem
         self.path = None if path is None else str(path)
+        self.transient = transient  # a read that may succeed when asked again (a remote transfer cut short)
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 

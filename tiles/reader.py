@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,11 @@ def _guard(path) -> contextlib.AbstractContextManager:
         return _REMOTE_LOCKS.setdefault(str(path), threading.RLock())
 
 
+def _uncached(path) -> rasterio.Env:
+    """GDAL reading ``path`` afresh (not from what it cached of an earlier, failed transfer)."""
+    return rasterio.Env(CPL_VSIL_CURL_NON_CACHED=gdal_name(path))
+
+
 def _serial(method):
     """Run a :class:`RasterSource` method holding its source's guard (:func:`_guard`)."""
     @functools.wraps(method)
@@ -127,6 +133,19 @@ class RasterSource:
     # -- opening ---------------------------------------------------------------------------
     @_serial
     def open(self) -> None:
+        if not isinstance(self.path, RemotePath):
+            return self._open_once()
+        for attempt in range(REMOTE_READ_RETRIES + 1):  # a body cut short reads as a corrupt file: ask again
+            try:
+                with _uncached(self.path) if attempt else contextlib.nullcontext():
+                    return self._open_once()
+            except TilesError as e:
+                if attempt == REMOTE_READ_RETRIES or not e.transient:
+                    raise
+                self.close()
+                time.sleep(REMOTE_RETRY_DELAY_S * 2**attempt)
+
+    def _open_once(self) -> None:
         if not self.path.exists():
             raise TilesError("file does not exist", self.path)
         bound_gdal_cache()
@@ -229,11 +248,7 @@ class RasterSource:
         if rr1 <= rr0 or cc1 <= cc0:
             return data, valid
         inner = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
-        try:
-            block = self._dataset.read(self.bands, window=inner)
-            masks = self._masks(block, window=inner)
-        except rasterio.errors.RasterioIOError as e:
-            raise TilesError(f"cannot read window {inner} ({_first_line(e)})", self.path) from None
+        block, masks = self._retrying(lambda: self._read_window(inner))
         if block.dtype.kind == "f":  # NaN and infinities are never data, whatever the nodata value says
             masks = np.where(np.isfinite(block), masks, 0)
         ys, xs = slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0)
@@ -243,6 +258,29 @@ class RasterSource:
         else:
             valid[ys, xs] = (masks > 0).all(axis=0)
         return data, valid
+
+    def _read_window(self, inner: Window) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            block = self._dataset.read(self.bands, window=inner)
+            return block, self._masks(block, window=inner)
+        except rasterio.errors.RasterioIOError as e:
+            raise TilesError(f"cannot read window {inner} ({_first_line(e)})", self.path, transient=True) from None
+
+    def _retrying(self, read):
+        """``read()``, asked again after a pause on a remote source whose transfer failed (a body
+        cut short, a connection reset: what GDAL's own retries of HTTP errors do not cover), the
+        dataset reopened; a local file's error is final at once."""
+        for attempt in range(REMOTE_READ_RETRIES + 1 if isinstance(self.path, RemotePath) else 1):
+            try:
+                return read()
+            except TilesError as e:
+                if attempt == REMOTE_READ_RETRIES or not isinstance(self.path, RemotePath) or not e.transient:
+                    raise
+                time.sleep(REMOTE_RETRY_DELAY_S * 2**attempt)
+                self.close()
+                with _uncached(self.path):
+                    self._open_once()
+        raise AssertionError("unreachable")
 
     def _masks(self, block: np.ndarray, **read) -> np.ndarray:
         """(bands, h, w) validity (0 invalid) of ``block``, read with the same window/shape."""
@@ -271,12 +309,16 @@ class RasterSource:
         """The whole scene decimated to at most ``max_pixels`` (GDAL uses overviews where present)."""
         f = max(1.0, math.sqrt(self.width * self.height / max_pixels))
         h, w = max(1, round(self.height / f)), max(1, round(self.width / f))
-        ds = self._dataset
-        try:
-            data = ds.read(self.bands, out_shape=(len(self.bands), h, w), resampling=Resampling.nearest)
-            masks = self._masks(data, out_shape=(h, w), resampling=Resampling.nearest)
-        except rasterio.errors.RasterioIOError as e:
-            raise TilesError(f"cannot read the scene's overview ({_first_line(e)})", self.path) from None
+        def read():
+            ds = self._dataset
+            try:
+                data = ds.read(self.bands, out_shape=(len(self.bands), h, w), resampling=Resampling.nearest)
+                return data, self._masks(data, out_shape=(h, w), resampling=Resampling.nearest)
+            except rasterio.errors.RasterioIOError as e:
+                raise TilesError(f"cannot read the scene's overview ({_first_line(e)})", self.path,
+                                 transient=True) from None
+
+        data, masks = self._retrying(read)
         valid = (masks > 0).all(axis=0)
         if data.dtype.kind == "f":
             valid &= np.isfinite(data).all(axis=0)
@@ -339,6 +381,8 @@ def default_bands(colorinterp) -> tuple[int, ...]:
     return tuple(colour[:3]) if len(colour) >= 3 else tuple(colour or range(1, len(colorinterp) + 1))
 
 
+REMOTE_READ_RETRIES = 3  # a remote read whose transfer failed is asked again this often, after
+REMOTE_RETRY_DELAY_S = 0.5  # this pause, doubled each time
 MAX_BLOCK_BYTES = 256 * 2**20  # one compressed block decoded: a 4096 x 4096 px RGBA float32 tile is 256 MiB
 
 
@@ -368,9 +412,15 @@ def _check_integrity(src, path) -> None:
         for r, c in ((0, 0), (src.height - 1, src.width - 1)):
             src.read(1, window=Window(c, r, 1, 1))
     except rasterio.errors.RasterioIOError as e:
-        raise TilesError(f"truncated or corrupt: cannot decode its pixels ({_first_line(e)})", path) from None
+        raise TilesError(f"truncated or corrupt: cannot decode its pixels ({_first_line(e)})", path,
+                         transient=True) from None
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of what went wrong: GDAL's own reason, where rasterio's message only points to
+    it ("Read failed. See previous exception for details.": the chained exception holds it)."""
+    seen = 0
+    while "previous exception" in str(e) and (e.__cause__ or e.__context__) is not None and seen < 8:
+        e, seen = e.__cause__ or e.__context__, seen + 1
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__

@@ -161,3 +161,56 @@ def location(spec: str | os.PathLike) -> Path | RemotePath:
 def gdal_name(path: Path | RemotePath) -> str | Path:
     """What ``rasterio.open`` takes for ``path``."""
     return path.gdal if isinstance(path, RemotePath) else path
+
+
+_VERSIONS: dict[str, str] = {}  # the version of each remote raster this process last saw
+
+
+def note_version(path: RemotePath, version: str) -> None:
+    """Record ``version`` (:meth:`RemotePath.identity`) of a remote raster; when it differs from
+    the one this process saw before (the object was replaced), forget what GDAL cached of it, so
+    no block of the old object is ever read as part of the new (GDAL keeps a remote file's ranges
+    for the life of the process: a Dask worker, a notebook, a resumed run in the same process)."""
+    key = str(path)
+    if _VERSIONS.get(key, version) != version:
+        forget_cached(path)
+    _VERSIONS[key] = version
+
+
+def forget_cached(path: RemotePath) -> bool:
+    """Drop GDAL's cached ranges and properties of ``path`` (``VSICurlPartialClearCache``, from the
+    GDAL library rasterio loaded); False where that library cannot be reached (then GDAL's cache
+    stays, as it would without this call)."""
+    lib = _gdal_library()
+    if lib is None:
+        return False
+    lib.VSICurlPartialClearCache(str(gdal_name(path)).encode())
+    return True
+
+
+def _gdal_library():
+    """The GDAL shared library mapped into this process (rasterio's), through ctypes; None if not found."""
+    global _GDAL
+    if _GDAL is None:
+        import ctypes
+
+        import rasterio  # noqa: F401 - its GDAL is the one to reach
+
+        _GDAL = False
+        try:
+            with open("/proc/self/maps") as f:  # the copy already loaded, whatever its name (wheel or system)
+                mapped = sorted({line.split()[-1] for line in f if "libgdal" in line.split()[-1]})
+        except OSError:
+            mapped = []
+        for candidate in mapped:
+            try:
+                lib = ctypes.CDLL(candidate)
+                lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
+                _GDAL = lib
+                break
+            except (OSError, AttributeError):
+                continue
+    return _GDAL or None
+
+
+_GDAL = None

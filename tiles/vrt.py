@@ -104,3 +104,54 @@ def write_vrt(paths: list[Path], dest: str | Path) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(dest)
     return dest
+
+
+# -- what a VRT someone else wrote may read ---------------------------------------------------------------
+SOURCES_ENV = "UVSAM_VRT_SOURCES"  # inside (default), local or any: how far a user's VRT may reach
+POLICIES = ("inside", "local", "any")
+REMOTE_PREFIXES = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "/vsiwebhdfs",
+                   "/vsihdfs", "http://", "https://", "ftp://", "s3://", "gs://")
+_FILENAME_TAGS = ("SourceFilename", "SourceDataset", "Filename")
+
+
+def vrt_sources(path: Path) -> list[tuple[str, bool]]:
+    """(file name as written, relative to the VRT) of every source a VRT file names."""
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError) as e:
+        raise TilesError(f"not a readable VRT ({str(e)[:120]})", path) from None
+    out = []
+    for el in root.iter():
+        if el.tag in _FILENAME_TAGS and el.text and el.text.strip():
+            out.append((el.text.strip(), el.get("relativeToVRT", el.get("relativetoVRT", "0")) == "1"))
+    return out
+
+
+def check_vrt_sources(path: str | Path, policy: str | None = None, depth: int = 0) -> None:
+    """Refuse a VRT whose sources reach further than ``policy`` allows (default: the
+    ``UVSAM_VRT_SOURCES`` environment variable, else ``inside``): ``inside``, local files in the
+    VRT's folder or under it (what GDAL allows raw VRT bands by default); ``local``, any local
+    file; ``any``, URLs and cloud paths too. A VRT is a file of paths: one from elsewhere could
+    otherwise make a run read ``/etc/passwd`` or fetch from any server. Nested VRTs are followed."""
+    path = Path(path)
+    policy = policy or os.environ.get(SOURCES_ENV, "inside")
+    if policy not in POLICIES:
+        raise TilesError(f"{SOURCES_ENV}={policy!r}: use one of {', '.join(POLICIES)}")
+    if policy == "any" or depth > 8:
+        return
+    folder = path.resolve().parent
+    for name, relative in vrt_sources(path):
+        if name.lower().startswith(REMOTE_PREFIXES):
+            raise TilesError(f"names a remote source ({name[:100]}); uvsam reads a VRT's remote sources only when "
+                             "asked to: give --allow-remote-sources", path)
+        inner = name
+        for prefix in ("/vsizip/", "/vsigzip/", "/vsitar/", "/vsi7z/", "/vsirar/"):  # an archive: where it lies
+            inner = inner.removeprefix(prefix)
+        source = ((folder / inner) if relative else Path(inner)).resolve()  # not relative to the VRT: to the cwd
+        if policy == "inside" and folder not in (source, *source.parents):
+            raise TilesError(f"names a source outside its folder ({name[:100]}); uvsam reads a VRT's sources in or "
+                             "under its folder unless asked to: give --allow-outside-sources", path)
+        if source.suffix.lower() == ".vrt" and source.is_file():
+            check_vrt_sources(source, policy, depth + 1)

@@ -112,9 +112,15 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no notes; warnings, errors "
                                               "and results only.")] = False,
           version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False):
-    """Find urban villages in satellite imagery, year after year. --debug, --quiet and --version may
-    be given anywhere on the command line."""
+                                                help="Print the version and exit.")] = False,
+          allow_outside_sources: Annotated[bool, typer.Option(
+              "--allow-outside-sources", help="Let a VRT read local files outside its own folder (by default only "
+              "files in or under it).")] = False,
+          allow_remote_sources: Annotated[bool, typer.Option(
+              "--allow-remote-sources", help="Let a VRT read URLs and cloud paths as well (implies "
+              "--allow-outside-sources).")] = False):
+    """Find urban villages in satellite imagery, year after year. --debug, --quiet, --version and
+    --allow-outside-sources / --allow-remote-sources may be given anywhere on the command line."""
     _STATE["debug"] = debug
     SETTINGS.quiet = quiet
 
@@ -982,9 +988,14 @@ def run_cmd(
     scheduler: Annotated[str | None, typer.Option(help="tcp://HOST:PORT (overrides the file).")] = None,
 ):
     """Run a workflow: each year's scenes predicted into its own layer of one output."""
-    from uvsam.workflow import run
+    from uvsam.workflow import load, run
 
-    _STATE["resume"] = "finished years, tiles and windows are kept: run the same command again to resume"
+    out = load(workflow)[0].out
+    before = out.stat().st_mtime_ns if out.exists() else None
+    _STATE["resume"] = lambda: ("finished years, tiles and windows are kept: run the same command again to resume; "
+                                + (f"{out} was not changed" if out.exists() and out.stat().st_mtime_ns == before
+                                   else f"{out} was written (the years finished)" if out.exists()
+                                   else "nothing was written"))
     typer.echo(json.dumps(run(workflow, log, dry_run, local, workers, scheduler), indent=2 if dry_run else None))
 
 
@@ -1128,16 +1139,21 @@ def weights_verify():
         raise UvsamError(f"cached weights do not match their SHA-256: {', '.join(bad)}")
 
 
-def usage_line(e: Exception) -> str:
-    """One line for a usage error: the command, the problem, where its help is."""
+def usage_line(e: Exception, args: list[str] = ()) -> str:
+    """One line for a usage error: the command, the problem, where its help is. A file whose name
+    starts with ``-`` (read as an option) is named, with the two ways to give it."""
     message = e.format_message() if hasattr(e, "format_message") else str(e)
     message = " ".join(message.split())  # Click's messages may span lines
     ctx = getattr(e, "ctx", None)
     where = ctx.command_path if ctx is not None else "uvsam"
+    dashed = [a for a in args if a.startswith("-") and len(a) > 1 and Path(a).exists()]
+    if dashed and "No such option" in message:
+        return (f"{dashed[0]}: a name starting with '-' reads as an option: write ./{dashed[0]}, or give it after "
+                "-- at the end")
     return f"{where}: {message} (see `{where} --help`)"
 
 
-GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--allow-outside-sources", "--allow-remote-sources")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1154,9 +1170,15 @@ def main(argv: list[str] | None = None) -> int:
         # GDAL's error messages reach Python's logging; uvsam's one line carries what matters
         for name in ("rasterio", "pyogrio"):
             logging.getLogger(name).addHandler(logging.NullHandler())
+    import os
     import signal
     import threading
 
+    from tiles.vrt import SOURCES_ENV
+
+    policy = os.environ.get(SOURCES_ENV)  # what a user's VRT may read (tiles.vrt.check_vrt_sources)
+    if "--allow-outside-sources" in args or "--allow-remote-sources" in args:
+        os.environ[SOURCES_ENV] = "any" if "--allow-remote-sources" in args else "local"
     previous = ({s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
@@ -1184,12 +1206,18 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as e:  # a usage error (typer's Click): one line, the command's help named
         if debug:
             raise
-        sys.stderr.write(f"uvsam: error: {usage_line(e)}\n")
+        sys.stderr.write(f"uvsam: error: {usage_line(e, args)}\n")
         return getattr(e, "exit_code", 2) or 2
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            # as the program (no argv): the work is over and its line written; a signal during
+            # the interpreter's exit changes nothing, so it no longer kills with the signal's code
+            signal.signal(s, signal.SIG_IGN if argv is None else handler)
         _STATE["resume"] = None
+        if policy is None:
+            os.environ.pop(SOURCES_ENV, None)
+        else:
+            os.environ[SOURCES_ENV] = policy
     return 0
 
 

@@ -26,8 +26,10 @@ from rasterio.windows import Window
 from tiles.radiometry import Stretch
 from tiles.reader import RasterSource, ReadOptions
 from tiles.remote import is_remote, location
+from tiles.vrt import check_vrt_sources
 from uvsam.errors import InputError
 from uvsam.labels import IGNORE
+from uvsam.polygons import nonfinite, valid_parts
 from uvsam.preprocess import InputSpec, Preprocessing, scene_preprocessing
 
 RASTER_EXT = (".tif", ".tiff", ".vrt", ".png", ".jpg", ".jpeg", ".jp2", ".img")
@@ -42,18 +44,26 @@ def find_files(spec: str | Path, exts: tuple[str, ...], what: str) -> list[Path]
         return [location(text)]
     p = Path(text)
     if p.is_file():
-        return [p]
+        return _checked([p])
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in exts and not f.name.startswith("."))
         if not files:
             raise InputError(f"folder holds no {what} ({', '.join(exts)})", p)
-        return files
+        return _checked(files)
     if any(c in text for c in "*?["):
         files = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).suffix.lower() in exts)
         if not files:
             raise InputError(f"pattern matches no {what}", text)
-        return files
+        return _checked(files)
     raise InputError("does not exist", p)
+
+
+def _checked(files: list[Path]) -> list[Path]:
+    """The user's VRTs may read only what :func:`tiles.vrt.check_vrt_sources` allows."""
+    for f in files:
+        if f.suffix.lower() == ".vrt":
+            check_vrt_sources(f)
+    return files
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,10 @@ def read_vector(path: Path, labels_crs: str | None = None, layer: str | None = N
     except Exception as e:  # noqa: BLE001 - pyogrio raises several types for unreadable files
         raise InputError(f"not a readable vector file ({str(e).splitlines()[0][:160]})", path) from None
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    bad = nonfinite(gdf.geometry.values)
+    if len(bad):
+        raise InputError(f"{len(bad)} feature(s) have NaN or infinite coordinates (the first: feature "
+                         f"{int(gdf.index[bad[0]])}); fix or remove them", path)
     if labels_crs:
         gdf = gdf.set_crs(labels_crs, allow_override=True)
     elif gdf.crs is None or (gdf.crs.to_epsg() == 4326 and len(gdf)):
@@ -203,8 +217,7 @@ def _rasterise_vector(path: Path, src: RasterSource, labels_crs: str | None) -> 
     from rasterio.features import rasterize
 
     gdf = read_vector(path, labels_crs).to_crs(src.crs)
-    geoms = [g if g.is_valid else g.buffer(0) for g in gdf.geometry.make_valid()]
-    geoms = [g for g in geoms if not g.is_empty and g.geom_type in ("Polygon", "MultiPolygon", "GeometryCollection")]
+    geoms = list(valid_parts(gdf.geometry.values)[0])  # burnt part by part: no union needed, none risked
     if not geoms:
         return np.zeros((src.height, src.width), np.uint8)
     left, top = src.transform @ (0, 0)

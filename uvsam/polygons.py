@@ -44,6 +44,51 @@ def union_on_grid(polygons: list, transform: Affine):
     return shapely.multipolygons(polygonise(mask, window))
 
 
+def nonfinite(geoms) -> np.ndarray:
+    """Indices of the geometries with a NaN or infinite coordinate (which no repair can place)."""
+    geoms = np.asarray(geoms, dtype=object)
+    coords, owner = shapely.get_coordinates(geoms, return_index=True)
+    return np.unique(owner[~np.isfinite(coords).all(axis=1)])
+
+
+def valid_parts(geoms) -> tuple[np.ndarray, np.ndarray]:
+    """The polygonal parts of ``geoms``, each made valid on its own, each distinct part of a
+    feature once: (parts, index of the feature each belongs to). Bounded work whatever a file
+    holds: a MultiPolygon of 20,000 overlapping copies of one ring is one part here, where making
+    the whole valid at once unions every copy with every other (gigabytes)."""
+    geoms = np.asarray(geoms, dtype=object)
+    parts, owner = shapely.get_parts(geoms, return_index=True)
+    keep = ~shapely.is_empty(parts)
+    pieces, owner = shapely.make_valid(parts[keep]), owner[keep]  # one part at a time: cheap
+    for _ in range(2):  # make_valid's collections (of multipolygons): down to single geometries
+        pieces, which = shapely.get_parts(pieces, return_index=True)
+        owner = owner[which]
+    poly = (shapely.get_type_id(pieces) == 3) & ~shapely.is_empty(pieces)  # polygons; lines and points dropped
+    pieces, owner = pieces[poly], owner[poly]
+    seen: set[tuple[int, bytes]] = set()
+    first = []
+    for o, key in zip(owner.tolist(), shapely.to_wkb(shapely.normalize(pieces)), strict=True):
+        first.append((o, key) not in seen)
+        seen.add((o, key))
+    first = np.asarray(first, dtype=bool)
+    return pieces[first], owner[first]
+
+
+def repair(geoms) -> np.ndarray:
+    """Each geometry valid and polygonal (None where nothing polygonal is left), its distinct parts
+    made valid one by one and united (:func:`valid_parts`): the same shapes as ``make_valid``
+    of a sound file, in bounded time and memory for a hostile one."""
+    geoms = np.asarray(geoms, dtype=object)
+    out = np.array(geoms, dtype=object)
+    bad = np.flatnonzero(~shapely.is_valid(geoms) & ~shapely.is_missing(geoms))
+    if len(bad):
+        parts, owner = valid_parts(geoms[bad])
+        for k, i in enumerate(bad):
+            mine = parts[owner == k]
+            out[i] = shapely.union_all(mine) if len(mine) else None
+    return out
+
+
 def merge(polygons: list) -> list[Polygon]:
     """Union of possibly touching or overlapping pieces, exploded into single polygons."""
     if not polygons:

@@ -11,6 +11,7 @@ The workflow's own text is stored in the output's ``runs`` table with every year
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
@@ -218,6 +219,21 @@ def load(path: str | Path) -> tuple[Workflow, str]:
     return wf, text
 
 
+def outside_files(wf: Workflow, base: Path) -> list[str]:
+    """The local files a loaded workflow names outside its own folder (``..``, absolute paths; a
+    symlink placed in the folder counts as in it): model, checkpoint, output, PIF reference, scenes."""
+    root = os.path.normpath(os.path.abspath(base))
+    named = [wf.model, wf.checkpoint, wf.out, wf.predict.pif_reference, *(s for y in wf.years for s in y.scenes)]
+    out = []
+    for f in named:
+        if f is None or is_remote(str(f)):
+            continue
+        full = os.path.normpath(os.path.abspath(f))
+        if os.path.commonpath([root, full]) != root and str(f) not in out:
+            out.append(str(f))
+    return out
+
+
 def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None = None,
         workers: int | None = None, scheduler: str | None = None) -> list[dict]:
     """Run every year of a workflow; returns one summary per year (or the estimates with ``dry_run``).
@@ -232,6 +248,9 @@ def run(path: str | Path, log=print, dry_run: bool = False, local: bool | None =
     prepared = [[prepare_scene(p, info, wf.config(y)) for p in paths]  # then opened and checked, before any
                 for y, paths in zip(wf.years, found, strict=True)]  # year runs (and not prepared again)
     if dry_run:
+        outside = outside_files(wf, Path(path).parent)
+        if outside:  # allowed (a shared model, a data drive), but said before anything runs
+            log(f"note: {Path(path).name} names {len(outside)} file(s) outside its folder: {', '.join(outside)}")
         return [{"layer": y.layer, **estimate(s, wf.model, wf.config(y), wf.checkpoint, prepared=scenes)}
                 for y, s, scenes in zip(wf.years, specs, prepared, strict=True)]
     ex = wf.execution

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import geopandas as gpd
 import pyogrio
-import shapely
 
 from tiles.reader import RasterSource
 from tiles.remote import location
 from uvsam.datasets import split_layer
 from uvsam.errors import ConfigError, InputError
+from uvsam.polygons import nonfinite, repair
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,12 @@ def read_layer(spec: str) -> YearLayer:
     if not kinds <= {"Polygon", "MultiPolygon"}:
         raise InputError(f"layer {layer!r} holds {', '.join(sorted(kinds))}, not polygons", path)
     gdf = gdf[~gdf.geometry.is_empty & gdf.geometry.notna()].copy()
-    gdf["geometry"] = shapely.make_valid(gdf.geometry.values)
-    gdf = gdf.explode(index_parts=False, ignore_index=True)
+    bad = nonfinite(gdf.geometry.values)
+    if len(bad):
+        raise InputError(f"layer {layer!r}: {len(bad)} feature(s) have NaN or infinite coordinates; fix or remove "
+                         "them", path)
+    gdf["geometry"] = repair(gdf.geometry.values)  # bounded, whatever the file holds (uvsam.polygons.valid_parts)
+    gdf = gdf[gdf.geometry.notna()].explode(index_parts=False, ignore_index=True)
     gdf = gdf[gdf.geometry.geom_type == "Polygon"].reset_index(drop=True)
     return YearLayer(year, f"{path}:{layer}", gdf)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiles.remote import RemotePath, location
+from tiles.remote import RemotePath, location, note_version
 from uvsam.files import atomic_path, remove_litter
 
 FORMAT = 4  # of the stored results; part of every journal's identity, so older ones are never misread
@@ -160,10 +160,17 @@ def scene_identity(path: str | Path) -> str:
     object anywhere in it is a new scene."""
     path = location(path)
     if isinstance(path, RemotePath):
-        return path.identity()
+        identity = path.identity()
+        note_version(path, version_digest(identity))  # a replaced object: GDAL forgets the old one's ranges
+        return identity
     files = sorted(_files(Path(path), set()))
     return "|".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in ((f, os.stat(f)) for f in files)
                     ) if files else _stat(Path(path))
+
+
+def version_digest(identity: str) -> str:
+    """A short digest of a :func:`scene_identity` (what a scene's preparation records)."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def _stat(path: Path) -> str:

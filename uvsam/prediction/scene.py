@@ -3,7 +3,6 @@ then read window by window (:func:`read_tile`) through one open source per worke
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,11 @@ from rasterio.windows import Window
 
 from tiles.plan import TilingConfig, plan
 from tiles.reader import RasterSource, ReadOptions
+from tiles.remote import is_remote, location, note_version
 from tiles.service import TileService, service_raster
 from uvsam.config import PredictConfig
 from uvsam.datasets import RASTER_EXT, find_files
-from uvsam.prediction.journal import scene_identity
+from uvsam.prediction.journal import scene_identity, version_digest
 from uvsam.prediction.model import ModelInfo
 from uvsam.preprocess import Preprocessing, read_overview, read_window, scene_preprocessing
 from uvsam.progress import stage
@@ -89,7 +89,7 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, identit
     s = scene.source
     identity = identity or scene_identity(path)
     prep = ScenePrep(str(path), read, preprocessing, s["crs"], tuple(s["transform"]), s["width"], s["height"],
-                     suit.to_dict(), hashlib.sha256(identity.encode()).hexdigest()[:16])
+                     suit.to_dict(), version_digest(identity))
     return scene, prep
 
 
@@ -147,6 +147,8 @@ def open_source(prep: ScenePrep) -> RasterSource:
     # VRT's tiles) changed since is reopened, never served from blocks cached before (a Dask
     # worker lives on from run to run); a remote scene's version is the one the run fixed
     key = (prep.path, prep.read, prep.version)
+    if is_remote(prep.path) and prep.version:  # another version of the object than GDAL may hold: forgotten
+        note_version(location(prep.path), prep.version)
     cached = getattr(_SOURCES, "open", None)
     if cached is None or cached[0] != key:
         if cached is not None:
