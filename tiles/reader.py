@@ -133,17 +133,7 @@ class RasterSource:
     # -- opening ---------------------------------------------------------------------------
     @_serial
     def open(self) -> None:
-        if not isinstance(self.path, RemotePath):
-            return self._open_once()
-        for attempt in range(REMOTE_READ_RETRIES + 1):  # a body cut short reads as a corrupt file: ask again
-            try:
-                with _uncached(self.path) if attempt else contextlib.nullcontext():
-                    return self._open_once()
-            except TilesError as e:
-                if attempt == REMOTE_READ_RETRIES or not e.transient:
-                    raise
-                self.close()
-                time.sleep(REMOTE_RETRY_DELAY_S * 2**attempt)
+        self._retrying(self._open_once, reopen=False)  # a remote body cut short reads as a corrupt file
 
     def _open_once(self) -> None:
         if not self.path.exists():
@@ -266,20 +256,23 @@ class RasterSource:
         except rasterio.errors.RasterioIOError as e:
             raise TilesError(f"cannot read window {inner} ({_first_line(e)})", self.path, transient=True) from None
 
-    def _retrying(self, read):
+    def _retrying(self, read, reopen: bool = True):
         """``read()``, asked again after a pause on a remote source whose transfer failed (a body
-        cut short, a connection reset: what GDAL's own retries of HTTP errors do not cover), the
-        dataset reopened; a local file's error is final at once."""
-        for attempt in range(REMOTE_READ_RETRIES + 1 if isinstance(self.path, RemotePath) else 1):
+        cut short, a connection reset: what GDAL's own retries of HTTP errors do not cover), GDAL
+        reading the object afresh (and the dataset reopened first, with ``reopen``); a local file's
+        error is final at once."""
+        attempts = REMOTE_READ_RETRIES + 1 if isinstance(self.path, RemotePath) else 1
+        for attempt in range(attempts):
             try:
-                return read()
+                with _uncached(self.path) if attempt else contextlib.nullcontext():
+                    if attempt and reopen:
+                        self._open_once()
+                    return read()
             except TilesError as e:
-                if attempt == REMOTE_READ_RETRIES or not isinstance(self.path, RemotePath) or not e.transient:
+                if attempt == attempts - 1 or not e.transient:
                     raise
-                time.sleep(REMOTE_RETRY_DELAY_S * 2**attempt)
                 self.close()
-                with _uncached(self.path):
-                    self._open_once()
+                time.sleep(REMOTE_RETRY_DELAY_S * 2**attempt)
         raise AssertionError("unreachable")
 
     def _masks(self, block: np.ndarray, **read) -> np.ndarray:

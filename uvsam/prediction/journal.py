@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiles.remote import RemotePath, location, note_version
+from tiles.remote import RemotePath, location
 from uvsam.files import atomic_path, remove_litter
 
 FORMAT = 4  # of the stored results; part of every journal's identity, so older ones are never misread
@@ -160,9 +160,7 @@ def scene_identity(path: str | Path) -> str:
     object anywhere in it is a new scene."""
     path = location(path)
     if isinstance(path, RemotePath):
-        identity = path.identity()
-        note_version(path, version_digest(identity))  # a replaced object: GDAL forgets the old one's ranges
-        return identity
+        return path.identity()
     files = sorted(_files(Path(path), set()))
     return "|".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in ((f, os.stat(f)) for f in files)
                     ) if files else _stat(Path(path))

@@ -13,7 +13,6 @@ from rasterio.windows import Window
 
 from tiles.plan import TilingConfig, plan
 from tiles.reader import RasterSource, ReadOptions
-from tiles.remote import is_remote, location, note_version
 from tiles.service import TileService, service_raster
 from uvsam.config import PredictConfig
 from uvsam.datasets import RASTER_EXT, find_files
@@ -147,8 +146,6 @@ def open_source(prep: ScenePrep) -> RasterSource:
     # VRT's tiles) changed since is reopened, never served from blocks cached before (a Dask
     # worker lives on from run to run); a remote scene's version is the one the run fixed
     key = (prep.path, prep.read, prep.version)
-    if is_remote(prep.path) and prep.version:  # another version of the object than GDAL may hold: forgotten
-        note_version(location(prep.path), prep.version)
     cached = getattr(_SOURCES, "open", None)
     if cached is None or cached[0] != key:
         if cached is not None:
