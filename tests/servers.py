@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import re
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -75,8 +76,9 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Retry-After", "0")
             self.end_headers()
             return
-        if fault == "drop":
-            self.connection.close()
+        if fault == "drop":  # closed at once (shut down: rfile and wfile hold the socket open otherwise)
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
             return
         truncate = fault == "truncate"  # the headers promise the whole body; half comes, then the connection closes
         time.sleep(self.server.delay)
@@ -101,7 +103,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         if truncate:
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
-            self.connection.close()
+            self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
         self.wfile.write(body)
