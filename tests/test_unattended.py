@@ -61,15 +61,39 @@ for i in range(8):
 """
 
 
-def test_processes_adding_layers_to_one_geopackage_lose_none(tmp_path):
+def test_processes_adding_layers_to_one_geopackage_lose_none_and_readers_never_see_a_broken_file(tmp_path):
     """Three processes each add eight layers to one GeoPackage at the same time (a read-copy-
     replace each): every layer and every run row is there at the end (without the output lock
-    most are lost: each writer replaces the file with its own copy)."""
+    most are lost: each writer replaces the file with its own copy). Meanwhile a reader opens
+    the file again and again, as QGIS does, and another keeps it open throughout: each sees a
+    whole GeoPackage (SQLite's check passes, every listed layer reads, layers only ever added)."""
+    import sqlite3
+
     out = tmp_path / "shared.gpkg"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), p], env=ENV, stderr=subprocess.PIPE, text=True)
              for p in ("a", "b", "c")]
+    reads, most, held = 0, 0, None
+    while any(p.poll() is None for p in procs):
+        if not out.exists():
+            time.sleep(0.01)
+            continue
+        with sqlite3.connect(f"file:{out}?mode=ro", uri=True) as db:
+            assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        layers = [name for name, _ in pyogrio.list_layers(out)]
+        for name in layers:
+            if name not in ("runs", "layer_styles"):
+                assert len(pyogrio.read_dataframe(out, layer=name)) == 1, name
+        assert len(layers) >= most
+        most, reads = len(layers), reads + 1
+        if held is None:  # a reader that keeps its connection (its view of the file) throughout
+            held = sqlite3.connect(f"file:{out}?mode=ro", uri=True)
+            held_layers = held.execute("SELECT count(*) FROM gpkg_contents").fetchone()[0]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
+    assert reads >= 3, reads  # the reader did read while the writers wrote
+    assert held.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    assert held.execute("SELECT count(*) FROM gpkg_contents").fetchone()[0] == held_layers  # its view, whole
+    held.close()
     layers = {name for name, _ in pyogrio.list_layers(out)}
     assert {f"{p}{i}" for p in "abc" for i in range(8)} <= layers
     assert len(pyogrio.read_dataframe(out, layer="runs")) == 24
@@ -271,8 +295,9 @@ class Cluster:
                                        "--no-dashboard", "--host", "127.0.0.1", "--name", f"w{i}"])
         from distributed import Client
 
-        with Client(self.address, timeout=60) as c:
-            c.wait_for_workers(self.workers, timeout=120)
+        if self.workers:
+            with Client(self.address, timeout=60) as c:
+                c.wait_for_workers(self.workers, timeout=120)
         return self
 
     @property
@@ -376,6 +401,29 @@ def test_a_worker_or_the_scheduler_killed_mid_run_loses_nothing(cluster, mosaic,
     cluster.start()
     _predict(mosaic, model, out, "--scheduler", cluster.address)
     _same(ref, out)
+
+
+def test_a_scheduler_without_workers_or_out_of_reach_is_one_line_within_the_timeout(model, beijing, tmp_path):
+    """``dask scheduler`` running with no ``dask worker``: one line within ``UVSAM_WORKERS_TIMEOUT``
+    (here 3 s), exit 2, nothing written; a scheduler nobody listens for: one line as well."""
+    empty = Cluster(tmp_path / "empty", workers=0)
+    (tmp_path / "empty").mkdir()
+    empty.start()
+    scene = beijing / "val/images/49554_107968.tif"
+    try:
+        for address, said in ((empty.address, f"the Dask scheduler at {empty.address} has no worker (waited 3 s)"),
+                              ("tcp://127.0.0.1:9", "cannot reach the Dask scheduler at tcp://127.0.0.1:9")):
+            t = time.monotonic()
+            proc = subprocess.run([sys.executable, "-m", "uvsam", "predict", str(scene), "--model", str(model),
+                                   "--out", str(tmp_path / "v.gpkg"), "--scheduler", address], cwd=tmp_path,
+                                  env={**ENV, "UVSAM_WORKERS_TIMEOUT": "3"}, capture_output=True, text=True,
+                                  timeout=120)
+            assert time.monotonic() - t < 45, proc.stderr
+            line = _one_line(proc.stderr)
+            assert proc.returncode == 2 and line.startswith("uvsam: error: ") and said in line, line
+            assert not [f for f in tmp_path.iterdir() if f.name != "empty"]
+    finally:
+        empty.stop()
 
 
 # -- signals at random moments ------------------------------------------------------------------------------
@@ -550,12 +598,22 @@ def hostile(model, beijing, tmp_path_factory) -> dict[str, tuple[list, str]]:
         {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
     cases["labels_nan"] = (["train", "--images", scene, "--labels", root / "nan.geojson", "--labels-crs", "EPSG:3857",
                             "--epochs", "1", "--steps", "1", "--sam-epochs", "0"], "NaN or infinite coordinates")
+    with rasterio.open(scene) as ds:  # a VRT on the scene's grid whose one source is itself
+        grid = ", ".join(repr(v) for v in ds.transform.to_gdal())
+    (root / "self.vrt").write_text(
+        f'<VRTDataset rasterXSize="1024" rasterYSize="1024"><SRS>EPSG:3857</SRS><GeoTransform>{grid}</GeoTransform>'
+        '<VRTRasterBand dataType="Byte" band="1"><SimpleSource><SourceFilename relativeToVRT="1">self.vrt'
+        '</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>')
+    cases["labels_self"] = (["train", "--images", scene, "--labels", root / "self.vrt", "--epochs", "1", "--steps", "1",
+                             "--sam-epochs", "0"], "self.vrt: not a readable raster (Recursion detected)")
+    cases["scene_self"] = (["predict", root / "self.vrt", "--model", model], "Recursion detected)")
     return cases
 
 
 HOSTILE = ["gsd_zero", "gsd_nan", "gsd_negative", "gsd_huge", "wrong_shape", "terabyte_tensor", "traversal",
            "zip_bomb", "decompression_bomb", "vrt_etc_passwd", "vrt_url", "vrt_outside", "leading_dash", "crs",
-           "workers", "scheduler", "date", "overlap", "threshold", "workflow_date", "labels_nan"]
+           "workers", "scheduler", "date", "overlap", "threshold", "workflow_date", "labels_nan", "labels_self",
+           "scene_self"]
 
 
 @pytest.mark.parametrize("case", HOSTILE)
@@ -607,6 +665,70 @@ def test_a_multipolygon_of_twenty_thousand_copies_is_repaired_in_bounded_time(be
         assert np.array_equal(many, rasterise_labels(tmp_path / "one.geojson", src)) and many.any()
 
 
+def test_label_files_are_read_as_the_features_they_hold_not_the_count_they_declare(beijing, tmp_path):
+    """A GeoPackage of the val tile's village polygons whose header (``gpkg_ogr_contents``) declares
+    10^8 features: training labels and a change layer read from it are those of the honest file,
+    in bounded memory (reading by the declared count took 3.9 GB)."""
+    import sqlite3
+    import tracemalloc
+
+    import geopandas as gpd
+    import shapely
+    from rasterio.features import shapes
+
+    from tiles.reader import RasterSource, ReadOptions
+    from uvsam.changes.sources import read_layer
+    from uvsam.datasets import rasterise_labels
+
+    scene = beijing / "val/images/49554_107968.tif"
+    with rasterio.open(beijing / "val/masks/49554_107968.tif") as ds:
+        mask = ds.read(1)
+        polys = [shapely.geometry.shape(g) for g, v in shapes(mask, mask=mask > 0, transform=ds.transform) if v]
+        frame = gpd.GeoDataFrame({"kind": ["village"] * len(polys)}, geometry=polys, crs=ds.crs)
+    for name in ("honest", "declared"):
+        frame.to_file(tmp_path / f"{name}.gpkg", layer="villages", driver="GPKG")
+    with sqlite3.connect(tmp_path / "declared.gpkg") as db:
+        db.execute("UPDATE gpkg_ogr_contents SET feature_count = 100000000")
+    assert pyogrio.read_info(tmp_path / "declared.gpkg")["features"] == 10**8
+    with RasterSource(scene, ReadOptions()) as src:
+        honest = rasterise_labels(tmp_path / "honest.gpkg", src)
+        tracemalloc.start()
+        try:
+            declared = rasterise_labels(tmp_path / "declared.gpkg", src)
+            changes = read_layer(f"2020={tmp_path / 'declared.gpkg'}:villages")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert np.array_equal(declared, honest) and honest.any()
+    assert len(changes.villages) == len(read_layer(f"2020={tmp_path / 'honest.gpkg'}:villages").villages) > 0
+    assert peak < 200e6, peak
+
+
+def test_names_in_any_script_with_spaces_work_and_are_named_in_errors(beijing, model, tmp_path, capsys, monkeypatch):
+    """Scene, folder, model, output and layer names in Chinese, with accents and spaces: predict
+    and change run and write those names; a missing file is named as written."""
+    folder = tmp_path / "北京 数据 é"
+    folder.mkdir()
+    scenes = {}
+    for year, tile in (("年2018", "49554_107968"), ("年2020", "49554_107970")):
+        scenes[year] = shutil.copyfile(beijing / f"val/images/{tile}.tif", folder / f"城中村 {year} ü.tif")
+    m = shutil.copyfile(model, folder / "模型 é.ckpt")
+    out = folder / "村庄 ø.gpkg"
+    monkeypatch.chdir(folder)
+    for year, scene in scenes.items():
+        code, _, err = run_cli(["predict", scene.name, "--model", m.name, "--out", out.name, "--layer", year, "--local",
+                                "--no-quicklook"], capsys)
+        assert code == 0, err
+    assert {"年2018", "年2020"} <= {n for n, _ in pyogrio.list_layers(out)}
+    code, _, err = run_cli(["change", f"2018={out.name}:年2018", f"2020={out.name}:年2020", "--out", "变化 ø.gpkg",
+                            "--report", "报告 ø.html"], capsys)
+    assert code == 0, err
+    assert (folder / "报告 ø.html").stat().st_size > 0 and "changes" in {n for n, _ in pyogrio.list_layers(
+        folder / "变化 ø.gpkg")}
+    code, _, err = run_cli(["predict", "缺失 ø.tif", "--model", m.name, "--out", "x.gpkg"], capsys)
+    assert code == 2 and "缺失 ø.tif" in _one_line(err)
+
+
 def test_a_workflow_naming_files_outside_its_folder_says_so_in_the_dry_run(model, beijing, tmp_path, capsys):
     (tmp_path / "w.yaml").write_text(f"name: x\nmodel: {model}\nout: v.gpkg\n"
                                      f"years:\n  - {{layer: y2020, scenes: [{beijing}/val/images/49554_107968.tif]}}\n")
@@ -621,7 +743,8 @@ def test_remote_bodies_cut_short_are_read_again_and_a_replaced_object_restarts_t
     """Over HTTP (ranges, ETag): responses whose body stops half-way (the connection closed) are
     asked again and the villages are those of the local file; an object replaced between an
     interrupted run and its resume is a new scene: the resume says so and writes what a fresh run
-    of the new object writes."""
+    of the new object writes, in a new process or in one that read the old object."""
+    import shapely
     from rasterio.shutil import copy as raster_copy
 
     from tests.servers import http_server
@@ -657,3 +780,9 @@ def test_remote_bodies_cut_short_are_read_again_and_a_replaced_object_restarts_t
         run_prediction([str(served / "scene.tif")], model, fresh, cfg, log=lambda m: None)
         a, b = _frame(fresh, "villages"), _frame(out, "villages")
         assert len(a) == len(b) > 0 and sorted(a["area_m2"]) == sorted(b["area_m2"])
+        # this process read the old object (GDAL cached its ranges by URL): it reads the new one too
+        again = tmp_path / "again.gpkg"
+        run_prediction([url], model, again, cfg, log=lambda m: None)
+        c = _frame(again, "villages")
+        assert sorted(a["area_m2"]) == sorted(c["area_m2"])
+        assert shapely.equals_exact(shapely.union_all(a.geometry.values), shapely.union_all(c.geometry.values), 1e-6)

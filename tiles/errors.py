@@ -26,3 +26,13 @@ def write_failure(e: BaseException) -> str:
             best = line
         e = e.__cause__ or e.__context__
     return best or "write failed"
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of what went wrong: GDAL's own reason, where rasterio's message only points to
+    it ("Read failed. See previous exception for details.": the chained exception holds it)."""
+    seen = 0
+    while "previous exception" in str(e) and (e.__cause__ or e.__context__) is not None and seen < 8:
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

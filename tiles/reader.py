@@ -29,7 +29,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform
 from rasterio.windows import Window
 
-from tiles.errors import TilesError
+from tiles.errors import TilesError, first_line
 from tiles.remote import RETRY, RemotePath, gdal_name, location
 
 _GEOD = Geod(ellps="WGS84")
@@ -142,7 +142,7 @@ class RasterSource:
         try:
             self._src = rasterio.open(gdal_name(self.path))
         except rasterio.errors.RasterioIOError as e:
-            raise TilesError(f"not a raster GDAL can read ({_first_line(e)})", self.path) from None
+            raise TilesError(f"not a raster GDAL can read ({first_line(e)})", self.path) from None
         src = self._src
         _check_integrity(src, self.path)
         bands = self.options.bands or default_bands(src.colorinterp)
@@ -254,7 +254,7 @@ class RasterSource:
             block = self._dataset.read(self.bands, window=inner)
             return block, self._masks(block, window=inner)
         except rasterio.errors.RasterioIOError as e:
-            raise TilesError(f"cannot read window {inner} ({_first_line(e)})", self.path, transient=True) from None
+            raise TilesError(f"cannot read window {inner} ({first_line(e)})", self.path, transient=True) from None
 
     def _retrying(self, read, reopen: bool = True):
         """``read()``, asked again after a pause on a remote source whose transfer failed (a body
@@ -308,7 +308,7 @@ class RasterSource:
                 data = ds.read(self.bands, out_shape=(len(self.bands), h, w), resampling=Resampling.nearest)
                 return data, self._masks(data, out_shape=(h, w), resampling=Resampling.nearest)
             except rasterio.errors.RasterioIOError as e:
-                raise TilesError(f"cannot read the scene's overview ({_first_line(e)})", self.path,
+                raise TilesError(f"cannot read the scene's overview ({first_line(e)})", self.path,
                                  transient=True) from None
 
         data, masks = self._retrying(read)
@@ -340,7 +340,7 @@ class RasterSource:
                 else:
                     valid = (vrt.read_masks(list(self.bands)) > 0).all(axis=0)
         except rasterio.errors.RasterioIOError as e:
-            raise TilesError(f"cannot resample onto the common grid ({_first_line(e)})", self.path) from None
+            raise TilesError(f"cannot resample onto the common grid ({first_line(e)})", self.path) from None
         return data, valid & np.isfinite(data).all(axis=0)
 
     def describe(self) -> dict:
@@ -405,15 +405,5 @@ def _check_integrity(src, path) -> None:
         for r, c in ((0, 0), (src.height - 1, src.width - 1)):
             src.read(1, window=Window(c, r, 1, 1))
     except rasterio.errors.RasterioIOError as e:
-        raise TilesError(f"truncated or corrupt: cannot decode its pixels ({_first_line(e)})", path,
+        raise TilesError(f"truncated or corrupt: cannot decode its pixels ({first_line(e)})", path,
                          transient=True) from None
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of what went wrong: GDAL's own reason, where rasterio's message only points to
-    it ("Read failed. See previous exception for details.": the chained exception holds it)."""
-    seen = 0
-    while "previous exception" in str(e) and (e.__cause__ or e.__context__) is not None and seen < 8:
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

@@ -11,19 +11,22 @@ Credentials come from GDAL's usual environment variables (``AWS_ACCESS_KEY_ID``,
 ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_CONNECTION_STRING``, ...). Transient failures
 (HTTP 429/5xx, dropped connections) are retried by GDAL with back-off (:data:`RETRY`, unless the
 environment sets them). :meth:`RemotePath.identity` names the object's version (ETag or
-Last-Modified, and size), so a resumed run never mixes results of a replaced object.
+Last-Modified, and size), so a resumed run never mixes results of a replaced object, and
+:func:`read_afresh_if_replaced` makes a long-lived process (a notebook, a Dask worker) forget what
+GDAL cached of an object once a run sees another version of it.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from tiles.errors import TilesError
+from tiles.errors import TilesError, first_line
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)  # HTTP answers worth asking again (after a pause)
 SCHEMES = {"http": "/vsicurl/", "https": "/vsicurl/", "s3": "/vsis3/", "gs": "/vsigs/", "az": "/vsiaz/"}
@@ -130,7 +133,7 @@ class RemotePath(str):
             with rasterio.Env(**env), rasterio.open(self.gdal, **smallest) as ov:
                 parts += [ov.checksum(b) for b in ov.indexes] if ov.width * ov.height <= 4_000_000 else []
         except rasterio.errors.RasterioIOError as e:
-            raise TilesError(f"cannot read the raster ({str(e).splitlines()[0][:160]})", self) from None
+            raise TilesError(f"cannot read the raster ({first_line(e)})", self) from None
         return "|".join(str(p) for p in parts)
 
     def _s3_identity(self) -> str:
@@ -156,6 +159,35 @@ def location(spec: str | os.PathLike) -> Path | RemotePath:
     if isinstance(spec, RemotePath):
         return spec
     return RemotePath(str(spec)) if is_remote(spec) else Path(spec)
+
+
+_LAST_READ: dict[str, str] = {}  # URL -> the version of it this process last read
+_LAST_READ_LOCK = threading.Lock()
+
+
+def read_afresh_if_replaced(path: Path | RemotePath, version: str) -> None:
+    """Before reading ``version`` of a remote object: if this process read another version of it,
+    GDAL forgets the ranges and size it cached for the URL (they are keyed by URL alone, so a
+    replaced object would otherwise be read, in part or whole, as the old one).
+
+    A handle opened with the URL in ``CPL_VSIL_CURL_NON_CACHED`` invalidates GDAL's cached data of
+    that URL when it closes. Threads asking for the same new version wait for the one doing it."""
+    if not isinstance(path, RemotePath):
+        return
+    with _LAST_READ_LOCK:
+        previous = _LAST_READ.get(str(path))
+        if previous == version:
+            return
+        _LAST_READ[str(path)] = version
+        if previous is None:
+            return
+        import rasterio
+
+        with rasterio.Env(CPL_VSIL_CURL_NON_CACHED=path.gdal):
+            try:
+                rasterio.open(path.gdal).close()
+            except rasterio.errors.RasterioIOError:  # gone or unreadable: the read that follows says so
+                pass
 
 
 def gdal_name(path: Path | RemotePath) -> str | Path:

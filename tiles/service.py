@@ -43,7 +43,7 @@ from pyproj import Transformer
 from rasterio.dtypes import _gdal_typename
 from rasterio.io import MemoryFile
 
-from tiles.errors import TilesError
+from tiles.errors import TilesError, first_line
 from tiles.remote import RETRY_STATUS
 from tiles.xyz import HALF_CIRCUMFERENCE, XYZ_TILE_PX
 
@@ -250,7 +250,7 @@ def _subset_vrt(source: Path, bbox: tuple[float, float, float, float], vrt: Path
     try:
         ds = rasterio.open(source)
     except rasterio.errors.RasterioIOError as e:
-        raise TilesError(f"not a tile service GDAL can open ({str(e).splitlines()[0][:160]})", source) from None
+        raise TilesError(f"not a tile service GDAL can open ({first_line(e)})", source) from None
     with ds:
         if ds.crs is None:
             raise TilesError("tile service has no CRS", source)

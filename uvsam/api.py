@@ -16,6 +16,7 @@ import pyogrio
 from uvsam.changes import run_change
 from uvsam.config import ChangeConfig, PredictConfig, TrainConfig
 from uvsam.evaluation import evaluate as run_evaluation
+from uvsam.files import read_features
 from uvsam.prediction import run_prediction
 from uvsam.prediction.sources import scene_sources
 from uvsam.training import train as run_training
@@ -57,7 +58,7 @@ def predict(scenes: str | Path | list | None, model: str | Path, out: str | Path
     if fmt == ".parquet":
         villages = gpd.read_parquet(out)
     else:
-        villages = pyogrio.read_dataframe(out, layer=layer if fmt == ".gpkg" else None)
+        villages = read_features(out, layer if fmt == ".gpkg" else None)
     villages.attrs.update(summary)
     return villages
 
@@ -98,7 +99,7 @@ def change(years: dict, out: str | Path, *, report: str | Path | None = None, im
             specs.append(f"{year}={layer}")
         summary = run_change(specs, out, cfg, report=report, images=[f"{y}={p}" for y, p in (images or {}).items()],
                              log=log or _quiet, **extra)
-    changes = pyogrio.read_dataframe(out, layer="changes")
+    changes = read_features(out, "changes")
     changes.attrs.update(summary)
     return changes
 

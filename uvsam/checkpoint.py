@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tiles.errors import first_line
 from uvsam.errors import CheckpointError
 from uvsam.files import atomic_path, sha256_file
 from uvsam.modeling.registry import EncoderSpec
@@ -51,7 +52,7 @@ def check_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"is truncated or corrupt ({_first_line(e)})", path) from None
+        raise CheckpointError(f"is truncated or corrupt ({first_line(e)})", path) from None
     for m in members:
         name = m.filename.replace("\\", "/")
         if name.startswith("/") or ".." in name.split("/") or ":" in name.split("/")[0]:
@@ -105,11 +106,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ) from None
         raise CheckpointError("checkpoint is not a PyTorch file (neither a zip archive nor a pickle)", path) from None
     except (zipfile.BadZipFile, EOFError) as e:
-        raise CheckpointError(f"checkpoint is truncated or corrupt ({_first_line(e)})", path) from None
+        raise CheckpointError(f"checkpoint is truncated or corrupt ({first_line(e)})", path) from None
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint is truncated or corrupt ({_first_line(e)})", path) from None
+        raise CheckpointError(f"checkpoint is truncated or corrupt ({first_line(e)})", path) from None
     except OSError as e:
-        raise CheckpointError(f"checkpoint cannot be read ({_first_line(e)})", path) from None
+        raise CheckpointError(f"checkpoint cannot be read ({first_line(e)})", path) from None
     except Exception as e:  # any other parse failure of arbitrary bytes: not a checkpoint
         raise CheckpointError(f"checkpoint is not a valid PyTorch file ({type(e).__name__})", path) from None
     return _unwrap(obj, path)
@@ -151,8 +152,3 @@ def save_official(model: Generalist, path: str | Path) -> None:
     """Save ``model`` as a flat state dict in its family's official key layout (atomically)."""
     with atomic_path(path) as tmp:
         torch.save(model.official_state_dict(), tmp)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

@@ -23,11 +23,13 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from tiles.errors import first_line
 from tiles.radiometry import Stretch
 from tiles.reader import RasterSource, ReadOptions
 from tiles.remote import is_remote, location
 from tiles.vrt import check_vrt_sources
 from uvsam.errors import InputError
+from uvsam.files import read_features
 from uvsam.labels import IGNORE
 from uvsam.polygons import nonfinite, valid_parts
 from uvsam.preprocess import InputSpec, Preprocessing, scene_preprocessing
@@ -167,14 +169,28 @@ def rasterise_labels(label_path: Path, src: RasterSource, labels_crs: str | None
                 raise InputError(f"mask has no CRS and is {lab.width} x {lab.height} px, the image "
                                  f"{src.width} x {src.height}", label_path)
             else:
+                _check_overlap(lab, src, label_path)
                 with WarpedVRT(lab, crs=src.crs, transform=src.transform, width=src.width, height=src.height,
                                resampling=Resampling.nearest) as vrt:
                     data = vrt.read(1, masked=True)
     except rasterio.errors.RasterioIOError as e:
-        raise InputError(f"not a readable raster ({str(e).splitlines()[0][:160]})", label_path) from None
+        raise InputError(f"not a readable raster ({first_line(e)})", label_path) from None
     out = (np.ma.getdata(data) > 0).astype(np.uint8)
     out[np.ma.getmaskarray(data)] = IGNORE
     return out
+
+
+def _check_overlap(lab, src: RasterSource, label_path: Path) -> None:
+    """A mask raster on another grid must cover some of the image (else: wrong file or CRS)."""
+    from rasterio.warp import transform_bounds
+
+    left, bottom, right, top = transform_bounds(lab.crs, src.crs, *lab.bounds)
+    a, b = src.transform @ (0, 0), src.transform @ (src.width, src.height)
+    if right <= min(a[0], b[0]) or left >= max(a[0], b[0]) or top <= min(a[1], b[1]) or bottom >= max(a[1], b[1]):
+        image = [round(float(v), 1) for v in (min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1]))]
+        mask = [round(float(v), 1) for v in (left, bottom, right, top)]
+        raise InputError(f"does not overlap {src.path.name} (the mask spans {mask}, the image {image} in {src.crs}): "
+                         "wrong file or wrong CRS?", label_path)
 
 
 def split_layer(spec: str) -> tuple[Path, str | None]:
@@ -190,12 +206,10 @@ def read_vector(path: Path, labels_crs: str | None = None, layer: str | None = N
     """The features of a vector file (``layer`` of it, or its first) with their CRS: ``labels_crs``
     where given, else the file's; a file naming none is read as longitude/latitude only when its
     coordinates can be that (GeoJSON's rule), else refused naming ``flag``."""
-    import geopandas as gpd
-
     try:
-        gdf = gpd.read_file(path, layer=layer)
+        gdf = read_features(path, layer)
     except Exception as e:  # noqa: BLE001 - pyogrio raises several types for unreadable files
-        raise InputError(f"not a readable vector file ({str(e).splitlines()[0][:160]})", path) from None
+        raise InputError(f"not a readable vector file ({first_line(e)})", path) from None
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
     bad = nonfinite(gdf.geometry.values)
     if len(bad):

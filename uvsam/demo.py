@@ -119,11 +119,12 @@ def write_scene(folder: Path, name: str, size: int, seed: int, shift_px: int = 0
 
 def score(gpkg: Path, layer: str, truth: Path) -> dict:
     """Pixel IoU / precision / recall of the villages layer against the truth mask."""
-    import pyogrio
     from rasterio.features import rasterize
 
+    from uvsam.files import read_features
 
-    villages = pyogrio.read_dataframe(gpkg, layer=layer)
+
+    villages = read_features(gpkg, layer)
     with rasterio.open(truth) as ds:
         gt = ds.read(1) > 0
         geoms = list(villages.to_crs(ds.crs).geometry)

@@ -25,7 +25,7 @@ import pyogrio
 
 from uvsam.config import FORMATS
 from uvsam.errors import ConfigError, InputError
-from uvsam.files import OutputLock, atomic_path
+from uvsam.files import OutputLock, atomic_path, read_features
 
 
 def date_column(value: str | date | None, n: int) -> pd.Series:
@@ -151,7 +151,7 @@ def styles_table(rows: list[dict]) -> pd.DataFrame:
 
 def _table(path: Path, layer: str) -> pd.DataFrame | None:
     if path.exists() and layer in [row[0] for row in pyogrio.list_layers(path)]:
-        return pyogrio.read_dataframe(path, layer=layer, read_geometry=False)
+        return read_features(path, layer, read_geometry=False)
     return None
 
 
@@ -178,7 +178,7 @@ def layer_problem(layer: str) -> str | None:
     """Why ``layer`` cannot name a villages layer, or None if it can."""
     if layer in ("runs", "layer_styles", "candidates", "tiles") or layer.endswith(("_candidates", "_tiles")):
         return f"layer {layer!r} is a reserved name (runs, layer_styles, candidates, tiles, *_candidates, *_tiles)"
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", layer):
+    if not re.fullmatch(r"(?!\d)\w{1,63}", layer):  # letters of any script: 年2020 and y2020 alike
         return f"layer {layer!r}: use a letter or _ then letters, digits or _ (at most 63 characters)"
     return None
 

@@ -34,7 +34,7 @@ import shapely
 
 from uvsam.changes.sources import parse_spec, read_layer
 from uvsam.errors import ConfigError, InputError
-from uvsam.files import atomic_path, check_writable
+from uvsam.files import atomic_path, check_writable, read_features
 from uvsam.layers import GEOMETRY_COLUMN, category_list, label_with, qml_document, style_row, styles_table
 from uvsam.polygons import local_equal_area
 
@@ -311,7 +311,7 @@ def _mapped_area(map_spec: str, area: str | None, crs):
         tiles = "tiles" if name == "villages" else f"{name}_tiles"
         if tiles not in layers:
             raise InputError("no tiles layer to tell the mapped area: give it as a polygon file (--area)", path)
-        gdf = pyogrio.read_dataframe(path, layer=tiles)
+        gdf = read_features(path, tiles)
         if "status" in gdf:
             gdf = gdf[gdf["status"] == "done"]
     if not len(gdf):
@@ -325,8 +325,8 @@ def assess(sample_file: str | Path, z: float = Z95) -> Accuracy:
     if not path.is_file():
         raise InputError("file does not exist", path)
     try:
-        sample = pyogrio.read_dataframe(path, layer="sample", read_geometry=False)
-        strata = pyogrio.read_dataframe(path, layer="strata", read_geometry=False)
+        sample = read_features(path, "sample", read_geometry=False)
+        strata = read_features(path, "strata", read_geometry=False)
     except Exception as e:  # noqa: BLE001 - not a sample GeoPackage
         raise InputError(f"not a sample written by `uvsam sample` ({str(e).splitlines()[0][:120]})", path) from None
     classes = list(json.loads(strata["design"].iloc[0]).get("classes", CLASSES)) if "design" in strata else list(

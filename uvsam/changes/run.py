@@ -7,7 +7,6 @@ from pathlib import Path
 from statistics import NormalDist
 
 import pandas as pd
-import pyogrio
 
 from uvsam import __version__, weights
 from uvsam.changes.accuracy import CHANGE_CLASSES, Accuracy, assess
@@ -19,7 +18,7 @@ from uvsam.changes.sources import parse_images, read_belts, read_layer
 from uvsam.changes.summaries import belts_from, by_belt, by_distance, by_district, by_ring
 from uvsam.changes.track import LIFECYCLES, ChangeConfig, track
 from uvsam.errors import ConfigError, InputError
-from uvsam.files import check_writable
+from uvsam.files import check_writable, read_features
 from uvsam.modeling.registry import get_spec
 from uvsam.progress import Progress
 
@@ -71,7 +70,7 @@ def run_change(specs: list[str], out: str | Path, cfg: ChangeConfig = ChangeConf
         if districts is not None:
             if not Path(districts).is_file():
                 raise InputError("districts file does not exist", districts)
-            tables["districts"] = by_district(result.villages, pyogrio.read_dataframe(districts), district_field)
+            tables["districts"] = by_district(result.villages, read_features(districts), district_field)
         if centre is not None:
             tables["rings"] = by_ring(result.villages, centre, ring_km)
             tables["distance"] = by_distance(result.villages, centre, step_km)

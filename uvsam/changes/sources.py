@@ -8,10 +8,12 @@ from pathlib import Path
 import geopandas as gpd
 import pyogrio
 
+from tiles.errors import first_line
 from tiles.reader import RasterSource
 from tiles.remote import location
 from uvsam.datasets import split_layer
 from uvsam.errors import ConfigError, InputError
+from uvsam.files import read_features
 from uvsam.polygons import nonfinite, repair
 
 
@@ -43,7 +45,7 @@ def read_named_layer(path: Path, layer: str | None, usable, form: str) -> tuple[
     try:
         layers = [name for name, _ in pyogrio.list_layers(path)]
     except Exception as e:  # noqa: BLE001 - not a vector file
-        raise InputError(f"not a vector file GDAL can read ({str(e).splitlines()[0][:120]})", path) from None
+        raise InputError(f"not a vector file GDAL can read ({first_line(e)})", path) from None
     if layer is None:
         candidates = [n for n in layers if usable(n)]
         if len(candidates) != 1:
@@ -51,7 +53,7 @@ def read_named_layer(path: Path, layer: str | None, usable, form: str) -> tuple[
         layer = candidates[0]
     elif layer not in layers:
         raise InputError(f"has no layer {layer!r} (layers: {', '.join(layers)})", path)
-    gdf = pyogrio.read_dataframe(path, layer=layer)
+    gdf = read_features(path, layer)
     if gdf.crs is None:
         raise InputError(f"layer {layer!r} has no CRS", path)
     return layer, gdf

@@ -13,6 +13,7 @@ from rasterio.windows import Window
 
 from tiles.plan import TilingConfig, plan
 from tiles.reader import RasterSource, ReadOptions
+from tiles.remote import location, read_afresh_if_replaced
 from tiles.service import TileService, service_raster
 from uvsam.config import PredictConfig
 from uvsam.datasets import RASTER_EXT, find_files
@@ -71,6 +72,8 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, identit
     """The tiling plan and the :class:`ScenePrep` of one scene, from one read of its overview;
     ``identity``: its :func:`~uvsam.prediction.journal.scene_identity` when the caller has it."""
     read = info.inputs.read
+    version = version_digest(identity or scene_identity(path))
+    read_afresh_if_replaced(location(path), version)
     with RasterSource(path, ReadOptions(info.inputs.bands)) as native:  # the header only: nothing resampled yet
         scene_gsd = float(np.mean(native.ground_res)) if native.ground_res else None
         suit = check_resolution(path, scene_gsd, native.height, native.width, info.training_gsd_m or info.gsd_m,
@@ -86,9 +89,8 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, identit
     if preprocessing.mode == "histogram":
         check_radiometry(suit, preprocessing.source.quantiles, info.inputs.radiometry.quantiles)
     s = scene.source
-    identity = identity or scene_identity(path)
     prep = ScenePrep(str(path), read, preprocessing, s["crs"], tuple(s["transform"]), s["width"], s["height"],
-                     suit.to_dict(), version_digest(identity))
+                     suit.to_dict(), version)
     return scene, prep
 
 
@@ -150,6 +152,7 @@ def open_source(prep: ScenePrep) -> RasterSource:
     if cached is None or cached[0] != key:
         if cached is not None:
             cached[1].close()
+        read_afresh_if_replaced(location(prep.path), prep.version)
         _SOURCES.open = (key, RasterSource(prep.path, prep.read))
     return _SOURCES.open[1]
 
