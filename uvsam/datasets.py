@@ -184,7 +184,10 @@ def _check_overlap(lab, src: RasterSource, label_path: Path) -> None:
     """A mask raster on another grid must cover some of the image (else: wrong file or CRS)."""
     from rasterio.warp import transform_bounds
 
-    left, bottom, right, top = transform_bounds(lab.crs, src.crs, *lab.bounds)
+    try:
+        left, bottom, right, top = transform_bounds(lab.crs, src.crs, *lab.bounds)
+    except Exception:  # noqa: BLE001 - bounds PROJ cannot carry over: the warp below decides
+        return
     a, b = src.transform @ (0, 0), src.transform @ (src.width, src.height)
     if right <= min(a[0], b[0]) or left >= max(a[0], b[0]) or top <= min(a[1], b[1]) or bottom >= max(a[1], b[1]):
         image = [round(float(v), 1) for v in (min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1]))]

@@ -123,7 +123,6 @@ def score(gpkg: Path, layer: str, truth: Path) -> dict:
 
     from uvsam.files import read_features
 
-
     villages = read_features(gpkg, layer)
     with rasterio.open(truth) as ds:
         gt = ds.read(1) > 0

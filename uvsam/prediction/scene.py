@@ -13,7 +13,7 @@ from rasterio.windows import Window
 
 from tiles.plan import TilingConfig, plan
 from tiles.reader import RasterSource, ReadOptions
-from tiles.remote import location, read_afresh_if_replaced
+from tiles.remote import RemotePath, location, read_afresh_if_replaced
 from tiles.service import TileService, service_raster
 from uvsam.config import PredictConfig
 from uvsam.datasets import RASTER_EXT, find_files
@@ -72,8 +72,9 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, identit
     """The tiling plan and the :class:`ScenePrep` of one scene, from one read of its overview;
     ``identity``: its :func:`~uvsam.prediction.journal.scene_identity` when the caller has it."""
     read = info.inputs.read
-    version = version_digest(identity or scene_identity(path))
-    read_afresh_if_replaced(location(path), version)
+    if isinstance(where := location(path), RemotePath):  # its version known before GDAL reads it
+        identity = identity or scene_identity(path)
+        read_afresh_if_replaced(where, version_digest(identity))
     with RasterSource(path, ReadOptions(info.inputs.bands)) as native:  # the header only: nothing resampled yet
         scene_gsd = float(np.mean(native.ground_res)) if native.ground_res else None
         suit = check_resolution(path, scene_gsd, native.height, native.width, info.training_gsd_m or info.gsd_m,
@@ -90,7 +91,7 @@ def prepare_scene(path: str | Path, info: ModelInfo, cfg: PredictConfig, identit
         check_radiometry(suit, preprocessing.source.quantiles, info.inputs.radiometry.quantiles)
     s = scene.source
     prep = ScenePrep(str(path), read, preprocessing, s["crs"], tuple(s["transform"]), s["width"], s["height"],
-                     suit.to_dict(), version)
+                     suit.to_dict(), version_digest(identity or scene_identity(path)))
     return scene, prep
 
 
