@@ -607,13 +607,23 @@ def hostile(model, beijing, tmp_path_factory) -> dict[str, tuple[list, str]]:
     cases["labels_self"] = (["train", "--images", scene, "--labels", root / "self.vrt", "--epochs", "1", "--steps", "1",
                              "--sam-epochs", "0"], "self.vrt: not a readable raster (Recursion detected)")
     cases["scene_self"] = (["predict", root / "self.vrt", "--model", model], "Recursion detected)")
+    import geopandas as gpd
+    import shapely
+
+    years = root / "years.gpkg"  # two years of one village, for `uvsam change`
+    for layer in ("y2018", "y2020"):
+        gpd.GeoDataFrame(geometry=[shapely.box(b.left + 100, b.bottom + 100, b.left + 300, b.bottom + 300)],
+                         crs="EPSG:3857").to_file(years, layer=layer, driver="GPKG")
+    pair = [f"2018={years}:y2018", f"2020={years}:y2020"]
+    cases["analysis_crs"] = (["change", *pair, "--analysis-crs", "EPSG:4326"], "is geographic: areas need a projected")
+    cases["change_crs"] = (["change", *pair, "--crs", "EPSG:999999"], "'EPSG:999999' is not a CRS")
     return cases
 
 
 HOSTILE = ["gsd_zero", "gsd_nan", "gsd_negative", "gsd_huge", "wrong_shape", "terabyte_tensor", "traversal",
            "zip_bomb", "decompression_bomb", "vrt_etc_passwd", "vrt_url", "vrt_outside", "leading_dash", "crs",
            "workers", "scheduler", "date", "overlap", "threshold", "workflow_date", "labels_nan", "labels_self",
-           "scene_self"]
+           "scene_self", "analysis_crs", "change_crs"]
 
 
 @pytest.mark.parametrize("case", HOSTILE)
