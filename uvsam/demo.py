@@ -25,6 +25,7 @@ from affine import Affine
 from scipy import ndimage
 
 from uvsam.errors import WeightsError
+from uvsam.files import read_features
 from uvsam.metrics import SegmentationCounts
 from uvsam.prediction import PredictConfig, model_info, run_prediction
 from uvsam.prediction.distributed import dask_runner, make_client, register_model
@@ -120,8 +121,6 @@ def write_scene(folder: Path, name: str, size: int, seed: int, shift_px: int = 0
 def score(gpkg: Path, layer: str, truth: Path) -> dict:
     """Pixel IoU / precision / recall of the villages layer against the truth mask."""
     from rasterio.features import rasterize
-
-    from uvsam.files import read_features
 
     villages = read_features(gpkg, layer)
     with rasterio.open(truth) as ds:
