@@ -431,6 +431,18 @@ TRAIN = ["--epochs", "3", "--steps", "6", "--batch-size", "4", "--crop", "64", "
          "--views-per-scene", "1", "--seed", "5"]
 
 
+def _crop(src: Path, dest: Path) -> Path:
+    """Rows 512-1023, columns 256-767 of a Beijing val tile as a GeoTIFF: three quarters villages."""
+    from rasterio.windows import Window
+
+    window = Window(256, 512, 512, 512)
+    with rasterio.open(src) as ds:
+        profile = {**ds.profile, "width": 512, "height": 512, "transform": ds.window_transform(window)}
+        with rasterio.open(dest, "w", **profile) as out:
+            out.write(ds.read(window=window))
+    return dest
+
+
 def _interrupt(argv: list[str], sig: int, after_s: float, cwd: Path, group: bool = False) -> tuple[int, str]:
     """``uvsam ARGV`` sent ``sig`` after ``after_s`` seconds (to its whole process group, as a
     terminal's Ctrl-C is, with ``group``); (exit code, stderr). Exit 0 means it finished first."""
@@ -462,6 +474,54 @@ def _check_interrupted(code: int, err: str, sig: int) -> str:
     return line
 
 
+def test_a_signal_while_the_program_loads_is_one_line_too(tmp_path):
+    """Ctrl-C or SIGTERM in the first second, while ``uvsam`` still imports its modules: one line,
+    exit 130/143, no ``KeyboardInterrupt`` traceback (sent once the process catches SIGTERM, which
+    Python alone does not: uvsam's first instruction has run)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-m", "uvsam", "predict", "scene.tif", "--model", "m.ckpt", "--out",
+                                 "v.gpkg"], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # SigCgt: the signals the process catches, a hex mask
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            if int(next(v for k, v in (ln.split(":") for ln in status.splitlines()) if k == "SigCgt"), 16) & (
+                    1 << (signal.SIGTERM - 1)):
+                break
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        line = _check_interrupted(proc.returncode, err, sig)
+        assert line.endswith("; uvsam was starting: nothing was read or written"), line  # landed while loading
+        assert not list(tmp_path.iterdir())
+
+
+DURING_IMPORT = """
+import signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from uvsam.cli import Interrupted, _on_signal
+signal.signal(signal.SIGINT, _on_signal)
+try:
+    import slow_module  # sends this process SIGINT from its top level, then takes 0.3 s more
+    print("imported", flush=True)
+    time.sleep(5)
+    print("not interrupted", flush=True)
+except Interrupted as e:
+    print("interrupted", e.code, flush=True)
+"""
+
+
+def test_a_signal_inside_an_import_waits_for_the_module_to_load(tmp_path):
+    """A signal that arrives while a command imports a module (torch's C extensions load for a
+    second or more) is raised once the module has loaded, not inside its initialisation: raised
+    there it broke the interpreter's exit (``ImportError: initialization failed``, then a fatal
+    error and exit -6, found by the random-moment test below)."""
+    (tmp_path / "slow_module.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                             "time.sleep(0.3)\n")
+    proc = subprocess.run([sys.executable, "-c", DURING_IMPORT, str(tmp_path)], env=ENV, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.split("\n")[:2] == ["imported", "interrupted 130"], (proc.stdout, proc.stderr)
+
+
 @pytest.mark.parametrize("command", ["predict", "train", "change", "run"])
 def test_a_signal_at_a_random_moment_keeps_the_output_and_the_next_run_completes_it(command, beijing, model, tmp_path):
     """SIGINT (a terminal's Ctrl-C, to the whole process group: Dask's worker processes too), then
@@ -470,7 +530,7 @@ def test_a_signal_at_a_random_moment_keeps_the_output_and_the_next_run_completes
     run again (``--resume`` for a training that kept an epoch) gives what an undisturbed run gives."""
     import random
 
-    scene = shutil.copyfile(beijing / "val/images/49554_107968.tif", tmp_path / "scene.tif")
+    scene = _crop(beijing / "val/images/49554_107968.tif", tmp_path / "scene.tif")  # 512 px, mostly villages
     rng = random.Random(command)
     if command == "predict":  # on a local Dask cluster: its workers get the Ctrl-C too
         argv = ["predict", scene, "--model", model, "--out", "v.gpkg", "--workers", "1", "--force-refine",
@@ -485,7 +545,8 @@ def test_a_signal_at_a_random_moment_keeps_the_output_and_the_next_run_completes
     elif command == "change":
         from uvsam.prediction import run_prediction
 
-        for year, image in (("y2018", scene), ("y2020", beijing / "val/images/49554_107970.tif")):
+        for year, image in (("y2018", scene), ("y2020", _crop(beijing / "val/images/49554_107970.tif",
+                                                               tmp_path / "2020.tif"))):
             run_prediction([str(image)], model, tmp_path / "y.gpkg", layer=year, log=lambda m: None, quicklook=False)
         argv = ["change", "2018=y.gpkg:y2018", "2020=y.gpkg:y2020", "--out", "c.gpkg", "--report", "c.html"]
         ref = ["change", "2018=y.gpkg:y2018", "2020=y.gpkg:y2020", "--out", "ref.gpkg", "--report", "ref.html"]

@@ -53,9 +53,25 @@ class Interrupted(BaseException):
 
 
 def _on_signal(signum, frame):
+    import os
     import signal
+    import threading
 
+    if _importing(frame):  # raised inside a C extension's initialisation, it breaks the interpreter's
+        # exit (seen: "ImportError: initialization failed", then a fatal error, exit -6): the same
+        # signal comes again shortly, once the module has loaded
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     raise Interrupted("SIGTERM", 143) if signum == signal.SIGTERM else Interrupted("Ctrl-C", 130)
+
+
+def _importing(frame) -> bool:
+    """Whether the main thread is inside an ``import`` (importlib's frames on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _interrupted(name: str, code: int) -> int:
