@@ -234,7 +234,8 @@ RANKS = {
 # The CLI imports a command's modules when that command runs (``--help`` starts in half a second);
 # ``tiles`` imports its torch Dataset on first use (the tiling engine works without torch).
 # ``uvsam`` itself opens its API door (``uvsam.predict``) lazily: that edge is not part of the flow.
-LAZY_OK = {"uvsam.cli", "tiles"}
+# ``uvsam.__main__`` handles signals before it loads the CLI (a Ctrl-C then is one line too).
+LAZY_OK = {"uvsam.cli", "tiles", "uvsam.__main__"}
 API_DOOR = ("uvsam", "uvsam.api")
 
 
