@@ -107,6 +107,46 @@ def test_predict_with_compiled_parts_writes_the_villages_eager_pytorch_writes(co
     assert a.intersection(b).area / a.union(b).area > 0.999
 
 
+def test_training_encodes_its_views_with_the_compiled_encoder_only_when_some_are_missing(compiled, model, data_dir,
+                                                                                          tmp_path, monkeypatch):
+    from uvsam.config import TrainConfig
+    from uvsam.devices import Device
+    from uvsam.embedding_cache import EmbeddingCache
+    from uvsam.training import EmbeddingStore, install_encoder
+
+    class View:
+        def __init__(self, k):
+            self.k = k
+
+        def key(self):
+            return self.k
+
+    monkeypatch.setenv("UVSAM_CACHE", str(compiled["root"]))  # the session's artefacts: the predict one, reused
+    net = load_model(model)[0]
+    net.train()  # as training holds it (the frozen encoder stays in eval mode)
+    images, views = _tiles(data_dir, 3), [View(str(i)) for i in range(3)]
+    notes: list[str] = []
+    cfg = TrainConfig(images="i", labels="l", out="o", encoder=net.generalist.spec.name)
+    disk = EmbeddingCache(tmp_path / "embeddings", "float16")
+    store = EmbeddingStore(disk, prepare=lambda: install_encoder(net, cfg, Device(), len(views), notes.append))
+    rng = torch.get_rng_state()
+    got = store.get(net, views, images)
+    assert net.compiled["encoder"].calls == 3 and notes == []  # 3 views < 64: no build, the cached artefact used
+    assert torch.equal(torch.get_rng_state(), rng)  # training's dropout draws as it would without it
+    eager = _eager(net, lambda: EmbeddingStore().get(net, views, images))  # no compiled part, nothing on disk
+    assert net.compiled["encoder"].calls == 3
+    assert got.shape == (3, 256, 64, 64) and (got - eager).abs().max() < 0.02  # float16 + bfloat16 storage
+
+    def refuse():
+        raise AssertionError("nothing to encode: no encoder to prepare")
+
+    again = EmbeddingStore(disk, prepare=refuse).get(net, views, images)  # every view on disk: nothing compiled
+    assert torch.equal(again, got)
+    never = load_model(model)[0]
+    install_encoder(never, TrainConfig(images="i", labels="l", out="o", compile="never"), Device(), 100)
+    assert never.compiled == {}
+
+
 class _Untraceable(nn.Module):
     def forward(self, x):
         return torch.from_numpy(np.sort(x.numpy()))  # leaves torch: export cannot follow it

@@ -103,6 +103,9 @@ def test_candidates_are_the_same_from_any_block_size_and_lose_only_specks(beijin
     assert len(blocks) == len(whole) == len(merge(polygonise(beijing_mask > 0, Affine.identity()))) + len(specks)
     ua, ub = shapely.union_all(blocks), shapely.union_all(whole)
     assert ua.symmetric_difference(ub).area < 1e-9 * ub.area  # the same up to rounding
+    # in one order (top to bottom, left to right), however they were found: what follows depends on it
+    tops = [-p.bounds[3] for p in whole]
+    assert tops == sorted(tops) and np.allclose([p.bounds for p in blocks], [p.bounds for p in whole])
     kept = candidates_from_mosaic(path, 0.5, 2048, min_pixels=20)
     assert len(kept) == len(whole) - len(specks)
     assert shapely.union_all(kept).area == pytest.approx(shapely.union_all(whole).area - len(specks) * 9 * 1.194**2)

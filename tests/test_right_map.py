@@ -46,21 +46,32 @@ def _gpkg_iou(gpkg, layer, mask_path) -> float:
 
 # -- a safe generalist ----------------------------------------------------------------------------
 def test_refinement_is_judged_per_candidate():
-    rule = RefineRule()
+    from affine import Affine
+
+    from uvsam.prediction import RefineWindow, judge_candidate
+    from uvsam.prediction.refine import mask_record
+
+    rule, grid = RefineRule(), Affine.identity()  # pixel coordinates: pixel (r, c) covers [c, c+1] x [r, r+1]
     cand = shapely.box(0, 0, 100, 100)
-    from uvsam.prediction import judge_candidate
 
-    def rec(geom, iou=0.95, stab=0.97):
-        return {"wkb": shapely.to_wkb(geom, hex=True) if geom is not None else "", "predicted_iou": iou,
-                "stability": stab}
+    def rec(box, iou=0.95, stab=0.97, at=(0, 0)):
+        mask = np.zeros((128, 128), bool)
+        if box is not None:
+            x0, y0, x1, y1 = box
+            mask[y0 - at[1] : y1 - at[1], x0 - at[0] : x1 - at[0]] = True
+        return mask_record(mask, RefineWindow(at[0], at[1], 128), iou, stab)
 
-    tighter = shapely.box(4, 4, 96, 97)
-    assert judge_candidate(cand, [rec(tighter)], rule)[1:] == (REFINED, 0.95)
-    assert judge_candidate(cand, [rec(tighter)], rule)[0].equals(tighter)
+    tighter = (4, 4, 96, 97)
+    assert judge_candidate(cand, [rec(tighter)], rule, grid)[1:] == (REFINED, 0.95)
+    assert judge_candidate(cand, [rec(tighter)], rule, grid)[0].equals(shapely.box(*tighter))
+    # two windows' pieces of one village are joined on the pixel grid (overlapping by half)
+    left, right = rec((4, 4, 60, 97), at=(-40, -10)), rec((40, 4, 96, 97), at=(20, -10))
+    outline, why, _ = judge_candidate(cand, [left, right], rule, grid)
+    assert why == REFINED and outline.equals(shapely.box(*tighter)) and len(outline.geoms) == 1
     for records, reason in (([rec(None)], EMPTY), ([rec(tighter, iou=0.5)], LOW_IOU),
-                            ([rec(shapely.box(0, 0, 20, 20))], INCONSISTENT),
+                            ([rec((0, 0, 20, 20))], INCONSISTENT),
                             ([rec(tighter), rec(tighter, stab=0.2)], "unstable mask")):  # the least stable window
-        outline, why, _ = judge_candidate(cand, records, rule)
+        outline, why, _ = judge_candidate(cand, records, rule, grid)
         assert why == reason and outline is cand  # the specialist's outline stays
     logits = np.full((10, 10), -5.0)
     logits[2:8, 2:8] = 5.0

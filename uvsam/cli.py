@@ -580,6 +580,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = TD("seed"),
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = TD("device"),
     precision: Annotated[str, typer.Option(help=PRECISION_HELP + " Training: not fp16.")] = TD("precision"),
+    compile: Annotated[str, typer.Option(
+        help="The frozen encoder of the UV-SAM views compiled, built once per encoder and machine and reused from "
+             "~/.cache/uvsam/compiled (predict uses the same): auto (use a cached one; build it for 64+ views to "
+             "encode), always, never (eager PyTorch).")] = TD("compile"),
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the training saved in --out.")] = False,
 ):
@@ -610,6 +614,7 @@ def train(
         weight_decay=weight_decay, warmup_steps=warmup, sam_weight=sam_weight, ema=ema, harmonise=harmonise,
         photometric=photometric, force_refine=force_refine,
         bands=tuple(band) or None, labels_crs=labels_crs, seed=seed, device=device, precision=precision,
+        compile=compile,
     )
     if folds:
         from uvsam.crossval import cross_validate

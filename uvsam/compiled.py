@@ -45,6 +45,9 @@ from uvsam.files import atomic_path, cache_home
 # 2000 x 2000 px scene, 55 km2 at 3.7 m): building takes 1-2 minutes on 2 cores, more than a small run
 # lasts; cached artefacts are used whatever the size
 AUTO_MIN_PIXELS = 4_000_000
+# ... and a training run's encoder for at least this many views to encode (mobile_sam: built in ~40 s, then
+# 0.6 s a view instead of 1.2 s; the artefact is the one prediction's windows use)
+AUTO_MIN_VIEWS = 64
 
 
 def cache_root() -> Path:
@@ -223,6 +226,31 @@ class Shapes:
     boxes: int
 
 
+def _example(device: torch.device, *shape: int) -> torch.Tensor:
+    """A normal random example input of ``shape`` from a generator of its own: exporting a part never
+    moves the global random state (a training run's dropout and drop-path draw from it)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _common(device: torch.device) -> dict:
+    """The parts of a :class:`CompileKey` the machine and process decide."""
+    return dict(dtype=str(torch.float32), device=device.type, threads=torch.get_num_threads(),
+                machine=machine_signature(device), torch=torch.__version__)
+
+
+def encoder_part(generalist, device: torch.device, build: bool,
+                 root: Path | None = None) -> tuple[CompiledPart | None, Build]:
+    """The compiled image encoder of ``generalist`` (one preprocessed (1, 3, S, S) input; fp32) and
+    what happened; shared by prediction's windows and training's views (the same artefact)."""
+    enc, s = generalist.image_encoder, generalist.spec.input_size
+    key = CompileKey(f"encoder:{generalist.spec.name}", schema_digest(enc), ((1, 3, s, s),), "", **_common(device))
+    runner, b = compiled_part(enc, (_example(device, 1, 3, s, s),), key, build, root=root)
+    if runner is None:
+        return None, b
+    return CompiledPart("encoder", runner, lambda x: tuple(x.shape) == (1, 3, s, s) and x.dtype == torch.float32
+                        and x.device == device), b
+
+
 def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refine: bool = True,
                   root: Path | None = None) -> list[Build]:
     """Install compiled artefacts of ``model``'s parts for ``shapes`` (from the cache, or built now
@@ -236,8 +264,7 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
     """
     model.eval()
     dtype, dev = torch.float32, torch.device(device)
-    common = dict(dtype=str(dtype), device=dev.type, threads=torch.get_num_threads(),
-                  machine=machine_signature(dev), torch=torch.__version__)
+    common = _common(dev)
     cfg, gen = model.config, model.generalist
     installed: dict[str, nn.Module] = {}
     builds: list[Build] = []
@@ -255,7 +282,7 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
     for size, most in sorted(sizes.items()):
         most = max(2, most)
         key = CompileKey(code, schema_digest(step), ((most, 3, size, size),), f"batch 1..{most}", **common)
-        runner, b = compiled_part(step, (torch.rand(2, 3, size, size, device=dev) * 255,), key, build,
+        runner, b = compiled_part(step, (_example(dev, 2, 3, size, size).abs() * 64,), key, build,
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=most)},), root=root)
         builds.append(b)
         if runner is not None:
@@ -270,18 +297,15 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
             images), fits)
 
     if refine:  # the generalist's encoder, on its preprocessed square input
-        enc, s = gen.image_encoder, gen.spec.input_size
-        key = CompileKey(f"encoder:{gen.spec.name}", schema_digest(enc), ((1, 3, s, s),), "", **common)
-        runner, b = compiled_part(enc, (torch.randn(1, 3, s, s, device=dev),), key, build, root=root)
+        part, b = encoder_part(gen, dev, build, root)
         builds.append(b)
-        if runner is not None:
-            installed["encoder"] = CompiledPart("encoder", runner, lambda x: tuple(x.shape) == (1, 3, s, s)
-                                                and x.dtype == dtype and x.device == dev)
+        if part is not None:
+            installed["encoder"] = part
 
     if refine and gen.spec.decoder == "sam" and cfg.box_prompt and model.uses_mask_prompt:
         dec, f = BoxDecoder(model), gen.spec.prompt_frame
-        example = (torch.randn(1, 256, 64, 64, device=dev), torch.tensor([[0.1, 0.1, 0.5, 0.6]] * 2, device=dev) * f,
-                   torch.randn(1, 1, 256, 256, device=dev), torch.randn(1, 2, 256, device=dev))
+        example = (_example(dev, 1, 256, 64, 64), torch.tensor([[0.1, 0.1, 0.5, 0.6]] * 2, device=dev) * f,
+                   _example(dev, 1, 1, 256, 256), _example(dev, 1, 2, 256))
         key = CompileKey(f"decoder:{gen.spec.name}:{cfg.fusion}",
                          schema_digest(dec),
                          tuple(tuple(t.shape) for t in example), f"boxes 1..{shapes.boxes}", **common)
@@ -298,5 +322,6 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
     return builds
 
 
-__all__ = ["AUTO_MIN_PIXELS", "BoxDecoder", "Build", "CompileKey", "CompiledPart", "Shapes", "SpecialistStep",
-           "cache_root", "compile_model", "compiled_part", "machine_signature", "schema_digest"]
+__all__ = ["AUTO_MIN_PIXELS", "AUTO_MIN_VIEWS", "BoxDecoder", "Build", "CompileKey", "CompiledPart", "Shapes",
+           "SpecialistStep", "cache_root", "compile_model", "compiled_part", "encoder_part", "machine_signature",
+           "schema_digest"]

@@ -228,10 +228,15 @@ class TrainConfig:
     val_window: int = 512
     device: str = "auto"  # where training runs (uvsam.devices); a resumed run may change it
     precision: str = "auto"  # autocast of the forward passes (auto: fp32; bf16 a choice)
+    # the frozen encoder of the views' embeddings compiled (uvsam.compiled): auto = use a cached one, build it
+    # for at least uvsam.compiled.AUTO_MIN_VIEWS views to encode; always; never (eager PyTorch)
+    compile: str = "auto"
 
     def __post_init__(self):
         _check([
             *_device_checks(self.device, self.precision),
+            (self.compile in ("auto", "always", "never"), "compile",
+             f"must be auto, always or never, got {self.compile!r}"),
             (self.crop >= 32, "crop", f"must be at least 32 px, got {self.crop}"),
             (self.batch_size >= 1, "batch_size", "must be at least 1"),
             (self.epochs >= 1, "epochs", "must be at least 1"),

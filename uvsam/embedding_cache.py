@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,10 @@ class EmbeddingCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npy"
 
-    def embed(self, model: Generalist, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) 0..255 images -> (B, 256, 64, 64), encoding only the images not cached."""
+    def embed(self, model: Generalist, images: torch.Tensor,
+              encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) 0..255 images -> (B, 256, 64, 64), encoding only the images not cached;
+        ``encode``: what computes ``model.encode`` (a compiled encoder, :mod:`uvsam.compiled`)."""
         keys = [self.key(model, im) for im in images]
         out: list[torch.Tensor | None] = []
         for k in keys:
@@ -81,7 +84,7 @@ class EmbeddingCache:
         self.misses += len(todo)
         if todo:
             with torch.inference_mode():
-                fresh = model.encode(images[todo])
+                fresh = (encode or model.encode)(images[todo])
             for i, e in zip(todo, fresh, strict=True):
                 stored = e.cpu().numpy().astype(self.dtype)
                 out[i] = torch.from_numpy(stored.astype(np.float32))  # as a hit reads it

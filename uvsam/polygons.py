@@ -10,13 +10,11 @@ data (:func:`local_equal_area`), so they are right in any CRS, including geograp
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
-from rasterio.features import rasterize, shapes
+from rasterio.features import shapes
 from shapely.geometry import Polygon, shape
 
 
@@ -27,21 +25,6 @@ def polygonise(mask: np.ndarray, transform: Affine) -> list[Polygon]:
         return []
     return [shape(geom) for geom, value in shapes(m, mask=m.astype(bool), transform=transform, connectivity=8)
             if value == 1]
-
-
-def union_on_grid(polygons: list, transform: Affine):
-    """Union of polygons whose edges lie on the pixel grid of ``transform`` (what
-    :func:`polygonise` returns), as the union of their pixels: exact for such polygons, and far
-    faster than a vector union of long staircase outlines that overlap."""
-    inv = ~transform
-    x0, y0, x1, y1 = shapely.total_bounds(np.asarray(polygons, dtype=object))
-    (ca, ra), (cb, rb) = inv @ (x0, y1), inv @ (x1, y0)
-    c0, r0 = math.floor(min(ca, cb) + 1e-6), math.floor(min(ra, rb) + 1e-6)
-    c1, r1 = math.ceil(max(ca, cb) - 1e-6), math.ceil(max(ra, rb) - 1e-6)
-    window = transform @ Affine.translation(c0, r0)
-    mask = rasterize(polygons, out_shape=(max(1, r1 - r0), max(1, c1 - c0)), transform=window, fill=0,
-                     default_value=1, dtype="uint8")
-    return shapely.multipolygons(polygonise(mask, window))
 
 
 def nonfinite(geoms) -> np.ndarray:
@@ -95,6 +78,15 @@ def merge(polygons: list) -> list[Polygon]:
         return []
     merged = shapely.union_all(shapely.make_valid(np.asarray(polygons, dtype=object)))
     return [p for p in shapely.get_parts(merged) if isinstance(p, Polygon) and not p.is_empty]
+
+
+def valid_polygons(polygons: list) -> list[Polygon]:
+    """``polygons`` with each invalid one made valid (and exploded into its polygons)."""
+    arr = np.asarray(polygons, dtype=object)
+    if not len(arr) or shapely.is_valid(arr).all():
+        return list(polygons)
+    return [p for p in shapely.get_parts(np.where(shapely.is_valid(arr), arr, shapely.make_valid(arr)))
+            if isinstance(p, Polygon) and not p.is_empty]
 
 
 def local_equal_area(polygons: list, crs) -> CRS:

@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from uvsam import __version__
 from uvsam.augment import View, photometric, random_view, render
 from uvsam.checkpoint import load_generalist
+from uvsam.compiled import AUTO_MIN_VIEWS, encoder_part
 from uvsam.config import TrainConfig
 from uvsam.datasets import LabelledScene, SceneArrays, load_scene, native_gsd, pair_scenes
 from uvsam.devices import select
@@ -48,7 +50,8 @@ from uvsam.preprocess import InputSpec, training_radiometry
 from uvsam.progress import Progress
 
 # Settings that may change on --resume without changing what is being trained.
-RESUMABLE = {"out", "val_images", "val_labels", "val_window", "checkpoint", "device", "precision", "cache_embeddings"}
+RESUMABLE = {"out", "val_images", "val_labels", "val_window", "checkpoint", "device", "precision", "cache_embeddings",
+             "compile"}
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -198,9 +201,10 @@ class EmbeddingStore:
     run over the same views (another seed of the specialist, a resumed or repeated run, another
     recipe) encodes nothing again. A view's embedding is the same whether it came from disk or not."""
 
-    def __init__(self, disk: EmbeddingCache | None = None):
+    def __init__(self, disk: EmbeddingCache | None = None, prepare: Callable[[], None] | None = None):
         self.store: dict[str, torch.Tensor] = {}
         self.disk = disk
+        self.prepare = prepare  # called once, before the first view is encoded (installs a compiled encoder)
         self.hits = self.misses = 0
 
     def get(self, model: UVSAM, views: list[View], images: torch.Tensor) -> torch.Tensor:
@@ -209,12 +213,35 @@ class EmbeddingStore:
         self.hits += len(views) - len(todo)
         if todo:
             if self.disk is not None:
-                fresh = self.disk.embed(model.generalist, images[todo])
+                fresh = self.disk.embed(model.generalist, images[todo], encode=lambda x: self._encoder(model)(x))
             else:
-                fresh = model.frozen_embeddings(images[todo])
+                fresh = self._encoder(model)(images[todo])
             for i, e in zip(todo, fresh, strict=True):
                 self.store[views[i].key()] = e.to(torch.bfloat16)  # half the memory, ample precision
         return torch.stack([self.store[v.key()].float() for v in views]).to(images.device)
+
+    def _encoder(self, model: UVSAM) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.prepare is not None:
+            self.prepare, prepare = None, self.prepare
+            prepare()
+        return model.frozen_embeddings
+
+
+def install_encoder(model: UVSAM, cfg: TrainConfig, place, views: int, log=print) -> None:
+    """The compiled generalist encoder for the views' embeddings (:func:`uvsam.compiled.encoder_part`,
+    the artefact prediction's windows use), per ``cfg.compile``: ``auto`` builds it when at least
+    :data:`~uvsam.compiled.AUTO_MIN_VIEWS` views are to be encoded, else uses a cached one; fp32 only.
+    The embeddings agree with the eager encoder's to float rounding; any failure leaves it eager."""
+    if cfg.compile == "never" or place.precision != "fp32":
+        return
+    part, b = encoder_part(model.generalist, place.torch, cfg.compile == "always" or views >= AUTO_MIN_VIEWS)
+    if part is not None:
+        model.compiled = {**model.compiled, "encoder": part}
+    if b.status == "built":
+        log(f"compiled the {cfg.encoder} encoder for this machine in {b.seconds:.0f} s (cached: later runs, and "
+            "predict, load it at once)")
+    elif b.status == "failed":
+        log(f"note: the compiled encoder is not used ({b.note}): it runs eager")
 
 
 def validate(model: UVSAM, scenes: list[SceneArrays], full: bool, window: int) -> dict[str, dict]:
@@ -303,7 +330,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     n_pool = cfg.views_per_scene * len(data.train)
     pool_rng = np.random.default_rng([cfg.seed, 7])
     pool = [random_view(pool_rng, data.train, cfg.crop, cfg.scale) for _ in range(n_pool)]
-    store = EmbeddingStore(EmbeddingCache(default_root(), "float16") if cfg.cache_embeddings and sam_epochs else None)
+    store = EmbeddingStore(EmbeddingCache(default_root(), "float16") if cfg.cache_embeddings and sam_epochs else None,
+                           prepare=lambda: install_encoder(model, cfg, place, n_pool, log))
     average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     if average is not None and payload is not None and "average" in payload["training"]:
         average.shadow = {k: v.to(place.torch) for k, v in payload["training"]["average"].items()}

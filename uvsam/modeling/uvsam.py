@@ -190,10 +190,11 @@ class UVSAM(nn.Module):
     @torch.no_grad()
     def frozen_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """The generalist encoder's (B, 256, 64, 64) embeddings: depend on the image only."""
-        if "encoder" in self.compiled:
+        if "encoder" in self.compiled:  # the compiled encoder takes one image a call
             x = self.generalist.preprocess(images)
-            fn = self._compiled("encoder", x)
-            return fn(x) if fn is not None else self.generalist.image_encoder(x)
+            if self._compiled("encoder", x[:1]) is None:
+                return self.generalist.image_encoder(x)
+            return torch.cat([self.compiled["encoder"](x[i : i + 1]) for i in range(len(x))])
         return self.generalist.encode(images)
 
     def embeddings(self, images: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import shapely
 from affine import Affine
 from rasterio.windows import Window
 from scipy import ndimage
 
-from uvsam.polygons import merge, polygonise
+from uvsam.polygons import merge, polygonise, valid_polygons
 
 
 def candidates_from_mosaic(mosaic: Path, threshold: float, block: int, min_pixels: int = 0) -> list:
@@ -22,7 +23,7 @@ def candidates_from_mosaic(mosaic: Path, threshold: float, block: int, min_pixel
     mosaic holds thousands of specks no village can grow from), except where they touch a
     block's edge and may continue in the next block.
     """
-    pieces = []
+    pieces, seam = [], []  # pieces that touch a block's edge inside the mosaic may continue in the next block
     with rasterio.open(mosaic) as ds:
         for r0 in range(0, ds.height, block):
             for c0 in range(0, ds.width, block):
@@ -32,8 +33,38 @@ def candidates_from_mosaic(mosaic: Path, threshold: float, block: int, min_pixel
                 mask = ds.read(1, window=win) >= threshold  # NaN (no data) compares False
                 if min_pixels > 1:
                     mask = drop_specks(mask, min_pixels)
-                pieces += polygonise(mask, ds.transform @ Affine.translation(c0, r0))
-    return merge(pieces)
+                transform = ds.transform @ Affine.translation(c0, r0)
+                edges = (r0 > 0, win.row_off + win.height < ds.height, c0 > 0, win.col_off + win.width < ds.width)
+                inner, crossing = split_at_edges(mask, edges)
+                pieces += polygonise(inner, transform)
+                seam += polygonise(crossing, transform)
+    # only pieces at a block edge need the union (costly on thousands of staircase outlines); the rest
+    # are whole already: 8-connected pieces of one block never touch
+    return reading_order(valid_polygons(pieces) + merge(seam))
+
+
+def reading_order(polygons: list) -> list:
+    """``polygons`` in normal form (:func:`shapely.normalize`: rings start at one corner and turn one
+    way), sorted top to bottom, then left to right (by their bounds; the larger first at a tie): what
+    follows (window planning, simplification, village ids) does not depend on how they were found."""
+    if not polygons:
+        return polygons
+    geoms = shapely.normalize(np.asarray(polygons, dtype=object))
+    b = shapely.bounds(geoms)
+    return list(geoms[np.lexsort((-shapely.area(geoms), b[:, 0], -b[:, 3]))])
+
+
+def split_at_edges(mask: np.ndarray, edges: tuple[bool, bool, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """``mask`` as (pieces touching none of the edges, pieces touching one): ``edges`` says which of
+    the top, bottom, left and right edges count (8-connected pieces)."""
+    if not any(edges) or not mask.any():
+        return mask, np.zeros_like(mask)
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    top, bottom, left, right = edges
+    sides = ((labels[0], top), (labels[-1], bottom), (labels[:, 0], left), (labels[:, -1], right))
+    touching = np.unique(np.concatenate([side for side, on in sides if on]))
+    crossing = np.isin(labels, touching[touching > 0])
+    return mask & ~crossing, crossing
 
 
 def drop_specks(mask: np.ndarray, min_pixels: int) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 from tiles.remote import RemotePath, location
 from uvsam.files import atomic_path, remove_litter
 
-FORMAT = 4  # of the stored results; part of every journal's identity, so older ones are never misread
+FORMAT = 5  # of the stored results; part of every journal's identity, so older ones are never misread
 
 IDENTITY = "identity.json"
 
@@ -97,8 +97,9 @@ class Journal:
         return arrays
 
     def save_arrays(self, key: str, arrays: dict[str, np.ndarray]) -> None:
-        """Deflated; a float array's bytes grouped by significance first (:func:`shuffle`: the
-        probabilities take ~70 % of their raw size instead of ~90 %, exactly restored)."""
+        """An ``.npz`` deflated at level 1 (a third of the time of numpy's default level, 2 % larger);
+        a float array's bytes grouped by significance first (:func:`shuffle`: the probabilities
+        take ~70 % of their raw size instead of ~90 %, exactly restored)."""
         stored = {}
         for name, a in arrays.items():
             if a.dtype.kind == "f" and a.ndim:
@@ -106,8 +107,11 @@ class Journal:
                 stored[name + SHUFFLED + SHAPE] = np.array([a.dtype.str, *map(str, a.shape)])
             else:
                 stored[name] = a
-        with atomic_path(self._path("tiles", key, ".npz"), clean=False) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, **stored)
+        with (atomic_path(self._path("tiles", key, ".npz"), clean=False) as tmp,
+              zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z):
+            for name, a in stored.items():
+                with z.open(name + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, a, allow_pickle=False)
 
     def load_blobs(self, key: str) -> list | None:
         """A task's JSON-able result (a refinement window's records), or None when missing or

@@ -4,9 +4,11 @@ calls, and its outline judged (:func:`uvsam.generalist.judge`) against the candi
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,11 +16,12 @@ import numpy as np
 import shapely
 import torch
 from affine import Affine
+from rasterio.features import rasterize
 from rasterio.windows import Window
 
 from uvsam.config import PredictConfig
 from uvsam.generalist import OFF, SMALL, UNVERIFIED, RefineRule, judge, stability_score
-from uvsam.polygons import measure, polygonise, union_on_grid
+from uvsam.polygons import measure, polygonise
 from uvsam.prediction.execution import Runner, run_journaled
 from uvsam.prediction.journal import Journal
 from uvsam.prediction.model import ModelInfo, get_model, refines
@@ -76,8 +79,8 @@ def plan_windows(boxes_px: np.ndarray, size: int, margin: int) -> list[RefineWin
 
 def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin: int,
                   cascade: bool = False) -> list[dict]:
-    """The generalist's mask of each member candidate: ``wkb`` (hex WKB multipolygon, scene CRS;
-    empty when the mask is empty), its ``predicted_iou`` and ``stability`` score.
+    """The generalist's mask of each member candidate (:func:`mask_record`: its pixels, the window,
+    its ``predicted_iou`` and ``stability`` score).
 
     A candidate's piece is kept within its box grown by ``margin`` pixels (the generalist
     draws the boundary, it does not annex the neighbourhood); pieces from several windows are
@@ -91,44 +94,86 @@ def refine_window(prep: ScenePrep, info: ModelInfo, window: RefineWindow, margin
         (masks, ious), = model.refine(torch.from_numpy(img)[None].to(info.device.torch),
                                       [np.asarray(window.boxes, np.float32)], cascade)
     masks, ious = masks.float().cpu(), ious.float().cpu()
-    transform = prep.affine @ Affine.translation(window.col, window.row)
     out = []
     for k, (x0, y0, x1, y1) in enumerate(window.boxes):
         logits = masks[k, 0].numpy()
-        mask = (logits > 0) & valid
-        keep = np.zeros_like(mask)
+        keep = np.zeros(logits.shape, bool)
         r0, c0 = max(0, int(y0) - margin), max(0, int(x0) - margin)
         keep[r0 : int(math.ceil(y1)) + margin, c0 : int(math.ceil(x1)) + margin] = True
-        with stage("vectorise"):
-            polys = polygonise(mask & keep, transform)  # 8-connected pieces: they never touch
-        out.append({"wkb": shapely.to_wkb(shapely.multipolygons(polys), hex=True) if polys else "",
-                    "predicted_iou": float(ious[k]), "stability": stability_score(logits[keep])})
+        out.append(mask_record((logits > 0) & valid & keep, window, float(ious[k]), stability_score(logits[keep])))
     return out
 
 
+def mask_record(mask: np.ndarray, window: RefineWindow, predicted_iou: float, stability: float) -> dict:
+    """One generalist mask as a task returns it and the journal keeps it (JSON): the window
+    (``window``: col, row, size in scene pixels), the bounding box of its pixels in the window
+    (``box``: col, row, width, height; an empty mask: zero size) and those pixels bit-packed and
+    deflated (``bits``, base64), its ``predicted_iou`` and ``stability``. Pixels, not polygons: the
+    pieces of several windows are joined on the pixel grid, and only an accepted mask is vectorised."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box, bits = [0, 0, 0, 0], ""
+    if len(rows):
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        box = [c0, r0, c1 - c0, r1 - r0]
+        bits = base64.b64encode(zlib.compress(np.packbits(mask[r0:r1, c0:c1]).tobytes(), 1)).decode()
+    return {"window": [window.col, window.row, window.size], "box": box, "bits": bits,
+            "predicted_iou": predicted_iou, "stability": stability}
+
+
+def record_pixels(record: dict) -> np.ndarray:
+    """The (height, width) bool pixels of a :func:`mask_record` within its ``box``."""
+    _, _, w, h = record["box"]
+    packed = np.frombuffer(zlib.decompress(base64.b64decode(record["bits"])), np.uint8)
+    return np.unpackbits(packed, count=w * h).reshape(h, w).astype(bool)
+
+
+def joined_mask(records: list[dict]) -> tuple[np.ndarray, int, int] | None:
+    """The union of the records' masks on the scene's pixel grid: (mask, col, row of its corner),
+    or None when every mask is empty. One window's mask stays in its window's frame (vectorised
+    there, as the window drew it); several are joined over the bounding box of their pixels."""
+    parts = [r for r in records if r["bits"]]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        (col, row, size), (c0, r0, w, h) = parts[0]["window"], parts[0]["box"]
+        mask = np.zeros((size, size), bool)
+        mask[r0 : r0 + h, c0 : c0 + w] = record_pixels(parts[0])
+        return mask, col, row
+    at = [(r["window"][0] + r["box"][0], r["window"][1] + r["box"][1], r) for r in parts]
+    col, row = min(c for c, _, _ in at), min(rr for _, rr, _ in at)
+    width = max(c + r["box"][2] for c, _, r in at) - col
+    height = max(rr + r["box"][3] for _, rr, r in at) - row
+    mask = np.zeros((height, width), bool)
+    for c, rr, r in at:
+        mask[rr - row : rr - row + r["box"][3], c - col : c - col + r["box"][2]] |= record_pixels(r)
+    return mask, col, row
+
+
 def judge_candidate(candidate, records: list[dict], rule: RefineRule,
-                    transform: Affine | None = None) -> tuple[object, str, float | None]:
-    """(outline, reason, predicted IoU) of one candidate from its refinement windows' records:
-    the generalist's outline when :func:`uvsam.generalist.judge` accepts it, else the candidate.
-    Across windows the least confident one speaks (lowest predicted IoU and stability).
-    ``transform``: the scene's pixel grid, on which the windows' pieces are dissolved."""
-    pieces = [shapely.from_wkb(r["wkb"]) for r in records if r["wkb"]]
-    # one window's pieces are disjoint already (8-connected, they never touch): only the pieces of
-    # several windows, which overlap, need dissolving (the costly operation on pixel outlines)
-    if len(pieces) > 1:
-        outline = union_on_grid(pieces, transform) if transform is not None else shapely.union_all(pieces)
-    else:
-        outline = pieces[0] if pieces else None
+                    transform: Affine) -> tuple[object, str, float | None]:
+    """(outline, reason, predicted IoU) of one candidate from its refinement windows' records
+    (:func:`mask_record`): the generalist's outline when :func:`uvsam.generalist.judge` accepts
+    it, else the candidate. Across windows the least confident one speaks (lowest predicted IoU
+    and stability). ``transform``: the scene's pixel grid (the windows' and the candidate's)."""
     predicted_iou = min(float(r["predicted_iou"]) for r in records)
     stability = min(float(r["stability"]) for r in records)
-    empty = outline is None or outline.is_empty
+    joined = joined_mask(records)
     overlap = 0.0
-    if not empty:
-        shared = shapely.intersection(outline, candidate).area
-        union = outline.area + candidate.area - shared
+    if joined is not None:  # the IoU with the candidate in pixels (both lie on the scene's grid)
+        mask, col, row = joined
+        grid = transform @ Affine.translation(col, row)
+        inside = rasterize([candidate], out_shape=mask.shape, transform=grid, fill=0, default_value=1,
+                           dtype="uint8").astype(bool)
+        pixel = abs(transform.a * transform.e - transform.b * transform.d)
+        shared = float(np.count_nonzero(mask & inside)) * pixel
+        union = float(np.count_nonzero(mask)) * pixel + candidate.area - shared
         overlap = shared / union if union > 0 else 0.0
-    ok, reason = judge(rule, overlap, predicted_iou, stability, empty)
-    return (outline if ok else candidate), reason, round(predicted_iou, 4)
+    ok, reason = judge(rule, overlap, predicted_iou, stability, joined is None)
+    if not ok:
+        return candidate, reason, round(predicted_iou, 4)
+    with stage("vectorise"):
+        outline = shapely.multipolygons(polygonise(mask, grid))  # 8-connected pieces: they never touch
+    return outline, reason, round(predicted_iou, 4)
 
 
 def refine_candidates(candidates: list, prep: ScenePrep, info: ModelInfo, cfg: PredictConfig, runner: Runner,
