@@ -52,6 +52,12 @@ def test_polygons_are_cleaned_in_metres_whatever_the_crs(beijing_mask):
     ring = shapely.box(0, 0, 100, 100).difference(shapely.box(40, 40, 60, 60))  # a 400 m^2 hole
     assert len(clean([ring], "EPSG:32650", 300.0, 0)[0].interiors) == 1
     assert len(clean([ring], "EPSG:32650", 500.0, 0)[0].interiors) == 0
+    from uvsam.polygons import valid_polygons
+
+    bowtie = shapely.Polygon([(0, 0), (10, 10), (10, 0), (0, 10)])  # self-crossing: two triangles once repaired
+    fixed = valid_polygons([ring, bowtie])
+    assert fixed[0].equals(ring) and len(fixed) == 3 and all(p.is_valid for p in fixed)
+    assert sum(p.area for p in fixed[1:]) == pytest.approx(50.0)
 
 
 
