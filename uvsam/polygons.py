@@ -82,12 +82,8 @@ def merge(polygons: list) -> list[Polygon]:
 
 def valid_polygons(polygons: list) -> list[Polygon]:
     """``polygons`` with each invalid one made valid (and exploded into its polygons)."""
-    arr = np.asarray(polygons, dtype=object)
-    valid = shapely.is_valid(arr)
-    if valid.all():
-        return list(polygons)
-    arr[~valid] = shapely.make_valid(arr[~valid])  # only those: repairing is costly on long outlines
-    return [p for p in shapely.get_parts(arr) if isinstance(p, Polygon) and not p.is_empty]
+    fixed = repair(polygons)  # only the invalid ones: repairing is costly on long outlines
+    return [p for p in shapely.get_parts(fixed) if isinstance(p, Polygon) and not p.is_empty]
 
 
 def local_equal_area(polygons: list, crs) -> CRS:

@@ -31,11 +31,9 @@ def candidates_from_mosaic(mosaic: Path, threshold: float, block: int, min_pixel
                 # a block edge are then in one block together, and their pieces overlap to merge
                 win = Window(c0, r0, min(block + 1, ds.width - c0), min(block + 1, ds.height - r0))
                 mask = ds.read(1, window=win) >= threshold  # NaN (no data) compares False
-                if min_pixels > 1:
-                    mask = drop_specks(mask, min_pixels)
                 transform = ds.transform @ Affine.translation(c0, r0)
                 edges = (r0 > 0, win.row_off + win.height < ds.height, c0 > 0, win.col_off + win.width < ds.width)
-                inner, crossing = split_at_edges(mask, edges)
+                inner, crossing = split_pieces(mask, min_pixels, edges)
                 pieces += polygonise(inner, transform)
                 seam += polygonise(crossing, transform)
     # only pieces at a block edge need the union (costly on thousands of staircase outlines); the rest
@@ -54,25 +52,24 @@ def reading_order(polygons: list) -> list:
     return list(geoms[np.lexsort((-shapely.area(geoms), b[:, 0], -b[:, 3]))])
 
 
-def split_at_edges(mask: np.ndarray, edges: tuple[bool, bool, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
-    """``mask`` as (pieces touching none of the edges, pieces touching one): ``edges`` says which of
-    the top, bottom, left and right edges count (8-connected pieces)."""
-    if not any(edges) or not mask.any():
+def split_pieces(mask: np.ndarray, min_pixels: int,
+                 edges: tuple[bool, bool, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """``mask``'s 8-connected pieces, labelled once, as (those touching none of ``edges``, those
+    touching one): ``edges`` says which of the top, bottom, left and right edges count. Pieces of
+    fewer than ``min_pixels`` pixels that touch no edge of the mask at all are dropped first."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
         return mask, np.zeros_like(mask)
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    top, bottom, left, right = edges
-    sides = ((labels[0], top), (labels[-1], bottom), (labels[:, 0], left), (labels[:, -1], right))
-    touching = np.unique(np.concatenate([side for side, on in sides if on]))
-    crossing = np.isin(labels, touching[touching > 0])
-    return mask & ~crossing, crossing
+    sides = (labels[0], labels[-1], labels[:, 0], labels[:, -1])
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= max(min_pixels, 1)
+    keep[np.unique(np.concatenate(sides))] = True  # may go on in the next block
+    crossing = np.zeros(n + 1, bool)
+    if any(edges):
+        crossing[np.unique(np.concatenate([side for side, on in zip(sides, edges, strict=True) if on]))] = True
+    keep[0] = crossing[0] = False
+    return keep[labels] & ~crossing[labels], crossing[labels]
 
 
 def drop_specks(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     """``mask`` without its 8-connected pieces of fewer than ``min_pixels`` pixels that do not touch its edge."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    if n == 0:
-        return mask
-    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_pixels
-    keep[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
-    keep[0] = False
-    return keep[labels]
+    return split_pieces(mask, min_pixels, (False, False, False, False))[0]
