@@ -155,3 +155,31 @@ def test_pif_normalisation_ignores_what_changed_between_the_years(summer, winter
 
     record = harmonisation_record(prep)
     assert record["mode"] == "pif" and record["pif"]["gains"] == fitted["gains"]
+
+
+def test_raw_levels_looked_up_equal_the_steps_computed_pixel_by_pixel(summer, winter_radiometry):
+    """8- and 16-bit pixels reach the model through a table of what the preprocessing gives each
+    raw level: the same float32 values as the steps computed pixel by pixel, for RGB, one-band and
+    four-band data, with histogram matching, a PIF map, a fill colour and a no-data edge."""
+    from tiles.radiometry import compute_stretch
+    from uvsam.harmonise import LinearMap
+    from uvsam.preprocess import Preprocessing
+
+    valid = _edge(summer.shape[1:])
+    reference = Radiometry.from_dict(winter_radiometry)
+    source = measure([summer.astype(np.float32)], [valid])
+    wide = (summer.astype(np.uint16) * 211 + np.arange(summer.shape[2], dtype=np.uint16) % 200).astype(np.uint16)
+    cases = 0
+    for data in (summer, summer[1:2], wide, np.concatenate([wide, wide[:1] // 2])):
+        stretch = compute_stretch(data, valid, "auto")
+        pif = LinearMap(tuple(np.linspace(0.9, 1.2, len(data))), tuple(np.linspace(-20, 15, len(data))), 1000, 2.0)
+        for prep in (Preprocessing(stretch, None, None, source, reference, (120.0, 110.0, 100.0)),
+                     Preprocessing(stretch, pif, "ref.tif"),
+                     Preprocessing(stretch, fill=(1.0, 2.0, 3.0))):
+            for mask in (valid, np.ones_like(valid)):
+                looked_up = prep.apply(data, mask)
+                assert looked_up.dtype == np.float32 and looked_up.shape == (3, *summer.shape[1:])
+                np.testing.assert_array_equal(looked_up, prep._compute(data, mask))
+                cases += 1
+        assert len(prep._tables) == 1  # built once for the scene's dtype and bands
+    assert cases == 24

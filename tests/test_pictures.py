@@ -11,7 +11,7 @@ import rasterio
 from PIL import Image
 from scipy import ndimage
 
-from uvsam.pictures import OUTCOME_RGB, Picture
+from uvsam.pictures import OUTCOME_RGB, Picture, map_grid
 
 
 def test_evaluate_overlay_shows_hits_false_alarms_and_misses_where_they_are(beijing, model, tmp_path):
@@ -58,3 +58,32 @@ def test_train_curves_plot_the_metrics_csv(model):
     if "val_specialist_iou" in rows[0]:
         iou_blue = (np.abs(rgb - [31, 119, 180]).sum(axis=-1) < 30)
         assert iou_blue[:, 500:].sum() > 20 * len(rows)
+
+
+def test_a_picture_reads_its_scene_by_decimation_as_the_warper_would(beijing_tile, tmp_path):
+    """Under a picture in the scene's own CRS the scene is averaged by GDAL's decimating read: the
+    same image and validity as the warper's (a ragged no-data edge included); a grid in another
+    CRS is still warped."""
+    from affine import Affine
+    from rasterio.transform import array_bounds, from_origin
+    from rasterio.warp import transform_bounds
+
+    from tiles.reader import RasterSource
+
+    img = np.repeat(np.repeat(beijing_tile.transpose(2, 0, 1), 2, axis=1), 2, axis=2)  # 2048 px at 0.6 m
+    img[:, :, :400][:, np.arange(2048)[:, None] > 5 * np.arange(400)[None, :]] = 0  # a slanted no-data edge
+    path = tmp_path / "scene.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=2048, height=2048, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:3857", transform=from_origin(12942317.6, 4882797.4, 0.597, 0.597), tiled=True,
+                       compress="deflate") as ds:
+        ds.write(img)
+    with RasterSource(path) as src:
+        transform, w, h = map_grid(array_bounds(src.height, src.width, src.transform))
+        for grid in ((transform, w, h), (transform * Affine.translation(3.3, -7.6), w - 10, h + 4)):
+            (a, va), (b, vb) = src.read_picture(src.crs, *grid), src.read_on_grid(src.crs, *grid)
+            assert a.shape == b.shape == (3, grid[2], grid[1]) and 0.3 < va.mean() < 0.99
+            assert (va != vb).mean() < 0.01 and np.abs(a - b)[:, va & vb].mean() < 0.5
+        x0, y0, x1, y1 = transform_bounds(src.crs, "EPSG:4326", *array_bounds(src.height, src.width, src.transform))
+        other = ("EPSG:4326", Affine((x1 - x0) / 100, 0, x0, 0, -(y1 - y0) / 80, y1), 100, 80)
+        (a, va), (b, vb) = src.read_picture(*other), src.read_on_grid(*other)
+        assert va.any() and (va == vb).all() and (a == b).all()

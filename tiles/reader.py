@@ -343,6 +343,44 @@ class RasterSource:
             raise TilesError(f"cannot resample onto the common grid ({first_line(e)})", self.path) from None
         return data, valid & np.isfinite(data).all(axis=0)
 
+    @_serial
+    def read_picture(self, crs, transform: Affine, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`read_on_grid` for a picture: where the grid is in the scene's own CRS, north-up
+        and no finer than the scene, the scene's pixels under it are averaged by GDAL's decimating
+        read instead of the warper (several times quicker on a large scene; the grid's pixels only
+        partly on the scene are left out). Any other grid is warped."""
+        src = self._src
+        rel = ~src.transform * transform  # grid pixel -> scene pixel
+        aligned = (self._dataset is src and src.crs is not None and CRS.from_user_input(crs) == CRS(src.crs)
+                   and rel.b == rel.d == 0 and rel.a >= 1 and rel.e >= 1)
+        if not aligned:
+            return self.read_on_grid(crs, transform, width, height)
+        # the grid's columns and rows that lie on the scene, and the scene window (fractional) under them
+        eps = 1e-9
+        c0, r0 = max(0, math.ceil(-rel.c / rel.a - eps)), max(0, math.ceil(-rel.f / rel.e - eps))
+        c1 = min(width, math.floor((src.width - rel.c) / rel.a + eps))
+        r1 = min(height, math.floor((src.height - rel.f) / rel.e + eps))
+        data, valid = np.zeros((len(self.bands), height, width)), np.zeros((height, width), bool)
+        if c1 <= c0 or r1 <= r0:
+            return data, valid
+        x0, y0 = max(0.0, rel.c + c0 * rel.a), max(0.0, rel.f + r0 * rel.e)
+        x1, y1 = min(src.width, rel.c + c1 * rel.a), min(src.height, rel.f + r1 * rel.e)
+        window, shape = Window(x0, y0, x1 - x0, y1 - y0), (r1 - r0, c1 - c0)
+
+        def read():
+            try:
+                block = src.read(self.bands, window=window, out_shape=(len(self.bands), *shape),
+                                 resampling=Resampling.average)
+                return block, self._masks(block, window=window, out_shape=shape, resampling=Resampling.nearest)
+            except rasterio.errors.RasterioIOError as e:
+                raise TilesError(f"cannot read the scene for a picture ({first_line(e)})", self.path,
+                                 transient=True) from None
+
+        block, masks = self._retrying(read)
+        data[:, r0:r1, c0:c1] = block
+        valid[r0:r1, c0:c1] = (masks > 0).all(axis=0) & np.isfinite(block).all(axis=0)
+        return data, valid
+
     def describe(self) -> dict:
         """What the model sees, for manifests."""
         return {

@@ -100,7 +100,7 @@ def read_picture(paths: list[Path], boxes: list[tuple], crs, transform: Affine, 
         if c1 <= c0 or r1 <= r0:
             continue
         with RasterSource(path, ReadOptions(bands)) as src:
-            d, v = src.read_on_grid(crs, transform @ Affine.translation(c0, r0), c1 - c0, r1 - r0)
+            d, v = src.read_picture(crs, transform @ Affine.translation(c0, r0), c1 - c0, r1 - r0)
         d = d if d.shape[0] >= 3 else np.repeat(d[:1], 3, axis=0)
         new = v & ~valid[r0:r1, c0:c1]
         data[:, r0:r1, c0:c1][:, new] = d[:3, new]

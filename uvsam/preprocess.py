@@ -78,6 +78,8 @@ class Preprocessing:
     source: Radiometry | None = None
     reference: Radiometry | None = None
     fill: tuple[float, ...] | None = field(default=None)
+    # per (dtype, band count): what apply gives each raw level of 8- and 16-bit data, built once
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def mode(self) -> str:
@@ -85,7 +87,37 @@ class Preprocessing:
         return "pif" if self.pif else ("histogram" if self.source is not None else "none")
 
     def apply(self, data: np.ndarray, valid: np.ndarray, path: str | Path = "") -> np.ndarray:
-        """(bands, h, w) raw pixels and (h, w) validity -> (3, h, w) float32 model input, 0..255."""
+        """(bands, h, w) raw pixels and (h, w) validity -> (3, h, w) float32 model input, 0..255.
+
+        Every step is a function of one band's value, so 8- and 16-bit data are looked up in a
+        table of what the steps give each level (the same float32 values, computed once per
+        scene, not once per pixel)."""
+        table = self._table(data, path) if data.dtype in (np.uint8, np.uint16) else None
+        if table is None:
+            return self._compute(data, valid, path)
+        levels, invalid = table
+        source = [0, 0, 0] if data.shape[0] == 1 else [0, 1, 2]  # to_rgb's bands
+        out = np.empty((3, *data.shape[1:]), np.float32)
+        for c, b in enumerate(source):
+            np.take(levels[c], data[b], out=out[c])
+        if not valid.all():
+            out[:, ~valid] = invalid[:, None]
+        return out
+
+    def _table(self, data: np.ndarray, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """((3, levels) model input of each raw level, (3,) that of an invalid pixel) for data
+        of this dtype and band count."""
+        key = (data.dtype.str, data.shape[0])
+        if key not in self._tables:
+            n = np.iinfo(data.dtype).max + 1
+            ramp = np.broadcast_to(np.arange(n, dtype=data.dtype), (data.shape[0], 1, n))
+            levels = self._compute(ramp, np.ones((1, n), bool), path)[:, 0]
+            invalid = self._compute(np.zeros((data.shape[0], 1, 1), data.dtype), np.zeros((1, 1), bool), path)
+            self._tables[key] = (levels, invalid[:, 0, 0])
+        return self._tables[key]
+
+    def _compute(self, data: np.ndarray, valid: np.ndarray, path: str | Path = "") -> np.ndarray:
+        """apply's steps, pixel by pixel."""
         img = self.stretch.apply(data, valid) * 255.0
         if self.pif is not None:
             img = self.pif.apply(img)
