@@ -1,7 +1,7 @@
 """City-scale throughput of `uvsam predict` against the reference UV-SAM configuration, in one run.
 
     python benchmarks/pipeline.py [--sizes 4096 8192] [--model MODEL.ckpt] [--reference-tiles 2]
-                                  [--json] [--write-docs docs/benchmarks.md]
+                                  [--opt-in bf16] [--json] [--write-docs docs/benchmarks.md]
 
 1. The standard scenes: SIZE x SIZE px mosaics (8192 px is about 56 km2) built on disk from the
    eight real Beijing tiles of ../shared/data/beijing-uv (flipped and rotated copies, EPSG:3857 at
@@ -24,6 +24,9 @@
 5. Reference, as the official code does it, on the first --reference-tiles 1024 px tiles of the
    largest scene: SegFormer-B0 at 1024 px on the native grid, a SAM ViT-L image encoder on every
    tile, one decoder call per village box, fp32, eager, no batching, no caching.
+6. ``--opt-in bf16``: predict's opt-in reduced precision on the largest scene (a first run that
+   builds its own compiled parts, then a warm one) and its villages compared with the plain fp32
+   ones on the smaller scene (the default rule, and every generalist outline kept).
 
 Prints one JSON object: km2_per_h_default (largest scene), km2_per_h_reference, speedup,
 overhead_ratio (end-to-end wall / model compute), peak_rss_mb (largest over the scene sizes),
@@ -376,6 +379,10 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", help="auto (fp32), fp32, bf16, fp16.")
     ap.add_argument("--compile", default="auto", choices=["auto", "always", "never"],
                     help="predict's --compile for the default runs (the plain fp32 run is always eager).")
+    ap.add_argument("--opt-in", default=None, metavar="PRECISION",
+                    help="Also time predict's opt-in --precision PRECISION (e.g. bf16) on the largest scene (first "
+                         "run on its own artefacts, then warm) and compare its villages on the smaller scene with "
+                         "the plain fp32 ones (the default rule, and every generalist outline kept).")
     ap.add_argument("--keep-cache", action="store_true",
                     help="Skip the first run on a fresh cache of compiled parts (use the cache as it is).")
     ap.add_argument("--json", action="store_true", help="One line of JSON (default: indented).")
@@ -418,6 +425,26 @@ def main() -> None:
                    "--keep-all", cache=cache)
         iou_kept = villages_iou(Path(f"{tmp}/default_kept.gpkg"), Path(f"{tmp}/plain_kept.gpkg"))
         refined_kept = refined_count(Path(f"{tmp}/default_kept.gpkg"))
+        opt_in = None
+        if args.opt_in:  # the same runs in the opt-in precision, on artefacts of its own in the same cache
+            other = [*common[: common.index("--precision") + 1], args.opt_in, *common[common.index("--precision") + 2:]]
+            n, km2 = sizes[-1], scene_km2(scenes[sizes[-1]])
+            runs_in = {"first": _spawn("--child", "default", "--scene", str(scenes[n]), "--out", f"{tmp}/o_first.gpkg",
+                                       *other, cache=cache)}
+            runs_in["warm"] = _spawn("--child", "default", "--scene", str(scenes[n]), "--out", f"{tmp}/o_warm.gpkg",
+                                     *other, cache=cache)
+            for child, extra in (("o_small", []), ("o_kept", ["--keep-all"])):
+                _spawn("--child", "default", "--scene", str(scenes[small]), "--out", f"{tmp}/{child}.gpkg", *other,
+                       *extra, cache=cache)
+            opt_in = {"precision": args.opt_in, "scene_px": n,
+                      "first": summarise(runs_in["first"], km2), "warm": summarise(runs_in["warm"], km2),
+                      "mask_iou_vs_plain_fp32": round(villages_iou(Path(f"{tmp}/o_small.gpkg"),
+                                                                   Path(f"{tmp}/plain.gpkg")), 4),
+                      "mask_iou_generalist_kept_vs_plain_fp32": round(villages_iou(Path(f"{tmp}/o_kept.gpkg"),
+                                                                                   Path(f"{tmp}/plain_kept.gpkg")), 4),
+                      "refined_when_kept": refined_count(Path(f"{tmp}/o_kept.gpkg")),
+                      "mask_iou_largest_scene_vs_default": round(villages_iou(Path(f"{tmp}/o_warm.gpkg"),
+                                                                              Path(f"{tmp}/default_{n}.gpkg")), 4)}
         cpu = None
         if not runs[small]["device"].startswith("cpu") or not runs[small]["device"].endswith("fp32"):
             # on an accelerator or in reduced precision: the same scene on the CPU in fp32, the reference masks
@@ -449,9 +476,12 @@ def main() -> None:
         "peak_gpu_mb": max((run["peak_gpu_mb"] or 0) for run in runs.values()) or None,
         "cpu_fp32": cpu,
         "first_run_fresh_cache": first,
+        "opt_in": opt_in,
         "scenes": {str(n): run for n, run in runs.items()},
         "reference": {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()},
     }
+    if opt_in:
+        opt_in["speedup"] = round(opt_in["warm"]["km2_per_h"] / ref_km2_h, 1)
     print(json.dumps(result, indent=None if args.json else 2))
     if args.write_docs:
         write_docs(args.write_docs, result, sys.argv[1:])
@@ -468,13 +498,19 @@ def write_docs(md: Path, r: dict, argv: list[str]) -> None:
     if r.get("first_run_fresh_cache"):
         f = r["first_run_fresh_cache"]
         named.append((f"{f['scene_px']} x {f['scene_px']} px, first run on a fresh cache (builds the parts)", f))
+    o = r.get("opt_in")
+    if o:
+        named += [(f"{o['scene_px']} x {o['scene_px']} px, --precision {o['precision']} (opt-in)", o["warm"]),
+                  (f"{o['scene_px']} x {o['scene_px']} px, --precision {o['precision']} (opt-in) first run "
+                   "(builds its parts)", o["first"])]
     for name, s in named:
         rows.append(f"| {name} | {s['km2']} | {s['wall_s']} | {s['km2_per_h']} | {s['model_s']} | "
                     f"{s['overhead_ratio']} | {s['tiles']} | {s['windows']} | {s['boxes']} | {s['villages']} | "
                     f"{s['peak_rss_mb']} |")
     stages = sorted({k for _, s in named for k in s["stages_s"]})
     rows += ["", "| run | " + " | ".join(f"{k} s" for k in stages) + " |", "|---" * (len(stages) + 1) + "|"]
-    short = [(name.split(",")[0] + (" first" if "first" in name else ""), s) for name, s in named]
+    short = [(name.split(",")[0] + (f" {o['precision']}" if "opt-in" in name else "")
+              + (" first" if "first" in name else ""), s) for name, s in named]
     for name, s in short:
         rows.append(f"| {name} | " + " | ".join(str(s["stages_s"].get(k, 0)) for k in stages) + " |")
     rows += ["", "Compiled parts: " + "; ".join(f"{name}: {s.get('compiled')}" for name, s in short) + "."]
@@ -493,6 +529,17 @@ def write_docs(md: Path, r: dict, argv: list[str]) -> None:
              f"{r['mask_iou_optimised_vs_fp32']} |",
              f"| the same with every generalist outline kept ({r['refined_when_kept']} villages drawn by the "
              f"generalist) | {r['mask_iou_generalist_kept_vs_fp32']} |"]
+    if o:
+        p = o["precision"]
+        rows += [f"| --precision {p} (opt-in): km2/h, largest scene | {o['warm']['km2_per_h']} |",
+                 f"| --precision {p} (opt-in): speed-up over the reference | {o['speedup']}x |",
+                 f"| --precision {p} (opt-in): overhead ratio | {o['warm']['overhead_ratio']} |",
+                 f"| --precision {p} (opt-in): mask IoU vs plain fp32 eager (smaller scene) | "
+                 f"{o['mask_iou_vs_plain_fp32']} |",
+                 f"| the same with every generalist outline kept ({o['refined_when_kept']} villages drawn by the "
+                 f"generalist) | {o['mask_iou_generalist_kept_vs_plain_fp32']} |",
+                 f"| --precision {p} (opt-in): mask IoU vs the default, largest scene | "
+                 f"{o['mask_iou_largest_scene_vs_default']} |"]
     block = "\n".join([BEGIN, "", "```bash", "python benchmarks/pipeline.py " + " ".join(argv), "```", "", *rows, "",
                        END])
     text = md.read_text()

@@ -163,3 +163,51 @@ def test_a_part_that_cannot_compile_runs_eager_and_says_why(tmp_path):
         from uvsam.config import PredictConfig
 
         PredictConfig(compile="sometimes")
+
+
+def test_bf16_parts_are_artefacts_of_their_own_computing_as_the_eager_model_under_autocast(compiled, data_dir):
+    """``--precision bf16``: the parts compute under autocast inside their artefact (fp32 in and out),
+    never take an fp32 artefact's place, and give what the eager model gives under autocast; the
+    specialist's input (normalisation, local contrast) stays fp32 either way."""
+    from uvsam.compiled import BoxDecoder, InPrecision, machine_signature
+    from uvsam.devices import select
+
+    net, cpu = compiled["net"], torch.device("cpu")
+    parts = dict(net.compiled)
+    try:  # the session's fp32 artefacts are in the cache: none is a bf16 part
+        assert [b.status for b in compile_model(net, SHAPES, cpu, build=False, root=compiled["root"] / "compiled",
+                                                precision="bf16")] == ["skipped"] * 3
+        with pytest.raises(ValueError, match="fp16"):
+            compile_model(net, SHAPES, cpu, build=False, root=compiled["root"] / "compiled", precision="fp16")
+    finally:
+        net.compiled = parts
+    x = _tiles(data_dir, 1)
+    seen = []
+    hook = net.specialist.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.inference_mode():
+        logits32, _ = _eager(net, lambda: net.run_specialist(x))
+        with select("cpu", "bf16").autocast():
+            logits16, _ = _eager(net, lambda: net.run_specialist(x))
+            emb = _eager(net, lambda: net.frozen_embeddings(x))
+    hook.remove()
+    assert seen[0].dtype == seen[1].dtype == torch.float32 and torch.equal(seen[0], seen[1])
+    assert (logits16.float().argmax(1) == logits32.argmax(1)).float().mean() > 0.99
+
+    # one part built in bf16 (the decoder, the quickest to build): it computes what the eager model does
+    # under autocast, to bf16's rounding
+    dec = InPrecision(BoxDecoder(net), "bf16")
+    emb, dense = emb.float(), net.dense_prompt(logits32)
+    semantic = torch.randn(1, 2, 256, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[40, 60, 300, 280], [200, 10, 500, 200], [0, 0, 511, 511]], dtype=torch.float32) * 2
+    key = CompileKey("decoder-bf16-test", schema_digest(dec), ((1, 256, 64, 64), (3, 4), (1, 1, 256, 256), (1, 2, 256)),
+                     "boxes 1..8", "bf16 autocast", "cpu", torch.get_num_threads(), machine_signature(cpu),
+                     torch.__version__)
+    runner, build = compiled_part(dec, (emb, boxes, dense, semantic), key, build=True, root=compiled["root"] / "bf16",
+                                  dynamic_shapes=((None, {0: torch.export.Dim("boxes", min=1, max=8)}, None, None),))
+    assert build.status == "built", build.note
+    with torch.inference_mode():
+        masks, iou = runner(emb, boxes[:2], dense, semantic)
+        with select("cpu", "bf16").autocast():
+            masks_e, iou_e = net.decode_box_chunk_eager(emb, boxes[:2], dense, semantic)
+    assert masks.dtype == iou.dtype == torch.float32 and masks.shape == (2, 1, 256, 256)
+    assert ((masks > 0) == (masks_e > 0)).float().mean() > 0.99 and (iou - iou_e.float()).abs().max() < 0.05

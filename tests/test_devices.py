@@ -32,8 +32,9 @@ def test_auto_is_what_this_machine_has_and_absent_devices_are_refused():
 
 def test_bf16_prediction_agrees_with_fp32_and_the_run_records_its_device(beijing, model, tmp_path, capsys):
     """The same scene through fp32 (auto) and CPU bf16 autocast: both run, each run's row names
-    where it ran, and the villages stay close (measured 0.89 union IoU on this scene: bf16 is a
-    choice, not the default; 0.8 is the bound under which bf16 would be unusable)."""
+    where it ran, and the villages stay close: measured 0.986 union IoU on this scene, 0.89 when
+    the specialist's input (local contrast) was computed in bf16 as well; bf16 is a choice, not
+    the default."""
     scene = beijing / "val/images.vrt"
     outs = {}
     for precision in ("auto", "bf16"):
@@ -46,7 +47,7 @@ def test_bf16_prediction_agrees_with_fp32_and_the_run_records_its_device(beijing
         expected = "fp32" if precision == "auto" else precision
         assert runs["device"].iloc[0].endswith(expected), runs["device"].iloc[0]
     a, b = outs["auto"], outs["bf16"]
-    assert a.area > 0 and a.intersection(b).area / a.union(b).area >= 0.8
+    assert a.area > 0 and a.intersection(b).area / a.union(b).area >= 0.95
     code, _, err = run_cli(["predict", scene, "--model", model, "--out", tmp_path / "x.gpkg", "--device", "cuda:7"],
                            capsys)
     if not torch.cuda.is_available():

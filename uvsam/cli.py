@@ -793,7 +793,8 @@ def predict(
     compile: Annotated[str, typer.Option(
         help="Compiled model parts, built once per model, shape and machine and reused from "
              "~/.cache/uvsam/compiled: auto (use cached ones; build them for runs of 4+ Mpx at the model's GSD), "
-             "always, never (eager PyTorch).")] = PD("compile"),
+             "always, never (eager PyTorch). With --precision bf16 they compute in bf16 (their own "
+             "artefacts).")] = PD("compile"),
     tile: Annotated[int, typer.Option(help="Specialist tile (px at the model's GSD).")] = PD("tile"),
     batch_size: Annotated[int | None, typer.Option(
         help="Tiles per specialist call (default: 2 on a CPU, by free memory on a GPU).")] = PD("batch_size"),

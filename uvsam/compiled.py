@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from uvsam.devices import PRECISIONS
 from uvsam.files import atomic_path, cache_home
 
 # "auto" builds missing artefacts only for runs of at least this many pixels at the model's GSD (a
@@ -48,6 +49,8 @@ AUTO_MIN_PIXELS = 4_000_000
 # ... and a training run's encoder for at least this many views to encode (mobile_sam: built in ~40 s, then
 # 0.6 s a view instead of 1.2 s; the artefact is the one prediction's windows use)
 AUTO_MIN_VIEWS = 64
+# what compiled parts compute in (fp16, a GPU autocast, runs eager: no GPU here to check its artefacts on)
+COMPILED_PRECISIONS = ("fp32", "bf16")
 
 
 def cache_root() -> Path:
@@ -190,6 +193,30 @@ def compiled_part(module: nn.Module, example: tuple, key: CompileKey, build: boo
 
 
 # -- UV-SAM's parts -----------------------------------------------------------------------------
+class InPrecision(nn.Module):
+    """``module`` under autocast to ``precision`` (``bf16``; :mod:`uvsam.devices`), its outputs
+    returned in fp32: what a part computes in a run with ``--precision bf16``, exported as such."""
+
+    def __init__(self, module: nn.Module, precision: str):
+        super().__init__()
+        self.module, self.precision = module, precision
+
+    def forward(self, *args):
+        with torch.autocast(args[0].device.type, dtype=PRECISIONS[self.precision]):
+            out = self.module(*args)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
+def _in(module: nn.Module, precision: str) -> nn.Module:
+    return module if precision == "fp32" else InPrecision(module, precision)
+
+
+def _dynamic(module: nn.Module, shapes: tuple) -> tuple:
+    """``shapes`` (one entry per input) for ``module``'s forward: an :class:`InPrecision` takes its
+    inputs as one ``*args`` tuple."""
+    return (tuple(shapes),) if isinstance(module, InPrecision) else shapes
+
+
 class SpecialistStep(nn.Module):
     """The specialist with its input preparation: (B, 3, H, W) 0..255 -> logits (B, 2, H, W), fused
     feature (B, 256, h, w); what :meth:`uvsam.modeling.uvsam.UVSAM.run_specialist` computes."""
@@ -232,18 +259,23 @@ def _example(device: torch.device, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _common(device: torch.device) -> dict:
-    """The parts of a :class:`CompileKey` the machine and process decide."""
-    return dict(dtype=str(torch.float32), device=device.type, threads=torch.get_num_threads(),
+def _common(device: torch.device, precision: str = "fp32") -> dict:
+    """The parts of a :class:`CompileKey` the machine, process and precision decide."""
+    if precision not in COMPILED_PRECISIONS:
+        raise ValueError(f"compiled parts run in {' or '.join(COMPILED_PRECISIONS)}, not {precision}")
+    dtype = str(torch.float32) if precision == "fp32" else f"{precision} autocast"  # fp32 keys as before
+    return dict(dtype=dtype, device=device.type, threads=torch.get_num_threads(),
                 machine=machine_signature(device), torch=torch.__version__)
 
 
-def encoder_part(generalist, device: torch.device, build: bool,
-                 root: Path | None = None) -> tuple[CompiledPart | None, Build]:
-    """The compiled image encoder of ``generalist`` (one preprocessed (1, 3, S, S) input; fp32) and
-    what happened; shared by prediction's windows and training's views (the same artefact)."""
-    enc, s = generalist.image_encoder, generalist.spec.input_size
-    key = CompileKey(f"encoder:{generalist.spec.name}", schema_digest(enc), ((1, 3, s, s),), "", **_common(device))
+def encoder_part(generalist, device: torch.device, build: bool, root: Path | None = None,
+                 precision: str = "fp32") -> tuple[CompiledPart | None, Build]:
+    """The compiled image encoder of ``generalist`` (one preprocessed fp32 (1, 3, S, S) input, computing
+    in ``precision``) and what happened; shared by prediction's windows and training's views (the
+    same artefact)."""
+    enc, s = _in(generalist.image_encoder, precision), generalist.spec.input_size
+    key = CompileKey(f"encoder:{generalist.spec.name}", schema_digest(enc), ((1, 3, s, s),), "",
+                     **_common(device, precision))
     runner, b = compiled_part(enc, (_example(device, 1, 3, s, s),), key, build, root=root)
     if runner is None:
         return None, b
@@ -252,10 +284,12 @@ def encoder_part(generalist, device: torch.device, build: bool,
 
 
 def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refine: bool = True,
-                  root: Path | None = None) -> list[Build]:
+                  root: Path | None = None, precision: str = "fp32") -> list[Build]:
     """Install compiled artefacts of ``model``'s parts for ``shapes`` (from the cache, or built now
     when ``build``) as ``model.compiled``, which :class:`uvsam.modeling.uvsam.UVSAM` runs instead of
-    the eager part where the inputs fit (fp32 inference only).
+    the eager part where the inputs fit (inference; fp32 inputs and outputs). ``precision``: what
+    the parts compute in, ``fp32`` or ``bf16`` (autocast inside the artefact, as the eager model
+    computes under ``--precision bf16``; its own artefacts).
 
     Parts: the specialist for tiles (and windows when ``refine``) of 1..batch images, the generalist's
     encoder at its input size, and the box decoder for 1..``boxes`` boxes (when ``refine`` and
@@ -264,7 +298,7 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
     """
     model.eval()
     dtype, dev = torch.float32, torch.device(device)
-    common = _common(dev)
+    common = _common(dev, precision)
     cfg, gen = model.config, model.generalist
     installed: dict[str, nn.Module] = {}
     builds: list[Build] = []
@@ -272,7 +306,7 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
     # the specialist with its input preparation: one artefact per tile size a run feeds it (tiles, windows),
     # its batch one dynamic dimension (a short last batch and a single window run as they are; measured as
     # fast as fixed-batch artefacts, and one build instead of two)
-    step = SpecialistStep(model)
+    step = _in(SpecialistStep(model), precision)
     code = (f"specialist:{cfg.specialist}:{cfg.specialist_input}:{cfg.lcn_sigma_m / cfg.gsd_m:.6g}:"
             f"{model.specialist.reordered}")
     sizes = {shapes.tile: shapes.batch}
@@ -283,7 +317,8 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
         most = max(2, most)
         key = CompileKey(code, schema_digest(step), ((most, 3, size, size),), f"batch 1..{most}", **common)
         runner, b = compiled_part(step, (_example(dev, 2, 3, size, size).abs() * 64,), key, build,
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=most)},), root=root)
+                                  dynamic_shapes=_dynamic(step, ({0: torch.export.Dim("batch", min=1, max=most)},)),
+                                  root=root)
         builds.append(b)
         if runner is not None:
             runners[size] = (most, runner)
@@ -297,20 +332,21 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
             images), fits)
 
     if refine:  # the generalist's encoder, on its preprocessed square input
-        part, b = encoder_part(gen, dev, build, root)
+        part, b = encoder_part(gen, dev, build, root, precision)
         builds.append(b)
         if part is not None:
             installed["encoder"] = part
 
     if refine and gen.spec.decoder == "sam" and cfg.box_prompt and model.uses_mask_prompt:
-        dec, f = BoxDecoder(model), gen.spec.prompt_frame
+        dec, f = _in(BoxDecoder(model), precision), gen.spec.prompt_frame
         example = (_example(dev, 1, 256, 64, 64), torch.tensor([[0.1, 0.1, 0.5, 0.6]] * 2, device=dev) * f,
                    _example(dev, 1, 1, 256, 256), _example(dev, 1, 2, 256))
         key = CompileKey(f"decoder:{gen.spec.name}:{cfg.fusion}",
                          schema_digest(dec),
                          tuple(tuple(t.shape) for t in example), f"boxes 1..{shapes.boxes}", **common)
         boxes = torch.export.Dim("boxes", min=1, max=max(2, shapes.boxes))
-        runner, b = compiled_part(dec, example, key, build, dynamic_shapes=(None, {0: boxes}, None, None), root=root)
+        runner, b = compiled_part(dec, example, key, build, root=root,
+                                  dynamic_shapes=_dynamic(dec, (None, {0: boxes}, None, None)))
         builds.append(b)
         if runner is not None:
             def fits_decoder(emb, boxes, dense, semantic, _k=shapes.boxes):
@@ -322,6 +358,7 @@ def compile_model(model, shapes: Shapes, device: torch.device, build: bool, refi
     return builds
 
 
-__all__ = ["AUTO_MIN_PIXELS", "AUTO_MIN_VIEWS", "BoxDecoder", "Build", "CompileKey", "CompiledPart", "Shapes",
+__all__ = ["AUTO_MIN_PIXELS", "AUTO_MIN_VIEWS", "COMPILED_PRECISIONS", "BoxDecoder", "Build", "CompileKey",
+           "CompiledPart", "InPrecision", "Shapes",
            "SpecialistStep", "cache_root", "compile_model", "compiled_part", "encoder_part", "machine_signature",
            "schema_digest"]

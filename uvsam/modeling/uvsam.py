@@ -182,9 +182,12 @@ class UVSAM(nn.Module):
         return fn(images) if fn is not None else self.run_specialist_eager(images)
 
     def run_specialist_eager(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`run_specialist` in eager PyTorch."""
-        x = specialist_input(images, self.config.specialist_input, self.pixel_mean, self.pixel_std,
-                             self.config.lcn_sigma_m / self.config.gsd_m)
+        """:meth:`run_specialist` in eager PyTorch. Under autocast (``--precision bf16``) only the
+        network runs in reduced precision: its input (normalisation, local contrast) is computed
+        in fp32, as small differences of 0..255 values would not survive bf16's 8-bit mantissa."""
+        with torch.autocast(images.device.type, enabled=False):
+            x = specialist_input(images.float(), self.config.specialist_input, self.pixel_mean, self.pixel_std,
+                                 self.config.lcn_sigma_m / self.config.gsd_m)
         return self.specialist(x)
 
     @torch.no_grad()

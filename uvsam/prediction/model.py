@@ -85,7 +85,8 @@ def get_model(info: ModelInfo):
         if info.compiled is not None:
             plan = info.compiled
             with stage("compile"):
-                _BUILDS.extend(compile_model(model, plan.shapes, info.device.torch, plan.build, plan.refine))
+                _BUILDS.extend(compile_model(model, plan.shapes, info.device.torch, plan.build, plan.refine,
+                                             precision=info.device.precision))
         _MODELS[key] = model
     return _MODELS[key]
 

@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from tiles.errors import TilesError
 from tiles.remote import location
 from uvsam import __version__
-from uvsam.compiled import AUTO_MIN_PIXELS, Shapes
+from uvsam.compiled import AUTO_MIN_PIXELS, COMPILED_PRECISIONS, Shapes
 from uvsam.config import FORMATS, PredictConfig
 from uvsam.devices import Device
 from uvsam.errors import ConfigError, UvsamError
@@ -331,9 +331,11 @@ def plan_compiled(info: ModelInfo, cfg: PredictConfig, prepared: list, in_proces
     says so); Dask workers install them when they load the model (from the same cache)."""
     if cfg.compile == "never" or not prepared:
         return info, "off (--compile never)" if prepared else "off: no scene"
-    if cfg.int8 or info.device.precision != "fp32":
-        why = "--int8" if cfg.int8 else f"precision {info.device.precision}"
-        return info, f"off: compiled parts are fp32 (with {why} the model runs eager)"
+    if cfg.int8:
+        return info, "off: with --int8 the model runs eager"
+    if info.device.precision not in COMPILED_PRECISIONS:
+        return info, (f"off: compiled parts run in {' or '.join(COMPILED_PRECISIONS)} (with "
+                      f"{info.device.precision} the model runs eager)")
     pixels = sum(scene.grid.width * scene.grid.height for scene, _ in prepared)
     build = cfg.compile == "always" or pixels >= AUTO_MIN_PIXELS
     tile = max(scene.grid.size for scene, _ in prepared)  # scenes smaller than cfg.tile get smaller tiles
