@@ -28,3 +28,10 @@ def test_cache_hits_and_keys(tmp_path, beijing_tile):
     # other weights: a different key, the encoder runs again
     other = build_generalist("mobile_sam")
     assert cache.key(other, torch.from_numpy(tile.copy())) != cache.key(model, torch.from_numpy(tile.copy()))
+    # computed under bf16 autocast (`--precision bf16`): not what an fp32 run may take from the cache
+    image = torch.from_numpy(tile.copy())
+    plain = cache.key(model, image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cache.key(model, image) != plain
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert cache.key(model, image) == plain

@@ -1,8 +1,9 @@
 """A disk cache of image embeddings, so that a frozen encoder never runs twice on the same input.
 
-An entry's key is the SHA-256 of (encoder name, weights digest, preprocessing, image content):
-changing any of them misses. Entries are ``.npy`` files (read with ``allow_pickle=False``),
-written atomically, so concurrent workers and interrupted runs never see half an entry.
+An entry's key is the SHA-256 of (encoder name, weights digest, preprocessing, image content, and
+the autocast dtype when the encoder runs under one): changing any of them misses. Entries are
+``.npy`` files (read with ``allow_pickle=False``), written atomically, so concurrent workers and
+interrupted runs never see half an entry.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class EmbeddingCache:
         h = hashlib.sha256()
         if self.dtype != np.float32:
             h.update(f"stored:{self.dtype}".encode())
+        device = image.device.type
+        if torch.is_autocast_enabled(device):  # computed in reduced precision: not an fp32 run's embedding
+            h.update(f"autocast:{torch.get_autocast_dtype(device)}".encode())
         h.update(model.spec.name.encode())
         h.update(weights_digest(model).encode())
         h.update(preprocessing_id(model).encode())
