@@ -524,10 +524,12 @@ def test_a_signal_inside_an_import_waits_for_the_module_to_load(tmp_path):
 
 @pytest.mark.parametrize("command", ["predict", "train", "change", "run"])
 def test_a_signal_at_a_random_moment_keeps_the_output_and_the_next_run_completes_it(command, beijing, model, tmp_path):
-    """SIGINT (a terminal's Ctrl-C, to the whole process group: Dask's worker processes too), then
-    SIGTERM (predict: in process), each at a random moment of a command's measured run time: exit 130/143, one line
-    saying what was kept, no traceback, an existing output byte for byte as it was; the command
-    run again (``--resume`` for a training that kept an epoch) gives what an undisturbed run gives."""
+    """A signal at a random moment of a command's measured run time: exit 130/143, one line saying
+    what was kept, no traceback, an existing output byte for byte as it was; the command run again
+    (``--resume`` for a training that kept an epoch) gives what an undisturbed run gives. predict
+    gets both, SIGINT (a terminal's Ctrl-C, to the whole process group: Dask's worker processes too)
+    then SIGTERM (in process); the others, which share its handling, one each: train and run
+    SIGTERM (a scheduler's stop), change SIGINT."""
     import random
 
     scene = _crop(beijing / "val/images/49554_107968.tif", tmp_path / "scene.tif")  # 512 px, mostly villages
@@ -560,7 +562,8 @@ def test_a_signal_at_a_random_moment_keeps_the_output_and_the_next_run_completes
         existing, layer = tmp_path / "v.gpkg", "y2020"
     took = _timed(ref, tmp_path)  # the undisturbed run, and how long one takes
     adds_layer = command in ("predict", "run")  # into a file that holds other layers (another year's)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = {"predict": (signal.SIGINT, signal.SIGTERM), "change": (signal.SIGINT,)}.get(command, (signal.SIGTERM,))
+    for sig in signals:
         if command == "predict" and sig == signal.SIGTERM:  # in process (the Dask part is Ctrl-C's, above)
             argv = [*argv[:6], "--local", *argv[8:]]
         if existing is not None:  # the user's file, which an interrupted run must leave as it was
