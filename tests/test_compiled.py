@@ -145,6 +145,9 @@ def test_training_encodes_its_views_with_the_compiled_encoder_only_when_some_are
     never = load_model(model)[0]
     install_encoder(never, TrainConfig(images="i", labels="l", out="o", compile="never"), Device(), 100)
     assert never.compiled == {}
+    bf16 = load_model(model)[0]  # a bf16 training takes a bf16 encoder only: the fp32 one in the cache is not it
+    install_encoder(bf16, cfg, Device("cpu", "bf16"), len(views), notes.append)
+    assert bf16.compiled == {} and notes == []
 
 
 class _Untraceable(nn.Module):

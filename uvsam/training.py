@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from uvsam import __version__
 from uvsam.augment import View, photometric, random_view, render
 from uvsam.checkpoint import load_generalist
-from uvsam.compiled import AUTO_MIN_VIEWS, encoder_part
+from uvsam.compiled import AUTO_MIN_VIEWS, COMPILED_PRECISIONS, encoder_part
 from uvsam.config import TrainConfig
 from uvsam.datasets import LabelledScene, SceneArrays, load_scene, native_gsd, pair_scenes
 from uvsam.devices import select
@@ -230,11 +230,13 @@ class EmbeddingStore:
 def install_encoder(model: UVSAM, cfg: TrainConfig, place, views: int, log=print) -> None:
     """The compiled generalist encoder for the views' embeddings (:func:`uvsam.compiled.encoder_part`,
     the artefact prediction's windows use), per ``cfg.compile``: ``auto`` builds it when at least
-    :data:`~uvsam.compiled.AUTO_MIN_VIEWS` views are to be encoded, else uses a cached one; fp32 only.
-    The embeddings agree with the eager encoder's to float rounding; any failure leaves it eager."""
-    if cfg.compile == "never" or place.precision != "fp32":
+    :data:`~uvsam.compiled.AUTO_MIN_VIEWS` views are to be encoded, else uses a cached one; in the
+    run's precision (fp32, or bf16 with an artefact of its own; fp16 is refused for training). The
+    embeddings agree with the eager encoder's to rounding; any failure leaves it eager."""
+    if cfg.compile == "never" or place.precision not in COMPILED_PRECISIONS:
         return
-    part, b = encoder_part(model.generalist, place.torch, cfg.compile == "always" or views >= AUTO_MIN_VIEWS)
+    part, b = encoder_part(model.generalist, place.torch, cfg.compile == "always" or views >= AUTO_MIN_VIEWS,
+                           precision=place.precision)
     if part is not None:
         model.compiled = {**model.compiled, "encoder": part}
     if b.status == "built":
