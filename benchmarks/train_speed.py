@@ -1,6 +1,7 @@
 """Wall time of a default `uvsam train` on the Beijing tiles, this code against an earlier commit, in one run.
 
-    python benchmarks/train_speed.py [--work DIR] [--before REV] [--force-refine] [--seed 0] [--json]
+    python benchmarks/train_speed.py [--work DIR] [--before REV] [--force-refine] [--seed 0]
+                                     [--precision bf16] [--json]
 
 Each version trains with the `uvsam train` defaults on the six winter train tiles, validated on
 the two summer val tiles (the cross-season test of docs/results.md), in a child process of its
@@ -13,6 +14,8 @@ trains the UV-SAM path's epochs with the random generalist, as they run with off
 (without it they train the specialist alone). Reported per run: wall seconds, seconds per step of
 each phase (specialist-only and UV-SAM steps, from the steps/metrics CSVs), seconds spent encoding
 views, and the last epoch's validation IoU (specialist, and UV-SAM when its epochs ran).
+``--precision``: this code's runs train in that precision (the opt-in ``bf16``); the earlier
+commit trains with its defaults.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import json, sys
 from uvsam.training import TrainConfig, train
 cfg = TrainConfig(images=sys.argv[1] + "/train/images", labels=sys.argv[1] + "/train/masks",
                   val_images=sys.argv[1] + "/val/images", val_labels=sys.argv[1] + "/val/masks", out=sys.argv[2],
-                  force_refine=sys.argv[3] == "1", seed=int(sys.argv[4]))
+                  force_refine=sys.argv[3] == "1", seed=int(sys.argv[4]),
+                  **({"precision": sys.argv[5]} if len(sys.argv) > 5 else {}))
 train(cfg, log=lambda m: None)
 """
 
@@ -61,12 +65,14 @@ def checkout(work: Path, rev: str) -> Path:
     return dest
 
 
-def run(code: Path, data: Path, out: Path, cache: Path, force: bool, seed: int) -> dict:
-    """One training in a child process importing ``code``; its wall time and what its CSVs say."""
+def run(code: Path, data: Path, out: Path, cache: Path, force: bool, seed: int, precision: str | None = None) -> dict:
+    """One training in a child process importing ``code`` (in ``precision``, None: the default); its
+    wall time and what its CSVs say."""
     env = {**os.environ, "PYTHONPATH": str(code), "UVSAM_CACHE": str(cache), "UVSAM_PROGRESS_SECONDS": "3600"}
     out.unlink(missing_ok=True)
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(data), str(out), "1" if force else "0", str(seed)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(data), str(out), "1" if force else "0", str(seed),
+                           *([precision] if precision else [])],
                           env=env, capture_output=True, text=True, cwd=code)
     wall = time.perf_counter() - t
     if proc.returncode:
@@ -94,23 +100,25 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="A commit to compare with (checked out into WORK).")
     ap.add_argument("--force-refine", action="store_true", help="Train the UV-SAM path's epochs too.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default=None, help="This code's runs in this precision (e.g. bf16).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepare(args.work)
     versions = [("now", ROOT)] + ([(args.before, checkout(args.work, args.before))] if args.before else [])
-    result = {"force_refine": args.force_refine, "seed": args.seed}
+    result = {"force_refine": args.force_refine, "seed": args.seed, "precision": args.precision}
     for name, code in versions:
         cache = args.work / f"cache-{name}"
         shutil.rmtree(cache, ignore_errors=True)
-        result[name] = {"first": run(code, data, args.work / f"{name}.ckpt", cache, args.force_refine, args.seed)}
+        p = args.precision if name == "now" else None
+        result[name] = {"first": run(code, data, args.work / f"{name}.ckpt", cache, args.force_refine, args.seed, p)}
         if name == "now":
-            result[name]["warm"] = run(code, data, args.work / f"{name}.ckpt", cache, args.force_refine, args.seed)
+            result[name]["warm"] = run(code, data, args.work / f"{name}.ckpt", cache, args.force_refine, args.seed, p)
             # new views (no embedding on disk) on a machine whose compiled encoder is built: what a first run
             # pays once any earlier run (a training, a predict of the same generalist) built it
             shutil.rmtree(cache / "embeddings", ignore_errors=True)
             result[name]["new_views"] = run(code, data, args.work / f"{name}.ckpt", cache, args.force_refine,
-                                            args.seed)
+                                            args.seed, p)
     if args.before:
         before = result[args.before]["first"]["wall_s"]
         result["speedup_first"] = round(before / result["now"]["first"]["wall_s"], 2)
