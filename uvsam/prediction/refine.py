@@ -130,7 +130,9 @@ def record_pixels(record: dict) -> np.ndarray:
 def joined_mask(records: list[dict]) -> tuple[np.ndarray, int, int] | None:
     """The union of the records' masks on the scene's pixel grid: (mask, col, row of its corner),
     or None when every mask is empty. One window's mask stays in its window's frame (vectorised
-    there, as the window drew it); several are joined over the bounding box of their pixels."""
+    there, as the window drew it); several are joined over the bounding box of their pixels. The
+    frame is not cosmetic: where polygonising starts a ring depends on it, and simplification on
+    that (vectorising one window's mask in its box's frame instead changed 1 of 608 villages)."""
     parts = [r for r in records if r["bits"]]
     if not parts:
         return None
