@@ -87,3 +87,29 @@ def test_a_picture_reads_its_scene_by_decimation_as_the_warper_would(beijing_til
         other = ("EPSG:4326", Affine((x1 - x0) / 100, 0, x0, 0, -(y1 - y0) / 80, y1), 100, 80)
         (a, va), (b, vb) = src.read_picture(*other), src.read_on_grid(*other)
         assert va.any() and (va == vb).all() and (a == b).all()
+
+
+def test_pictures_are_written_as_rgb_with_the_colours_matplotlib_draws(tmp_path):
+    """An opaque figure goes to an RGB PNG (no alpha channel to deflate), its pixels those of
+    matplotlib's own PNG, its placement in the text chunk."""
+    import io
+
+    from affine import Affine
+
+    from uvsam.pictures import _map_figure, _save
+
+    fig, ax, box = _map_figure(300, 200, "a title", "a subtitle")
+    ax.imshow(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8), extent=(0, 300, 200, 0))
+    ax.plot([10, 290], [20, 180], color="red", lw=2)
+    transform = Affine(10, 0, 500000, 0, -10, 4400000)
+    size = _save(fig, tmp_path / "m.png", box, transform, "EPSG:32650")
+    with Image.open(tmp_path / "m.png") as im:
+        assert im.mode == "RGB" and im.size == size and round(im.info["dpi"][0]) == 100
+        ours = np.asarray(im)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, facecolor="white")
+    theirs = np.asarray(Image.open(buf))
+    assert theirs.shape[2] == 4 and (theirs[..., 3] == 255).all()
+    np.testing.assert_array_equal(ours, theirs[..., :3])
+    pic = Picture.read(tmp_path / "m.png")
+    assert pic.map_box == box and pic.transform == transform and pic.size == size

@@ -501,3 +501,35 @@ def test_dry_run_estimates_what_will_run(beijing, model, tmp_path):
     forced = dry_run([str(beijing / "train/images.vrt")], model, PredictConfig(force_refine=True))
     assert forced["generalist_s_per_window"] > 0
     assert not list(tmp_path.iterdir())
+
+
+def test_shapely_work_split_over_threads_gives_the_same_geometries(beijing_mask):
+    """Candidates traced with 8-connected pixels have rings that touch themselves; making them
+    valid (and simplifying) in chunks on several threads gives the very same geometries, in order."""
+    import threading
+
+    from uvsam.polygons import THREADED_MIN_COORDS, threaded
+
+    mask = (beijing_mask > 0) & (np.random.default_rng(0).random(beijing_mask.shape) > 0.03)  # a noisy mosaic
+    mask[::64], mask[:, ::64] = False, False  # cut into blocks: many pieces
+    transform = Affine(1.194, 0, 12942317.6, 0, -1.194, 4882797.4)
+    polys = np.array(polygonise(mask, transform), dtype=object)
+    assert (~shapely.is_valid(polys)).sum() >= 3 and len(polys) >= 100
+    assert shapely.get_num_coordinates(polys).sum() > 2 * THREADED_MIN_COORDS
+    seen = set()
+
+    def make_valid(g):
+        seen.add(threading.current_thread().name)
+        return shapely.make_valid(g)
+
+    together = threaded(make_valid, polys, workers=2)
+    assert len(seen) == 2 and all(name.startswith("uvsam-shapely") for name in seen)
+    alone = shapely.make_valid(polys)
+    assert len(together) == len(alone) and all(shapely.equals_exact(together, alone, 0))
+    assert shapely.is_valid(together).all()
+    simplified = threaded(shapely.simplify, polys, 2.0, workers=2, preserve_topology=True)
+    assert all(shapely.equals_exact(simplified, shapely.simplify(polys, 2.0, preserve_topology=True), 0))
+    seen.clear()
+    assert threaded(make_valid, polys[:2], workers=4).tolist() == shapely.make_valid(polys[:2]).tolist()
+    assert seen == {threading.current_thread().name}  # a few outlines: no thread started
+    assert len(threaded(shapely.make_valid, np.array([], dtype=object))) == 0

@@ -236,6 +236,64 @@ def test_an_unreadable_journal_entry_is_computed_again(mosaic, model, tmp_path):
     _same(ref, out)
 
 
+def test_tile_results_are_journaled_behind_the_next_task(tmp_path):
+    """The specialist's results are saved on a thread while the next task runs: every result is
+    in the journal (whole, readable) once the run is through, in order; a save that fails stops
+    the run at the next task; one interrupted keeps what was saved and nothing half-written."""
+    import threading
+
+    from uvsam.prediction import run_journaled, run_local
+    from uvsam.prediction.journal import Journal
+
+    rng = np.random.default_rng(0)
+    data = [{"prob": rng.random((2, 64, 64), dtype=np.float32)} for _ in range(5)]
+    keys = [f"{i}-{i}" for i in range(5)]
+    journal = Journal(tmp_path / "j", scene="s")
+    savers, overlapped = [], []
+
+    def saving_to(j):
+        def save(key, arrays):
+            savers.append(threading.current_thread().name)
+            time.sleep(0.05)  # a slow disk: the next task starts meanwhile
+            j.save_arrays(key, arrays)
+        return save
+
+    def task(i):
+        overlapped.append(any(t.name.startswith("uvsam-journal") for t in threading.enumerate()))
+        return data[i]
+
+    out = list(run_journaled(run_local, task, [(i,) for i in range(5)], keys, journal.has_arrays,
+                             journal.load_arrays, saving_to(journal), save_behind=True))
+    assert [o["prob"] is d["prob"] for o, d in zip(out, data, strict=True)] == [True] * 5
+    assert all(name.startswith("uvsam-journal") for name in savers) and any(overlapped[1:])
+    for key, d in zip(keys, data, strict=True):
+        np.testing.assert_array_equal(journal.load_arrays(key)["prob"], d["prob"])
+    assert not [p for p in journal.root.iterdir() if ".part" in p.name]
+
+    failing = Journal(tmp_path / "k", scene="s")
+
+    def full_disk(key, arrays):
+        if key == "1-1":
+            raise OSError(28, "No space left on device")
+        failing.save_arrays(key, arrays)
+
+    got = []
+    with pytest.raises(OSError, match="No space"):
+        for r in run_journaled(run_local, task, [(i,) for i in range(5)], keys, failing.has_arrays,
+                               failing.load_arrays, full_disk, save_behind=True):
+            got.append(r)
+    assert len(got) == 2 and failing.has_arrays("0-0") and not failing.has_arrays("2-2")
+
+    stopped = Journal(tmp_path / "m", scene="s")
+    with pytest.raises(KeyboardInterrupt):
+        run = run_journaled(_dying_after(3), task, [(i,) for i in range(5)], keys, stopped.has_arrays,
+                            stopped.load_arrays, saving_to(stopped), save_behind=True)
+        for _ in run:
+            pass
+    assert [stopped.has_arrays(k) for k in keys] == [True, True, True, False, False]
+    assert not [p for p in stopped.root.iterdir() if ".part" in p.name]
+
+
 def test_the_journal_is_compressed(mosaic, model, tmp_path):
     from uvsam.prediction import PredictConfig, run_prediction
 

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from pyproj import CRS
 from rasterio.transform import array_bounds
 from rasterio.warp import transform_bounds
@@ -155,17 +156,22 @@ def _scale_bar(ax, metres_per_px: float, width: int, height: int) -> None:
 
 
 def _save(fig: Figure, png: Path, box=None, transform: Affine | None = None, crs=None) -> tuple[int, int]:
-    """Write the PNG (atomically); a map's placement travels in its ``uvsam-map`` text chunk
-    (:meth:`Picture.read`)."""
+    """Write the PNG (atomically), RGB when every pixel is opaque (a white figure: a quarter fewer
+    bytes to deflate than matplotlib's RGBA, the same colours); a map's placement travels in its
+    ``uvsam-map`` text chunk (:meth:`Picture.read`)."""
     png = Path(png)
-    meta = {"Software": f"uvsam {__version__}"}
+    info = PngInfo()
+    info.add_text("Software", f"uvsam {__version__}")
     if box is not None:
-        meta["uvsam-map"] = json.dumps({"map_box": list(box), "transform": list(transform)[:6],
-                                        "crs": CRS.from_user_input(crs).to_wkt()})
+        info.add_text("uvsam-map", json.dumps({"map_box": list(box), "transform": list(transform)[:6],
+                                                "crs": CRS.from_user_input(crs).to_wkt()}))
+    fig.set_facecolor("white")
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    image = Image.fromarray(rgba[..., :3] if (rgba[..., 3] == 255).all() else rgba)
     with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, facecolor="white", metadata=meta)
-    w, h = fig.canvas.get_width_height()
-    return w, h
+        image.save(tmp, format="png", pnginfo=info, dpi=(fig.dpi, fig.dpi))
+    return image.size
 
 
 def _rgb(c: tuple[int, int, int]) -> tuple[float, float, float]:

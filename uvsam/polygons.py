@@ -10,6 +10,9 @@ data (:func:`local_equal_area`), so they are right in any CRS, including geograp
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import shapely
 from affine import Affine
@@ -27,6 +30,27 @@ def polygonise(mask: np.ndarray, transform: Affine) -> list[Polygon]:
             if value == 1]
 
 
+THREADED_MIN_COORDS = 20_000  # below, a thread costs more than it saves
+
+
+def threaded(fn, geoms, *args, workers: int | None = None, **kwargs) -> np.ndarray:
+    """``fn(geoms, *args, **kwargs)`` for a vectorised shapely function (each geometry on its own),
+    computed in contiguous chunks of about equal vertex counts on ``workers`` threads (default:
+    one per core): shapely releases the GIL, so the chunks run at once (make_valid of a city's
+    candidates ~2x faster on 2 cores) and the result is the same array, element by element."""
+    geoms = np.asarray(geoms, dtype=object)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    work = np.cumsum(shapely.get_num_coordinates(geoms))
+    n = min(workers, len(geoms), int(work[-1]) // THREADED_MIN_COORDS if len(geoms) else 0)
+    if n < 2:
+        return fn(geoms, *args, **kwargs)
+    cuts = np.searchsorted(work, work[-1] * np.arange(1, n) / n)
+    with ThreadPoolExecutor(n, thread_name_prefix="uvsam-shapely") as ex:
+        chunks = list(ex.map(lambda g: fn(g, *args, **kwargs), np.split(geoms, cuts)))
+    return np.concatenate(chunks)
+
+
 def nonfinite(geoms) -> np.ndarray:
     """Indices of the geometries with a NaN or infinite coordinate (which no repair can place)."""
     geoms = np.asarray(geoms, dtype=object)
@@ -42,7 +66,7 @@ def valid_parts(geoms) -> tuple[np.ndarray, np.ndarray]:
     geoms = np.asarray(geoms, dtype=object)
     parts, owner = shapely.get_parts(geoms, return_index=True)
     keep = ~shapely.is_empty(parts)
-    pieces, owner = shapely.make_valid(parts[keep]), owner[keep]  # one part at a time: cheap
+    pieces, owner = threaded(shapely.make_valid, parts[keep]), owner[keep]  # one part at a time: cheap
     for _ in range(2):  # make_valid's collections (of multipolygons): down to single geometries
         pieces, which = shapely.get_parts(pieces, return_index=True)
         owner = owner[which]
@@ -134,13 +158,13 @@ def clean_each(geometries: list, crs, min_area_m2: float, simplify_m: float,
     if simplify_m > 0 and pixels is not None:
         transform, metres = pixels
         in_px = _affine(np.asarray(parts, dtype=object), ~transform)
-        parts = list(_affine(shapely.simplify(in_px, simplify_m / metres, preserve_topology=True), transform))
+        parts = list(_affine(threaded(shapely.simplify, in_px, simplify_m / metres, preserve_topology=True), transform))
         simplify_m = 0.0
     laea = local_equal_area(parts, crs)
     to_m = _projector(crs, laea)
     metric = to_m(np.asarray(parts, dtype=object))
     if simplify_m > 0:
-        metric = shapely.simplify(metric, simplify_m, preserve_topology=True)
+        metric = threaded(shapely.simplify, metric, simplify_m, preserve_topology=True)
         parts = list(_projector(laea, crs)(metric))
     # measured in metres, built from the geometry in ``crs`` (a projection round trip would
     # move every vertex by a few nanometres)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 from uvsam.errors import ConfigError
 
@@ -43,23 +45,40 @@ def run_local(fn: Callable, arg_list: Iterable[tuple]) -> Iterator:
 
 
 def run_journaled(runner: Runner, fn: Callable, arg_list: list[tuple], keys: list[str], exists: Callable,
-                  load: Callable, save: Callable) -> Iterator:
+                  load: Callable, save: Callable, save_behind: bool = False) -> Iterator:
     """``runner`` over the tasks the journal does not hold yet; all results in order.
 
     Finished results are read back lazily, so memory holds no more than the runner does; one
     that cannot be read back (``load`` returns None) is computed again, here.
+
+    ``save_behind``: a result is saved on a thread of its own while the next task starts (its
+    reading, single-threaded, then overlaps the saving, also single-threaded, on another core),
+    one save at a time, each finished before the next is started and before the last result is
+    handed on; for results nobody changes once yielded. A save cut short leaves nothing (the
+    journal's writes are atomic), so an interrupted run recomputes that task, as without.
     """
     todo = [i for i, k in enumerate(keys) if not exists(k)]
     computed = iter(zip(todo, runner(fn, (arg_list[i] for i in todo)), strict=True))
     pending = set(todo)
-    for i, key in enumerate(keys):
-        if i in pending:
-            j, result = next(computed)
-            save(keys[j], result)
-            yield result
-        else:
-            result = load(key)
-            if result is None:
-                result = next(iter(runner(fn, [arg_list[i]])))
-                save(key, result)
-            yield result
+    with ThreadPoolExecutor(1, thread_name_prefix="uvsam-journal") if save_behind and todo else nullcontext() as saver:
+        saving = None
+        for i, key in enumerate(keys):
+            if i in pending:
+                j, result = next(computed)
+                if saving is not None:
+                    saving.result()  # its error (a full disk) raised here, before anything more is saved
+                    saving = None
+                if saver is None:
+                    save(keys[j], result)
+                else:
+                    saving = saver.submit(save, keys[j], result)
+                    if j == todo[-1]:  # the last one: saved before the run goes on
+                        saving.result()
+                        saving = None
+                yield result
+            else:
+                result = load(key)
+                if result is None:
+                    result = next(iter(runner(fn, [arg_list[i]])))
+                    save(key, result)
+                yield result

@@ -72,7 +72,7 @@ def specialist_mosaic(scene, prep: ScenePrep, info: ModelInfo, cfg: PredictConfi
         keys = [f"{g[0][0].index}-{g[-1][0].index}" for g in groups]
         resumed = {k for k in keys if journal.has_arrays(k)}
         results = run_journaled(runner, specialist_batch, [(prep, info, [w for _, w in g]) for g in groups], keys,
-                                journal.has_arrays, journal.load_arrays, journal.save_arrays)
+                                journal.has_arrays, journal.load_arrays, journal.save_arrays, save_behind=True)
         for group, key, result in zip(groups, keys, results, strict=True):
             if progress is not None:
                 progress("tiles_resumed" if key in resumed else "tiles", len(group))
